@@ -1,0 +1,535 @@
+#!/usr/bin/env python
+"""Registry benchmark: "all manifests of a patient by any identifier", and registration rate.
+
+    .venv/bin/python benchmarks/registry_query.py [--manifests 1000000] [--database-url URL]
+
+It builds a fresh benchmark database (PostgreSQL: database ``relais_bench`` on the server of
+``--database-url``, dropped and re-created; SQLite: a file in a temporary folder), migrates it,
+seeds N manifests in bulk (patients known at one or two of three institutions, a third of them
+linked by a qualified INS; each manifest one series of two instances; every manifest row carries
+the bytes of one real KOS as its document), then measures, in the same run:
+
+- the peer: the same query in raw SQL on the same connection (no ORM), the floor to compare with;
+- the selector the API uses (``patient_by_identifier`` + ``manifest_page``, 50 per page);
+- the API view itself in-process (Django test client: routing, auth, serializer, query audit);
+- registration through ``manifest_register`` (parse, validate, identity, audit chain), one
+  transaction per manifest, sequentially, with KOS of 3 series x 10 instances and of
+  4 series x 100 instances.
+
+Prints a Markdown table; ``--json`` writes the raw figures too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+INS_OID = "1.2.250.1.213.1.4.10"
+UID_ROOT = "1.2.826.0.1.3680043.10.777."
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--manifests", type=int, default=1_000_000)
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("DATABASE_URL", ""),
+        help="postgres://... to benchmark PostgreSQL (default: SQLite)",
+    )
+    parser.add_argument("--queries", type=int, default=2000)
+    parser.add_argument("--registrations", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=20261128)
+    parser.add_argument("--json", type=Path, default=None)
+    return parser.parse_args()
+
+
+def prepare_database(database_url: str, workdir: Path) -> str:
+    if not database_url:
+        return f"sqlite:///{workdir / 'bench.sqlite3'}"
+    import psycopg
+
+    base = database_url.rsplit("/", 1)[0]
+    with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS relais_bench")
+        conn.execute("CREATE DATABASE relais_bench")
+    return f"{base}/relais_bench"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def timed(samples: list[float], fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    samples.append((time.perf_counter() - start) * 1000)
+    return result
+
+
+def main() -> None:
+    args = parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="relais-bench-"))
+    os.environ["DATABASE_URL"] = prepare_database(args.database_url, workdir)
+    os.environ["RELAIS_DATA_DIR"] = str(workdir / "data")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "broker.settings")
+    os.environ["LOG_LEVEL"] = "WARNING"
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+    from django.db import connection
+
+    call_command("migrate", verbosity=0)
+    vendor = connection.vendor
+    rng = random.Random(args.seed)
+    print(f"# Registry benchmark on {vendor}, {args.manifests:,} manifests", flush=True)
+
+    t0 = time.perf_counter()
+    institutions, identifiers_by_patient = seed(args.manifests, rng)
+    seed_seconds = time.perf_counter() - t0
+    print(f"seeded in {seed_seconds:.0f} s", flush=True)
+    if vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("VACUUM ANALYZE")
+    else:
+        with connection.cursor() as cursor:
+            cursor.execute("ANALYZE")
+
+    results: dict[str, object] = {
+        "vendor": vendor,
+        "manifests": args.manifests,
+        "seed_seconds": round(seed_seconds, 1),
+    }
+    results.update(measure_queries(args.queries, rng, identifiers_by_patient))
+    results.update(measure_registration(args.registrations, institutions))
+    report(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+# ---------------------------------------------------------------------------
+# Seeding
+
+
+def seed(n_manifests: int, rng: random.Random):  # type: ignore[no-untyped-def]
+    from django.db import connection, transaction
+    from django.utils import timezone
+
+    from audit.services import Actor
+    from broker.dicom.kos import (
+        PatientInfo,
+        ReferencedInstance,
+        SeriesDescription,
+        StudyDescription,
+        build_kos,
+    )
+    from broker.services import institution_create
+
+    actor = Actor.system("benchmark")
+    now = timezone.now()
+    institutions = [
+        institution_create(
+            finess=f"35000{i}014",
+            name=f"Hôpital {i}",
+            patient_id_issuer=f"HOSP-{i}",
+            ae_title=f"PACS{i}",
+            dicom_host="127.0.0.1",
+            dicom_port=4242 + i,
+            actor=actor,
+            now=now,
+        )
+        for i in range(3)
+    ]
+    template = build_kos(
+        StudyDescription(
+            patient=PatientInfo(
+                patient_id="TEMPLATE",
+                issuer="HOSP-0",
+                issuer_oid=None,
+                family_name="MODELE",
+                given_names="Kos",
+                birth_name="MODELE",
+                birth_date=dt.date(1970, 1, 1),
+                sex="F",
+            ),
+            study_instance_uid=UID_ROOT + "1",
+            accession_number="T1",
+            study_date=dt.date(2024, 1, 1),
+            study_time=dt.time(10, 0),
+            study_description="Scanner",
+            series=(
+                SeriesDescription(
+                    series_instance_uid=UID_ROOT + "1.1",
+                    modality="CT",
+                    body_part="CHEST",
+                    instances=tuple(
+                        ReferencedInstance("1.2.840.10008.5.1.4.1.1.2", f"{UID_ROOT}1.1.{k}")
+                        for k in range(1, 3)
+                    ),
+                ),
+            ),
+            retrieve_ae_title="PACS0",
+        ),
+        now=now,
+    )
+    import hashlib
+
+    template_sha = hashlib.sha256(template).hexdigest()
+
+    n_patients = max(1, n_manifests // 3)
+    patient_rows, identifier_rows = [], []
+    identifiers_by_patient: list[list[tuple[int, str, str]]] = []
+    ident_id = 0
+    base_date = dt.date(2021, 1, 1)
+    for p in range(1, n_patients + 1):
+        patient_rows.append((p, uuid.UUID(int=rng.getrandbits(128), version=4), now))
+        home = p % 3
+        idents = []
+        ident_id += 1
+        identifier_rows.append(
+            (
+                ident_id,
+                p,
+                f"HOSP-{home}",
+                f"P{p:08d}",
+                "IPP",
+                institutions[home].id,
+                False,
+                False,
+                f"NOM{p}",
+                "Prenom",
+                f"NOM{p}",
+                base_date,
+                "F",
+                False,
+                now,
+                now,
+            )
+        )
+        idents.append((ident_id, f"HOSP-{home}", f"P{p:08d}"))
+        if p % 3 == 0:
+            other = (home + 1) % 3
+            ident_id += 1
+            identifier_rows.append(
+                (
+                    ident_id,
+                    p,
+                    f"HOSP-{other}",
+                    f"Q{p:08d}",
+                    "IPP",
+                    institutions[other].id,
+                    False,
+                    False,
+                    f"NOM{p}",
+                    "Prenom",
+                    f"NOM{p}",
+                    base_date,
+                    "F",
+                    False,
+                    now,
+                    now,
+                )
+            )
+            idents.append((ident_id, f"HOSP-{other}", f"Q{p:08d}"))
+            ident_id += 1
+            identifier_rows.append(
+                (
+                    ident_id,
+                    p,
+                    INS_OID,
+                    f"{p:013d}",
+                    "INS-NIR",
+                    None,
+                    True,
+                    True,
+                    f"NOM{p}",
+                    "Prenom",
+                    f"NOM{p}",
+                    base_date,
+                    "F",
+                    False,
+                    now,
+                    now,
+                )
+            )
+            idents.append((ident_id, INS_OID, f"{p:013d}"))
+        identifiers_by_patient.append(idents)
+
+    def manifest_rows():  # type: ignore[no-untyped-def]
+        for m in range(1, n_manifests + 1):
+            idents = identifiers_by_patient[(m - 1) % n_patients]
+            ipps = [i for i in idents if i[1] != INS_OID]
+            ident = ipps[m % len(ipps)]
+            institution = institutions[int(ident[1].split("-")[1])]
+            study_uid = f"{UID_ROOT}{m}"
+            yield (
+                m,
+                f"{study_uid}.9",
+                study_uid,
+                f"A{m}",
+                base_date + dt.timedelta(days=m % 1800),
+                dt.time(10, 0),
+                "Scanner",
+                '["CT"]',
+                '["CHEST"]',
+                1,
+                2,
+                institution.id,
+                ident[0],
+                institution.ae_title,
+                "",
+                "",
+                "Approved",
+                None,
+                template,
+                template_sha,
+                len(template),
+                now,
+                None,
+            )
+
+    def series_rows():  # type: ignore[no-untyped-def]
+        for m in range(1, n_manifests + 1):
+            study_uid = f"{UID_ROOT}{m}"
+            yield (m, m, study_uid, f"{study_uid}.1", "CT", "CHEST", "PACS", "", "", 2)
+
+    def instance_rows():  # type: ignore[no-untyped-def]
+        for m in range(1, n_manifests + 1):
+            for k in (1, 2):
+                yield (2 * m - 2 + k, m, f"{UID_ROOT}{m}.1.{k}", "1.2.840.10008.5.1.4.1.1.2")
+
+    tables = [
+        ("broker_patient", "id, public_id, created_at", patient_rows),
+        (
+            "broker_patientidentifier",
+            "id, patient_id, issuer, value, kind, institution_id, qualified, test, family_name, given_names, "
+            "birth_name, birth_date, sex, auto_link_blocked, created_at, updated_at",
+            identifier_rows,
+        ),
+        (
+            "broker_manifest",
+            "id, sop_instance_uid, study_instance_uid, accession_number, study_date, study_time, "
+            "study_description, modalities, body_parts, series_count, instance_count, source_institution_id, "
+            "source_identifier_id, retrieve_ae_title, retrieve_location_uid, retrieve_url, status, "
+            "replaced_by_id, kos_bytes, kos_sha256, kos_size, registered_at, deprecated_at",
+            manifest_rows(),
+        ),
+        (
+            "broker_manifestseries",
+            "id, manifest_id, study_instance_uid, series_instance_uid, modality, body_part, retrieve_ae_title, "
+            "retrieve_location_uid, retrieve_url, instance_count",
+            series_rows(),
+        ),
+        (
+            "broker_manifestinstance",
+            "id, series_id, sop_instance_uid, sop_class_uid",
+            instance_rows(),
+        ),
+    ]
+    for table, columns, rows in tables:
+        with transaction.atomic(), connection.cursor() as cursor:
+            if connection.vendor == "postgresql":
+                with cursor.cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+                    for row in rows:
+                        copy.write_row(row)
+                cursor.execute(
+                    f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT MAX(id) FROM {table}))"
+                )
+            else:
+                marks = ", ".join(["%s"] * len(columns.split(",")))
+                batch = []
+                for row in rows:
+                    batch.append(tuple(str(v) if isinstance(v, uuid.UUID) else v for v in row))
+                    if len(batch) == 20000:
+                        cursor.executemany(
+                            f"INSERT INTO {table} ({columns}) VALUES ({marks})", batch
+                        )
+                        batch = []
+                if batch:
+                    cursor.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", batch)
+        print(f"  {table} loaded", flush=True)
+    return institutions, identifiers_by_patient
+
+
+# ---------------------------------------------------------------------------
+# Measures
+
+
+RAW_SQL = """
+SELECT m.id, m.sop_instance_uid, m.study_instance_uid, m.study_date, m.status
+FROM broker_manifest m
+JOIN broker_patientidentifier si ON si.id = m.source_identifier_id
+WHERE si.patient_id = (SELECT patient_id FROM broker_patientidentifier WHERE issuer = %s AND value = %s)
+  AND m.status = 'Approved'
+ORDER BY m.study_date DESC NULLS LAST, m.id DESC
+LIMIT 51
+"""
+
+
+def measure_queries(n_queries: int, rng: random.Random, identifiers_by_patient) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    from django.contrib.auth import get_user_model
+    from django.db import connection
+    from django.test import Client
+
+    from broker import selectors
+    from broker.models import Manifest, Professional
+
+    picks = []
+    for _ in range(n_queries):
+        idents = rng.choice(identifiers_by_patient)
+        _, issuer, value = rng.choice(idents)
+        picks.append((issuer, value))
+
+    raw, orm, api = [], [], []
+    found = 0
+    with connection.cursor() as cursor:
+        for issuer, value in picks[:100]:  # warm-up
+            cursor.execute(RAW_SQL, [issuer, value])
+            cursor.fetchall()
+        for issuer, value in picks:
+            start = time.perf_counter()
+            cursor.execute(RAW_SQL, [issuer, value])
+            rows = cursor.fetchall()
+            raw.append((time.perf_counter() - start) * 1000)
+            found += len(rows)
+    for issuer, value in picks:
+        start = time.perf_counter()
+        patient = selectors.patient_by_identifier(issuer=issuer, value=value)
+        page = selectors.manifest_page(
+            scope=Manifest.objects.all(),
+            filters=selectors.ManifestFilters(patient=patient),
+            cursor=None,
+            limit=50,
+        )
+        [m.sop_instance_uid for m in page.items]
+        orm.append((time.perf_counter() - start) * 1000)
+
+    user = get_user_model().objects.create_user("bench-admin", password="unused-bench-pw-1")  # noqa: S106
+    Professional.objects.create(user=user, is_region_admin=True)
+    client = Client()
+    client.force_login(user)
+    for issuer, value in picks[: max(200, n_queries // 4)]:
+        start = time.perf_counter()
+        response = client.get(
+            "/api/v1/manifests",
+            {"issuer": issuer, "patient_id": value},
+            HTTP_ACCEPT="application/json",
+        )
+        api.append((time.perf_counter() - start) * 1000)
+        assert response.status_code == 200, response.content
+    return {
+        "queries": n_queries,
+        "avg_manifests_per_patient": round(found / len(picks), 2),
+        "raw_sql_p50_ms": round(statistics.median(raw), 3),
+        "raw_sql_p99_ms": round(percentile(raw, 0.99), 3),
+        "selector_p50_ms": round(statistics.median(orm), 3),
+        "selector_p99_ms": round(percentile(orm, 0.99), 3),
+        "api_p50_ms": round(statistics.median(api), 3),
+        "api_p99_ms": round(percentile(api, 0.99), 3),
+    }
+
+
+def measure_registration(n: int, institutions) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    from django.utils import timezone
+
+    from audit.services import Actor
+    from broker.dicom.kos import (
+        PatientInfo,
+        ReferencedInstance,
+        SeriesDescription,
+        StudyDescription,
+        build_kos,
+    )
+    from broker.services import manifest_register
+
+    actor = Actor.system("benchmark")
+    now = timezone.now()
+
+    def kos(k: int, n_series: int, n_instances: int, prefix: str) -> bytes:
+        study_uid = f"{UID_ROOT}{prefix}.{k}"
+        return build_kos(
+            StudyDescription(
+                patient=PatientInfo(
+                    patient_id=f"R{prefix}{k % (n // 2 or 1):06d}",
+                    issuer="HOSP-1",
+                    issuer_oid=None,
+                    family_name=f"REG{k}",
+                    given_names="Bench",
+                    birth_name="",
+                    birth_date=dt.date(1960, 1, 1 + k % 28),
+                    sex="M",
+                ),
+                study_instance_uid=study_uid,
+                accession_number=f"R{k}",
+                study_date=dt.date(2026, 1, 1),
+                study_time=dt.time(8, 0),
+                study_description="Bench",
+                series=tuple(
+                    SeriesDescription(
+                        series_instance_uid=f"{study_uid}.{s}",
+                        modality="CT",
+                        body_part="CHEST",
+                        instances=tuple(
+                            ReferencedInstance("1.2.840.10008.5.1.4.1.1.2", f"{study_uid}.{s}.{i}")
+                            for i in range(1, n_instances + 1)
+                        ),
+                    )
+                    for s in range(1, n_series + 1)
+                ),
+                retrieve_ae_title="PACS1",
+            ),
+            now=now,
+        )
+
+    out: dict[str, float] = {}
+    for label, n_series, n_instances, count in [("30", 3, 10, n), ("400", 4, 100, max(50, n // 5))]:
+        documents = [kos(k, n_series, n_instances, label) for k in range(count)]
+        start = time.perf_counter()
+        for data in documents:
+            result = manifest_register(data=data, institution=institutions[1], actor=actor, now=now)
+            assert result.outcome == "new"
+        elapsed = time.perf_counter() - start
+        out[f"register_{label}_instances_per_s"] = round(count / elapsed, 1)
+        out[f"register_{label}_count"] = count
+    return out
+
+
+def report(results: dict[str, object]) -> None:
+    print()
+    print(f"| {results['vendor']} | {results['manifests']:,} manifests | p50 | p99 |")
+    print("|---|---|---|---|")
+    for key, label in [
+        ("raw_sql", "raw SQL, same query (peer)"),
+        ("selector", "selector (ORM)"),
+        ("api", "GET /api/v1/manifests in-process (incl. audit)"),
+    ]:
+        print(f"| | {label} | {results[f'{key}_p50_ms']} ms | {results[f'{key}_p99_ms']} ms |")
+    ratio = float(results["selector_p50_ms"]) / max(float(results["raw_sql_p50_ms"]), 1e-6)  # type: ignore[arg-type]
+    print(f"| | selector p50 / raw SQL p50 | {ratio:.1f} | |")
+    print(
+        f"| | registration, 30-instance KOS | {results['register_30_instances_per_s']} manifests/s | |"
+    )
+    print(
+        f"| | registration, 400-instance KOS | {results['register_400_instances_per_s']} manifests/s | |"
+    )
+    print(f"| | manifests per patient (avg) | {results['avg_manifests_per_patient']} | |")
+    print()
+
+
+if __name__ == "__main__":
+    main()

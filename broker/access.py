@@ -1,0 +1,220 @@
+"""Who is calling, and the gates through which views reach registry objects.
+
+A view never queries a protected model directly: it asks a gate, which answers
+``NotFound`` both for a missing object and for one the caller may not see.
+
+Until the sharing decision arrives (access requests, tokens), registry *metadata* is
+visible as follows; images are never reachable through the registry:
+- an institution's system (API key): the manifests its institution published, and the
+  patients known under its institution's identifiers;
+- a regional administrator: everything;
+- a clinician (referring doctor, radiologist, teleradiologist, emergency doctor) or an
+  admissions clerk: patients known at one of their institutions; clinicians also see
+  those patients' manifests (the care-team rule of the region);
+- an institution administrator: their institution's published manifests;
+- a DPO: no manifests or patients here (the DPO reads the audit trail).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from django.db.models import Exists, OuterRef, Q, QuerySet
+
+from audit.services import Actor
+from broker.errors import NotFound, PermissionDenied
+from broker.models import (
+    CLINICAL_ROLES,
+    Institution,
+    Manifest,
+    Membership,
+    Patient,
+    PatientIdentifier,
+    Role,
+)
+
+
+@dataclass(frozen=True)
+class InstitutionSystem:
+    """The principal behind an institution's API key (its PACS or integration engine)."""
+
+    institution: Institution
+    key_prefix: str
+    is_authenticated: bool = True
+    is_anonymous: bool = False
+    is_active: bool = True
+    is_staff: bool = False
+    pk: None = None
+    id: None = None
+    memberships: tuple[Membership, ...] = field(default=())
+
+    def get_username(self) -> str:
+        return f"system:{self.institution.finess}:{self.key_prefix}"
+
+    def __str__(self) -> str:
+        return self.get_username()
+
+
+def client_address(request: object) -> str:
+    meta = getattr(request, "META", {})
+    return str(meta.get("REMOTE_ADDR", ""))
+
+
+def memberships_of(user: object) -> list[Membership]:
+    professional = getattr(user, "professional", None) if getattr(user, "pk", None) else None
+    if professional is None:
+        return []
+    cached = getattr(user, "_relais_memberships", None)
+    if cached is None:
+        cached = list(
+            Membership.objects.filter(professional=professional, active=True).select_related(
+                "institution"
+            )
+        )
+        user._relais_memberships = cached  # type: ignore[attr-defined]
+    return cached
+
+
+def is_region_admin(user: object) -> bool:
+    if isinstance(user, InstitutionSystem) or not getattr(user, "is_authenticated", False):
+        return False
+    if getattr(user, "is_superuser", False):
+        return True
+    professional = getattr(user, "professional", None)
+    return bool(professional and professional.is_region_admin)
+
+
+def institutions_with_roles(user: object, roles: frozenset[str] | set[str]) -> list[int]:
+    return [m.institution_id for m in memberships_of(user) if m.role in roles]
+
+
+def actor_for(request: object) -> Actor:
+    """The audit trail's view of whoever made this request."""
+    user = getattr(request, "user", None)
+    address = client_address(request)
+    if isinstance(user, InstitutionSystem):
+        return Actor(
+            kind="institution",
+            user_id=None,
+            username=user.get_username(),
+            institution=user.institution.finess,
+            role="institution_system",
+            address=address,
+        )
+    if user is None or not getattr(user, "is_authenticated", False):
+        return Actor.anonymous(address)
+    memberships = memberships_of(user)
+    return Actor(
+        kind="user",
+        user_id=user.pk,  # type: ignore[attr-defined]
+        username=user.get_username(),  # type: ignore[attr-defined]
+        institution=",".join(sorted({m.institution.finess for m in memberships})),
+        role=",".join(sorted({m.role for m in memberships}))
+        or ("region_admin" if is_region_admin(user) else ""),
+        address=address,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Gates
+
+
+def manifests_visible_to(user: object) -> QuerySet[Manifest]:
+    manifests = Manifest.objects.all()
+    if isinstance(user, InstitutionSystem):
+        return manifests.filter(source_institution=user.institution)
+    if not getattr(user, "is_authenticated", False):
+        return manifests.none()
+    if is_region_admin(user):
+        return manifests
+    clinical = institutions_with_roles(user, CLINICAL_ROLES)
+    admin = institutions_with_roles(user, {Role.INSTITUTION_ADMIN})
+    condition = Q(pk__in=[])
+    if clinical:
+        condition |= Q(
+            Exists(
+                PatientIdentifier.objects.filter(
+                    patient_id=OuterRef("source_identifier__patient_id"),
+                    institution_id__in=clinical,
+                )
+            )
+        )
+    if admin:
+        condition |= Q(source_institution_id__in=admin)
+    return manifests.filter(condition)
+
+
+def patients_visible_to(user: object) -> QuerySet[Patient]:
+    patients = Patient.objects.all()
+    if isinstance(user, InstitutionSystem):
+        institution_ids = [user.institution.id]
+    elif not getattr(user, "is_authenticated", False):
+        return patients.none()
+    elif is_region_admin(user):
+        return patients
+    else:
+        institution_ids = institutions_with_roles(user, CLINICAL_ROLES | {Role.ADMISSIONS_CLERK})
+    if not institution_ids:
+        return patients.none()
+    return patients.filter(
+        Exists(
+            PatientIdentifier.objects.filter(
+                patient_id=OuterRef("pk"), institution_id__in=institution_ids
+            )
+        )
+    )
+
+
+def access_manifest_by_uid(user: object, sop_instance_uid: str) -> Manifest:
+    manifest = (
+        manifests_visible_to(user)
+        .filter(sop_instance_uid=sop_instance_uid)
+        .select_related("source_institution", "source_identifier__patient")
+        .first()
+    )
+    if manifest is None:
+        raise NotFound(f"No manifest {sop_instance_uid}")
+    return manifest
+
+
+def access_patient(user: object, public_id: object) -> Patient:
+    patient = patients_visible_to(user).filter(public_id=public_id).first()
+    if patient is None:
+        raise NotFound("No such patient")
+    return patient
+
+
+def access_institution(finess: str) -> Institution:
+    """Institutions are the region's directory: every signed-in caller may read them."""
+    institution = Institution.objects.filter(finess=finess).first()
+    if institution is None:
+        raise NotFound(f"No institution with FINESS {finess}")
+    return institution
+
+
+def require_region_admin(user: object) -> None:
+    if not is_region_admin(user):
+        raise PermissionDenied("Only a regional administrator may do this")
+
+
+def can_administer_institution(user: object, institution: Institution) -> bool:
+    if is_region_admin(user):
+        return True
+    if isinstance(user, InstitutionSystem) or not getattr(user, "is_authenticated", False):
+        return False
+    return bool(user.has_perm("broker.change_institution", institution))  # type: ignore[attr-defined]
+
+
+def can_deprecate_manifest(user: object, manifest: Manifest) -> bool:
+    if isinstance(user, InstitutionSystem):
+        return user.institution.id == manifest.source_institution_id
+    return can_administer_institution(user, manifest.source_institution)
+
+
+def can_manage_identity(user: object, patient: Patient) -> bool:
+    """Identity vigilance: regional administrators, or an administrator of an institution
+    holding one of the patient's identifiers."""
+    if is_region_admin(user):
+        return True
+    admin = institutions_with_roles(user, {Role.INSTITUTION_ADMIN})
+    return bool(admin) and patient.identifiers.filter(institution_id__in=admin).exists()

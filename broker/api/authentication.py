@@ -1,0 +1,62 @@
+"""``Authorization: Api-Key <key>``: an institution's system calling the API.
+
+Keys are made by ``manage.py create_api_key`` (shown once, stored hashed by
+djangorestframework-api-key). A bad key is refused with 401 and audited.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+from rest_framework import authentication, exceptions
+from rest_framework.request import Request
+from rest_framework_api_key.permissions import KeyParser
+
+from audit.events import EventCode, Outcome
+from audit.services import Actor, audit_record
+from broker.access import InstitutionSystem, client_address
+from broker.models import InstitutionAPIKey
+
+
+class InstitutionApiKeyAuthentication(authentication.BaseAuthentication):
+    keyword = KeyParser.keyword
+
+    def authenticate(self, request: Request) -> tuple[InstitutionSystem, InstitutionAPIKey] | None:
+        key = KeyParser().get_from_authorization(request)
+        if key is None:
+            return None
+        api_key = self._valid_key(key)
+        if api_key is None:
+            self._audit_refusal(request, key)
+            raise exceptions.AuthenticationFailed("Unknown, revoked or expired API key")
+        return InstitutionSystem(
+            institution=api_key.institution, key_prefix=api_key.prefix
+        ), api_key
+
+    def authenticate_header(self, request: Request) -> str:
+        return self.keyword
+
+    @staticmethod
+    def _valid_key(key: str) -> InstitutionAPIKey | None:
+        try:
+            api_key: Any = InstitutionAPIKey.objects.get_from_key(key)
+        except InstitutionAPIKey.DoesNotExist:
+            return None
+        if api_key.has_expired or not api_key.institution.active:
+            return None
+        return api_key  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _audit_refusal(request: Request, key: str) -> None:
+        prefix = key.partition(".")[0][:8]
+        with transaction.atomic():
+            audit_record(
+                code=EventCode.API_KEY_REFUSED,
+                actor=Actor.anonymous(client_address(request)),
+                now=timezone.now(),
+                outcome=Outcome.MINOR_FAILURE,
+                objects=[{"type": "api-key", "prefix": prefix}],
+                details={"path": request.path, "method": request.method},
+            )

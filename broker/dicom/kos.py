@@ -1,0 +1,1370 @@
+"""Manifests: parse and build DICOM Key Object Selection (KOS) documents.
+
+A hospital archive publishes each study as a manifest, a KOS document (SOP Class
+1.2.840.10008.5.1.4.1.1.88.59, Modality KO, title (113030, DCM, "Manifest")) whose Current
+Requested Procedure Evidence Sequence (0040,A375) lists the referenced studies, series and
+instances, and where to retrieve them. This module turns such a document into plain frozen
+dataclasses (`parse_kos`, `parse_kos_dataset`) and writes one from a study description
+(`build_kos`). Pure pydicom: no Django, no I/O, no clock.
+
+Strict where safety needs it, liberal where the standard and real archives allow
+--------------------------------------------------------------------------------
+Every refusal is a `KOSError` with a stable `code` (see `KOSErrorCode`) and a message that names
+the attribute (keyword and tag), where it is, and the offending value. `parse_kos` raises nothing
+else, whatever the bytes: pydicom's own errors (and warnings, which would be errors under a
+"warnings as errors" policy) are caught here and translated.
+
+Refused: data that is not DICOM Part 10 or is cut short; a SOP class other than KOS; file meta
+that disagrees with the dataset; no evidence; a study without series or a series without
+instances; any invalid UID (syntax and 64-character limit, in every non-private UI element); no
+Patient ID; a series with no retrieve location of its own (AE title, location UID or an
+http(s) URL); the same study-series or instance referenced twice.
+
+Accepted: explicit or implicit VR, little or big endian, deflated; Part 10 files without the
+128-byte preamble; no Issuer of Patient ID; no Specific Character Set (the default repertoire
+is decoded as ISO 8859-1, so Latin-1 bytes read as Latin-1); several studies in one manifest
+(two evidence items for one study are merged); ACR-NEMA dates and times ("1990.01.01",
+"10:30:00"), fractional seconds, empty or unreadable dates (read as unknown); a multi-valued
+Retrieve AE Title (the first is used); a document title other than 113030.
+
+Patient identifiers and the INS
+-------------------------------
+`resolve_patient_id` says which domain the primary Patient ID belongs to: the sending
+institution's local domain (IPP) or the national INS domain (NIR or NIA, told apart by the
+assigning authority OID, 1.2.250.1.213.1.4.8 / .9, test OIDs .10 / .11). `national_ids`
+collects every INS in the manifest (primary ID and Other Patient IDs Sequence). An INS matricule
+is checked (13 characters, 2A/2B allowed for Corsica, optional 2-digit key = 97 - n mod 97 with
+2A -> 19 and 2B -> 18) and returned normalised to its 15 characters (the key is computed when
+the sender left it out), so the same person gives the same value whichever hospital sent it.
+
+Qualified INS: the rule applied and its sources. DICOM has no attribute that says whether an
+identity is qualified: Type of Patient ID (0010,0022) only says TEXT, RFID or BARCODE, and
+Identifier Type Code (0040,0035) in the Issuer of Patient ID Qualifiers Sequence carries an
+HL7 table 0203 identifier type (what kind of identifier, not how reliable). In France the
+identity status travels in HL7 v2 (PID-32, the identity reliability code of the French
+extensions of IHE PAM) and in FHIR (FR Core "identity-reliability" extension), not in DICOM;
+we found no ANS/CI-SIS text that defines a DICOM marker (the CI-SIS imaging volets of the
+Ségur "Diffusion d'Imagerie Médicale" project were not available to us to read). So we apply
+the French rule itself: an INS may be used to reference and share health data only once
+qualified (ANS, esante.gouv.fr, "Identité nationale de santé": "Pour pouvoir être utilisée
+pour référencer les données de santé, l'INS doit être qualifiée"; regional identitovigilance
+FAQ, identito-na.fr: "seul le statut Identité qualifiée ... permet de référencer les données de
+santé avec le matricule INS et les traits associés"), and the INS OID comes from the INSi
+teleservice ("l'OID ... atteste que l'INS a bien été fournie par utilisation du téléservice
+INSi", e-santé Bretagne). Hence: an INS conveyed under its official OID is taken as qualified
+(`ResolvedPatientId.qualified`); a matricule without the OID is never taken for an INS. A
+sender that labels an unqualified INS with the OID breaks that rule, and nothing in the DICOM
+object lets the broker notice.
+
+Building
+--------
+`build_kos` writes a conformant manifest (KOS IOD, TID 2010 content, explicit VR little endian,
+"ISO_IR 192"), with Modality and Body Part Examined in each series item and Modalities in Study
+at the top level so that `parse_kos(build_kos(x))` gives x back. It is deterministic: the
+default UIDs are derived from the study description (`derive_kos_uids`), so the same
+description and the same `now` give byte-identical output. `now` stamps the content and
+creation date/time but does not enter the UIDs: pass a stable time (the study's last change at
+the source, say) when a re-harvest must reproduce the same bytes.
+
+Note: pydicom warnings are silenced with `warnings.catch_warnings`, which swaps process-wide
+state; it is restored on exit, but another thread warning at that very moment may lose its
+warning (Python 3.11 has no per-context warning filters).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import io
+import json
+import re
+import uuid
+import warnings
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Final
+
+import pydicom
+from pydicom import config as pydicom_config
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
+from pydicom.uid import RE_VALID_UID, UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import PersonName, validate_value
+
+from broker.dicom.sopclasses import content_value_type, modality_for_sop_class
+
+KOS_SOP_CLASS_UID: Final = "1.2.840.10008.5.1.4.1.1.88.59"
+INS_NIR_OID: Final = "1.2.250.1.213.1.4.8"
+INS_NIA_OID: Final = "1.2.250.1.213.1.4.9"
+INS_NIR_TEST_OID: Final = "1.2.250.1.213.1.4.10"
+INS_NIA_TEST_OID: Final = "1.2.250.1.213.1.4.11"
+
+MANIFEST_TITLE: Final = ("113030", "DCM", "Manifest")
+"""(code value, scheme, meaning) of the XDS-I manifest document title (CID 7010)."""
+
+RELAIS_IMPLEMENTATION_CLASS_UID: Final = (
+    f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'urn:relais:dicom:implementation').int}"
+)
+RELAIS_IMPLEMENTATION_VERSION_NAME: Final = "RELAIS_KOS_1"
+
+_UID_NAMESPACE: Final = uuid.uuid5(uuid.NAMESPACE_URL, "urn:relais:dicom:kos")
+_INS_KINDS: Final = {
+    INS_NIR_OID: ("INS-NIR", False),
+    INS_NIA_OID: ("INS-NIA", False),
+    INS_NIR_TEST_OID: ("INS-NIR", True),
+    INS_NIA_TEST_OID: ("INS-NIA", True),
+}
+_MAX_NESTING: Final = 32
+_UNDEFINED_LENGTH: Final = 0xFFFFFFFF
+_EVIDENCE: Final = "CurrentRequestedProcedureEvidenceSequence"
+_DEFLATED_TRANSFER_SYNTAX: Final = b"1.2.840.10008.1.2.1.99"
+_MAX_INFLATED_BYTES: Final = 64 * 1024 * 1024
+_MAX_UID_ROOT_LENGTH: Final = 40  # with its final dot; leaves at least 24 hash digits
+
+
+class KOSErrorCode(enum.StrEnum):
+    """Stable machine codes of `KOSError`; never renamed nor reused."""
+
+    NOT_DICOM = "kos:not-dicom"
+    TRUNCATED = "kos:truncated"
+    INVALID_META = "kos:invalid-meta"
+    WRONG_SOP_CLASS = "kos:wrong-sop-class"
+    META_MISMATCH = "kos:meta-mismatch"
+    NO_EVIDENCE = "kos:no-evidence"
+    NO_CONTENT = "kos:no-content"
+    NO_REFERENCES = "kos:no-references"
+    INVALID_UID = "kos:invalid-uid"
+    DUPLICATE_REFERENCE = "kos:duplicate-reference"
+    NO_PATIENT_ID = "kos:no-patient-id"
+    NO_RETRIEVE_LOCATION = "kos:no-retrieve-location"
+    UNKNOWN_ISSUER = "kos:unknown-issuer"
+    INVALID_INS = "kos:invalid-ins"
+    INVALID_VALUE = "kos:invalid-value"
+
+
+class KOSError(ValueError):
+    """A manifest the broker refuses, or a study description it cannot write."""
+
+    code: str
+    message: str
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = str(code)
+        self.message = message
+
+    def __reduce__(self) -> tuple[type[KOSError], tuple[str, str]]:
+        return (type(self), (self.code, self.message))
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class OtherPatientId:
+    value: str
+    issuer: str | None
+    issuer_oid: str | None
+    type_of_patient_id: str | None
+
+
+@dataclass(frozen=True)
+class PatientInfo:
+    patient_id: str
+    issuer: str | None
+    issuer_oid: str | None
+    family_name: str
+    given_names: str
+    birth_name: str
+    birth_date: dt.date | None
+    sex: str
+    other_ids: tuple[OtherPatientId, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReferencedInstance:
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+@dataclass(frozen=True)
+class ReferencedSeries:
+    series_instance_uid: str
+    modality: str | None
+    retrieve_ae_title: str | None
+    retrieve_location_uid: str | None
+    retrieve_url: str | None
+    instances: tuple[ReferencedInstance, ...]
+    body_part: str | None = None
+
+
+@dataclass(frozen=True)
+class ReferencedStudy:
+    study_instance_uid: str
+    accession_number: str | None
+    series: tuple[ReferencedSeries, ...]
+
+
+@dataclass(frozen=True)
+class ParsedKOS:
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    patient: PatientInfo
+    studies: tuple[ReferencedStudy, ...]
+    study_date: dt.date | None
+    study_time: dt.time | None
+    content_datetime: dt.datetime | None
+    study_description: str
+    accession_number: str | None
+    institution_name: str
+    modalities: tuple[str, ...]
+    body_parts: tuple[str, ...]
+    document_title: tuple[str, str, str] | None
+    transfer_syntax_uid: str
+    specific_character_set: str | None
+
+    @property
+    def series_count(self) -> int:
+        return sum(len(study.series) for study in self.studies)
+
+    @property
+    def instance_count(self) -> int:
+        return sum(len(series.instances) for study in self.studies for series in study.series)
+
+    @property
+    def primary_study(self) -> ReferencedStudy:
+        return self.studies[0]
+
+
+@dataclass(frozen=True)
+class ResolvedPatientId:
+    kind: str  # "IPP" | "INS-NIR" | "INS-NIA"
+    issuer: str  # the institution's issuer string for an IPP, the INS OID for an INS
+    value: str  # an INS is normalised to its 15 characters
+    test: bool  # issued under a test OID (.10 / .11)
+    qualified: bool  # meaningful for an INS only; see the module docstring
+
+
+@dataclass(frozen=True)
+class SeriesDescription:
+    series_instance_uid: str
+    modality: str
+    body_part: str | None
+    instances: tuple[ReferencedInstance, ...]
+
+
+@dataclass(frozen=True)
+class StudyDescription:
+    patient: PatientInfo
+    study_instance_uid: str
+    accession_number: str | None
+    study_date: dt.date | None
+    study_time: dt.time | None
+    study_description: str
+    series: tuple[SeriesDescription, ...]
+    retrieve_ae_title: str | None = None
+    retrieve_location_uid: str | None = None
+    retrieve_url: str | None = None
+    institution_name: str = ""
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_kos(data: bytes) -> ParsedKOS:
+    """Parse a DICOM Part 10 manifest (preamble optional, "DICM" and file meta required).
+
+    Returns a validated `ParsedKOS` or raises `KOSError`; never any other exception.
+    """
+    with _kos_errors_only():
+        dataset, transfer_syntax_uid = _read_part10(data)
+        return _parse_dataset(dataset, transfer_syntax_uid, meta_required=True)
+
+
+def parse_kos_dataset(ds: Dataset, *, transfer_syntax_uid: str) -> ParsedKOS:
+    """Parse a manifest received as a dataset (DIMSE C-STORE), without file meta of its own.
+
+    If `ds.file_meta` is present (pynetdicom builds it from the C-STORE request) its SOP class
+    and instance UIDs must agree with the dataset. Raises `KOSError` only.
+    """
+    with _kos_errors_only():
+        if not isinstance(ds, Dataset):
+            raise KOSError(
+                KOSErrorCode.NOT_DICOM, f"expected a pydicom Dataset, got {type(ds).__name__}"
+            )
+        tsuid = str(transfer_syntax_uid).strip()
+        if not _is_valid_uid(tsuid):
+            raise KOSError(
+                KOSErrorCode.INVALID_META, f"transfer syntax UID {_show(tsuid)} is not a valid UID"
+            )
+        return _parse_dataset(ds, tsuid, meta_required=False)
+
+
+@contextmanager
+def _kos_errors_only() -> Iterator[None]:
+    """Silence pydicom's warnings and turn whatever it raises into KOSError.
+
+    pydicom reports odd-but-readable values (over-long strings, unknown character sets,
+    undecodable bytes...) as UserWarnings: we judge the values ourselves. On hostile input it
+    raises many exception types (ValueError, TypeError, KeyError, struct.error, zlib.error,
+    NotImplementedError, RecursionError...): the caller only ever sees KOSError.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            yield
+        except KOSError:
+            raise
+        except RecursionError as exc:
+            raise KOSError(
+                KOSErrorCode.INVALID_VALUE, "sequences are nested too deeply to be a manifest"
+            ) from exc
+        except Exception as exc:
+            raise KOSError(
+                KOSErrorCode.INVALID_VALUE, f"the manifest cannot be decoded: {_describe(exc)}"
+            ) from exc
+
+
+class _ShortReadDetector(io.BytesIO):
+    """A byte stream that remembers when a small read (a tag or length field) came up short.
+
+    pydicom stops quietly when fewer than 8 bytes are left for an element header; for us that
+    is a truncated file.
+    """
+
+    short_read_at: int | None = None
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        start = self.tell()
+        chunk = super().read(size)
+        short = size is not None and 0 < size <= 12 and 0 < len(chunk) < size
+        if short and self.short_read_at is None:
+            self.short_read_at = start
+        return chunk
+
+
+def _read_part10(data: bytes) -> tuple[Dataset, str]:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise KOSError(KOSErrorCode.NOT_DICOM, f"expected bytes, got {type(data).__name__}")
+    raw = bytes(data)
+    if len(raw) >= 132 and raw[128:132] == b"DICM":
+        stream = raw
+    elif raw[:4] == b"DICM":
+        stream = bytes(128) + raw  # a Part 10 file whose preamble was stripped
+    else:
+        raise KOSError(
+            KOSErrorCode.NOT_DICOM,
+            f"no 'DICM' prefix at byte 128 (nor at byte 0) in {len(raw)} bytes: "
+            "not a DICOM Part 10 file",
+        )
+    if len(stream) <= 132:
+        raise KOSError(KOSErrorCode.TRUNCATED, "nothing follows the 'DICM' prefix")
+    _refuse_deflate_bomb(stream)
+    fp = _ShortReadDetector(stream)
+    try:
+        ds = pydicom.dcmread(fp, force=False)
+    except InvalidDicomError as exc:
+        raise KOSError(KOSErrorCode.NOT_DICOM, f"not a DICOM file: {_describe(exc)}") from exc
+    except (EOFError, OSError) as exc:
+        raise KOSError(KOSErrorCode.TRUNCATED, f"the file ends early: {_describe(exc)}") from exc
+    except Exception as exc:
+        if "unpack requires a buffer" in str(exc):  # struct.error on a short header
+            raise KOSError(
+                KOSErrorCode.TRUNCATED, f"the file ends early: {_describe(exc)}"
+            ) from exc
+        raise KOSError(
+            KOSErrorCode.NOT_DICOM, f"the file cannot be read as DICOM: {_describe(exc)}"
+        ) from exc
+    meta = ds.file_meta
+    _load_all(meta, " in the file meta", 0)
+    group_length = meta.get("FileMetaInformationGroupLength")
+    if stream[132:136] == b"\x02\x00\x00\x00" and isinstance(group_length, int):
+        meta_end = 144 + group_length
+        if len(stream) <= meta_end:
+            raise KOSError(
+                KOSErrorCode.TRUNCATED,
+                f"the file meta information declares {group_length} bytes and the file ends "
+                f"at byte {len(stream)}, before any dataset",
+            )
+    tsuid = _text(meta, "TransferSyntaxUID", " in the file meta")
+    if not tsuid:
+        raise KOSError(
+            KOSErrorCode.INVALID_META,
+            f"{_name('TransferSyntaxUID')} is absent from the file meta information",
+        )
+    if not _is_valid_uid(tsuid):
+        raise KOSError(
+            KOSErrorCode.INVALID_META,
+            f"{_name('TransferSyntaxUID')} in the file meta is not a valid UID: {_show(tsuid)}",
+        )
+    _load_all(ds, "", 0)  # a value cut short names itself before the generic message below
+    if fp.short_read_at is not None:
+        raise KOSError(
+            KOSErrorCode.TRUNCATED,
+            f"the file ends inside an element header at byte {fp.short_read_at}",
+        )
+    return ds, tsuid
+
+
+def _refuse_deflate_bomb(stream: bytes) -> None:
+    """Refuse a deflated dataset that would inflate beyond reason (pydicom inflates it whole)."""
+    if _DEFLATED_TRANSFER_SYNTAX not in stream[132:1024] or stream[132:136] != b"\x02\x00\x00\x00":
+        return
+    dataset_start = 144 + int.from_bytes(stream[140:144], "little")
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflater.decompress(stream[dataset_start:], _MAX_INFLATED_BYTES)
+    except zlib.error:
+        return  # not deflate data after all: pydicom's reading will say what is wrong
+    if inflater.unconsumed_tail:
+        raise KOSError(
+            KOSErrorCode.INVALID_VALUE,
+            f"the deflated dataset inflates to more than {_MAX_INFLATED_BYTES} bytes",
+        )
+
+
+def _parse_dataset(ds: Dataset, transfer_syntax_uid: str, *, meta_required: bool) -> ParsedKOS:
+    bad_uids: list[str] = []
+    _load_all(ds, "", 0, bad_uids)
+
+    sop_class_uid = _text(ds, "SOPClassUID", "")
+    if sop_class_uid != KOS_SOP_CLASS_UID:
+        found = "absent"
+        if sop_class_uid:
+            known = UID(sop_class_uid).name if _is_valid_uid(sop_class_uid) else "not a valid UID"
+            found = f"{_show(sop_class_uid)} ({known})"
+        raise KOSError(
+            KOSErrorCode.WRONG_SOP_CLASS,
+            f"{_name('SOPClassUID')} is {found}, expected {KOS_SOP_CLASS_UID} "
+            "(Key Object Selection Document Storage)",
+        )
+    sop_instance_uid = _uid(ds, "SOPInstanceUID", "")
+    _check_file_meta(ds, sop_class_uid, sop_instance_uid, required=meta_required)
+    if bad_uids:
+        raise KOSError(KOSErrorCode.INVALID_UID, bad_uids[0])
+
+    study_instance_uid = _uid(ds, "StudyInstanceUID", "")
+    series_instance_uid = _uid(ds, "SeriesInstanceUID", "")
+    patient = _patient(ds)
+    accession_number = _text(ds, "AccessionNumber", "") or None
+    studies = _studies(ds, study_instance_uid, accession_number)
+    if not _sequence(ds, "ContentSequence", ""):
+        raise KOSError(
+            KOSErrorCode.NO_CONTENT,
+            f"{_name('ContentSequence')} is absent or empty: a Key Object Selection document "
+            "lists its references as content items (TID 2010)",
+        )
+
+    modalities = set(_values(ds, "ModalitiesInStudy", ""))
+    body_parts = set(_values(ds, "BodyPartExamined", ""))
+    for study in studies:
+        for series in study.series:
+            if series.modality:
+                modalities.add(series.modality)
+            if series.body_part:
+                body_parts.add(series.body_part)
+            for instance in series.instances:
+                derived = modality_for_sop_class(instance.sop_class_uid)
+                if derived:
+                    modalities.add(derived)
+    modalities.discard("KO")
+
+    content_date = _parse_date(_text(ds, "ContentDate", ""))
+    content_time = _parse_time(_text(ds, "ContentTime", ""))
+    content_datetime = None
+    if content_date is not None:
+        content_datetime = dt.datetime.combine(
+            content_date,
+            content_time or dt.time(0),
+            tzinfo=_parse_tz_offset(_text(ds, "TimezoneOffsetFromUTC", "")),
+        )
+    charset = _text(ds, "SpecificCharacterSet", "")
+
+    return ParsedKOS(
+        sop_instance_uid=sop_instance_uid,
+        series_instance_uid=series_instance_uid,
+        study_instance_uid=study_instance_uid,
+        patient=patient,
+        studies=studies,
+        study_date=_parse_date(_text(ds, "StudyDate", "")),
+        study_time=_parse_time(_text(ds, "StudyTime", "")),
+        content_datetime=content_datetime,
+        study_description=_text(ds, "StudyDescription", ""),
+        accession_number=accession_number,
+        institution_name=_text(ds, "InstitutionName", ""),
+        modalities=tuple(sorted(modalities)),
+        body_parts=tuple(sorted(body_parts)),
+        document_title=_document_title(ds),
+        transfer_syntax_uid=transfer_syntax_uid,
+        specific_character_set=charset or None,
+    )
+
+
+def _load_all(ds: Dataset, where: str, depth: int, bad_uids: list[str] | None = None) -> None:
+    """Decode every element now (pydicom is lazy), so that decoding errors surface here.
+
+    Also checks that no value is shorter than its declared length (a truncated file) and, when
+    `bad_uids` is given, collects a message for each invalid UID in a non-private UI element.
+    """
+    if depth > _MAX_NESTING:
+        raise KOSError(
+            KOSErrorCode.INVALID_VALUE,
+            f"sequences are nested more than {_MAX_NESTING} levels deep{where}",
+        )
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag, keep_deferred=True)
+        if (
+            isinstance(raw, RawDataElement)
+            and raw.length != _UNDEFINED_LENGTH
+            and raw.value is not None
+            and len(raw.value) < raw.length
+        ):
+            raise KOSError(
+                KOSErrorCode.TRUNCATED,
+                f"{_tag_name(tag)}{where} declares {raw.length} bytes but only "
+                f"{len(raw.value)} remain",
+            )
+        try:
+            elem = ds[tag]
+        except Exception as exc:
+            raise KOSError(
+                KOSErrorCode.INVALID_VALUE,
+                f"{_tag_name(tag)}{where} cannot be decoded: {_describe(exc)}",
+            ) from exc
+        if elem.VR == "SQ":
+            items = elem.value if isinstance(elem.value, Sequence) else ()
+            for index, item in enumerate(items):
+                _load_all(
+                    item, f"{_inside(where, elem.keyword or str(tag), index)}", depth + 1, bad_uids
+                )
+        elif elem.VR == "UI" and bad_uids is not None and not BaseTag(tag).is_private:
+            values = elem.value if isinstance(elem.value, MultiValue | list) else [elem.value]
+            for value in values:
+                text = str(value).strip() if value is not None else ""
+                if text and not _is_valid_uid(text):
+                    bad_uids.append(f"{_tag_name(tag)}{where} is not a valid UID: {_show(text)}")
+
+
+def _check_file_meta(
+    ds: Dataset, sop_class_uid: str, sop_instance_uid: str, *, required: bool
+) -> None:
+    meta = getattr(ds, "file_meta", None)
+    if not isinstance(meta, Dataset) or len(meta) == 0:
+        if required:
+            raise KOSError(KOSErrorCode.INVALID_META, "the file meta information is absent")
+        return
+    _load_all(meta, " in the file meta", 0)
+    pairs = (
+        ("MediaStorageSOPClassUID", "SOPClassUID", sop_class_uid),
+        ("MediaStorageSOPInstanceUID", "SOPInstanceUID", sop_instance_uid),
+    )
+    for meta_keyword, keyword, value in pairs:
+        meta_value = _text(meta, meta_keyword, " in the file meta")
+        if not meta_value:
+            if required:
+                raise KOSError(
+                    KOSErrorCode.INVALID_META,
+                    f"{_name(meta_keyword)} is absent from the file meta information",
+                )
+            continue
+        if meta_value != value:
+            raise KOSError(
+                KOSErrorCode.META_MISMATCH,
+                f"{_name(meta_keyword)} in the file meta is {_show(meta_value)} but "
+                f"{_name(keyword)} in the dataset is {_show(value)}",
+            )
+
+
+def _patient(ds: Dataset) -> PatientInfo:
+    patient_id = _single_text(ds, "PatientID", "")
+    if not patient_id:
+        raise KOSError(KOSErrorCode.NO_PATIENT_ID, f"{_name('PatientID')} is absent or empty")
+    family_name, given_names = _person_name(ds, "PatientName", "")
+    birth_name = _person_name(ds, "PatientBirthName", "")[0]
+    other_ids = []
+    for index, item in enumerate(_sequence(ds, "OtherPatientIDsSequence", "")):
+        where = _inside("", "OtherPatientIDsSequence", index)
+        value = _single_text(item, "PatientID", where)
+        if not value:
+            continue
+        other_ids.append(
+            OtherPatientId(
+                value=value,
+                issuer=_single_text(item, "IssuerOfPatientID", where) or None,
+                issuer_oid=_issuer_oid(item, where),
+                type_of_patient_id=_text(item, "TypeOfPatientID", where) or None,
+            )
+        )
+    sex = _text(ds, "PatientSex", "").upper()
+    return PatientInfo(
+        patient_id=patient_id,
+        issuer=_single_text(ds, "IssuerOfPatientID", "") or None,
+        issuer_oid=_issuer_oid(ds, ""),
+        family_name=family_name,
+        given_names=given_names,
+        birth_name=birth_name,
+        birth_date=_parse_date(_text(ds, "PatientBirthDate", "")),
+        sex=sex if sex in {"M", "F", "O"} else "",
+        other_ids=tuple(other_ids),
+    )
+
+
+def _issuer_oid(ds: Dataset, where: str) -> str | None:
+    """Universal Entity ID of the Issuer of Patient ID Qualifiers Sequence, without "urn:oid:"."""
+    items = _sequence(ds, "IssuerOfPatientIDQualifiersSequence", where)
+    if not items:
+        return None
+    value = _single_text(
+        items[0], "UniversalEntityID", _inside(where, "IssuerOfPatientIDQualifiersSequence", 0)
+    )
+    if value.lower().startswith("urn:oid:"):
+        value = value[len("urn:oid:") :].strip()
+    return value or None
+
+
+def _studies(
+    ds: Dataset, kos_study_uid: str, kos_accession: str | None
+) -> tuple[ReferencedStudy, ...]:
+    evidence = _sequence(ds, _EVIDENCE, "")
+    if not evidence:
+        raise KOSError(
+            KOSErrorCode.NO_EVIDENCE,
+            f"{_name(_EVIDENCE)} is absent or empty: the manifest references nothing",
+        )
+    accessions = _request_accessions(ds)
+    series_by_study: dict[str, list[ReferencedSeries]] = {}
+    seen_series: set[str] = set()
+    seen_instances: set[str] = set()
+    for study_index, study_item in enumerate(evidence):
+        where = _inside("", _EVIDENCE, study_index)
+        study_uid = _uid(study_item, "StudyInstanceUID", where)
+        series_items = _sequence(study_item, "ReferencedSeriesSequence", where)
+        if not series_items:
+            raise KOSError(
+                KOSErrorCode.NO_REFERENCES,
+                f"{_name('ReferencedSeriesSequence')}{where} is absent or empty: "
+                f"study {study_uid} references no series",
+            )
+        study_series = series_by_study.setdefault(study_uid, [])
+        for series_index, series_item in enumerate(series_items):
+            series = _series(
+                series_item,
+                _inside(where, "ReferencedSeriesSequence", series_index),
+                seen_instances,
+            )
+            if series.series_instance_uid in seen_series:
+                raise KOSError(
+                    KOSErrorCode.DUPLICATE_REFERENCE,
+                    f"{_name('SeriesInstanceUID')} {series.series_instance_uid} is referenced "
+                    f"twice (again{where} > ReferencedSeriesSequence[{series_index}])",
+                )
+            seen_series.add(series.series_instance_uid)
+            study_series.append(series)
+    return tuple(
+        ReferencedStudy(
+            study_instance_uid=study_uid,
+            accession_number=accessions.get(study_uid)
+            or (kos_accession if study_uid == kos_study_uid else None),
+            series=tuple(series),
+        )
+        for study_uid, series in series_by_study.items()
+    )
+
+
+def _series(item: Dataset, where: str, seen_instances: set[str]) -> ReferencedSeries:
+    series_uid = _uid(item, "SeriesInstanceUID", where)
+    sop_items = _sequence(item, "ReferencedSOPSequence", where)
+    if not sop_items:
+        raise KOSError(
+            KOSErrorCode.NO_REFERENCES,
+            f"{_name('ReferencedSOPSequence')}{where} is absent or empty: "
+            f"series {series_uid} references no instance",
+        )
+    instances = []
+    for index, sop_item in enumerate(sop_items):
+        sop_where = _inside(where, "ReferencedSOPSequence", index)
+        instance = ReferencedInstance(
+            sop_class_uid=_uid(sop_item, "ReferencedSOPClassUID", sop_where),
+            sop_instance_uid=_uid(sop_item, "ReferencedSOPInstanceUID", sop_where),
+        )
+        if instance.sop_instance_uid in seen_instances:
+            raise KOSError(
+                KOSErrorCode.DUPLICATE_REFERENCE,
+                f"{_name('ReferencedSOPInstanceUID')} {instance.sop_instance_uid} is "
+                f"referenced twice (again{sop_where})",
+            )
+        seen_instances.add(instance.sop_instance_uid)
+        instances.append(instance)
+
+    ae_titles = _values(item, "RetrieveAETitle", where)
+    retrieve_ae_title = ae_titles[0] if ae_titles else None
+    retrieve_location_uid = _optional_uid(item, "RetrieveLocationUID", where)
+    retrieve_url = _single_text(item, "RetrieveURL", where) or None
+    if retrieve_url is not None and not re.match(r"(?i)https?://[^/\s]", retrieve_url):
+        raise KOSError(
+            KOSErrorCode.INVALID_VALUE,
+            f"{_name('RetrieveURL')}{where} is not an http(s) URL: {_show(retrieve_url)}",
+        )
+    if not (retrieve_ae_title or retrieve_location_uid or retrieve_url):
+        raise KOSError(
+            KOSErrorCode.NO_RETRIEVE_LOCATION,
+            f"series {series_uid}{where} names no retrieve location: none of "
+            f"{_name('RetrieveAETitle')}, {_name('RetrieveLocationUID')} or "
+            f"{_name('RetrieveURL')} is given",
+        )
+    modality = _text(item, "Modality", where).upper() or _derived_modality(instances)
+    return ReferencedSeries(
+        series_instance_uid=series_uid,
+        modality=modality,
+        retrieve_ae_title=retrieve_ae_title,
+        retrieve_location_uid=retrieve_location_uid,
+        retrieve_url=retrieve_url,
+        instances=tuple(instances),
+        body_part=_text(item, "BodyPartExamined", where).upper() or None,
+    )
+
+
+def _derived_modality(instances: list[ReferencedInstance]) -> str | None:
+    counts = Counter(
+        modality
+        for instance in instances
+        if (modality := modality_for_sop_class(instance.sop_class_uid)) is not None
+    )
+    if not counts:
+        return None
+    return min(counts.items(), key=lambda pair: (-pair[1], pair[0]))[0]
+
+
+def _request_accessions(ds: Dataset) -> dict[str, str]:
+    """Study Instance UID -> Accession Number, from the Referenced Request Sequence."""
+    accessions: dict[str, str] = {}
+    for index, item in enumerate(_sequence(ds, "ReferencedRequestSequence", "")):
+        where = _inside("", "ReferencedRequestSequence", index)
+        study_uid = _optional_uid(item, "StudyInstanceUID", where)
+        accession = _text(item, "AccessionNumber", where)
+        if study_uid and accession:
+            accessions.setdefault(study_uid, accession)
+    return accessions
+
+
+def _document_title(ds: Dataset) -> tuple[str, str, str] | None:
+    items = _sequence(ds, "ConceptNameCodeSequence", "")
+    if not items:
+        return None
+    where = _inside("", "ConceptNameCodeSequence", 0)
+    code = (
+        _text(items[0], "CodeValue", where)
+        or _text(items[0], "LongCodeValue", where)
+        or _text(items[0], "URNCodeValue", where)
+    )
+    title = (
+        code,
+        _text(items[0], "CodingSchemeDesignator", where),
+        _text(items[0], "CodeMeaning", where),
+    )
+    return title if any(title) else None
+
+
+# --------------------------------------------------------------------------- value helpers
+
+
+def _is_valid_uid(value: str) -> bool:
+    # pydicom's UID() warns on an invalid value; this only answers.
+    return len(value) <= 64 and re.fullmatch(RE_VALID_UID, value) is not None
+
+
+def _name(keyword: str) -> str:
+    tag = tag_for_keyword(keyword)
+    return f"{keyword} ({tag >> 16:04X},{tag & 0xFFFF:04X})" if tag is not None else keyword
+
+
+def _tag_name(tag: int) -> str:
+    keyword = keyword_for_tag(tag)
+    position = f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+    return f"{keyword} {position}" if keyword else position
+
+
+def _inside(where: str, sequence_keyword: str, index: int) -> str:
+    step = f"{sequence_keyword}[{index}]"
+    return f"{where} > {step}" if where else f" in {step}"
+
+
+def _show(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {_show(str(exc), 200)}"
+
+
+def _value(ds: Dataset, keyword: str) -> Any:
+    tag = tag_for_keyword(keyword)
+    if tag is None or tag not in ds:
+        return None
+    return ds[tag].value
+
+
+def _scalar_text(value: Any, keyword: str, where: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("latin-1").strip(" \x00")
+    if isinstance(value, str | int | float | PersonName):
+        return str(value).strip(" \x00")
+    raise KOSError(
+        KOSErrorCode.INVALID_VALUE,
+        f"{_name(keyword)}{where} holds a {type(value).__name__}, not a text value",
+    )
+
+
+def _text(ds: Dataset, keyword: str, where: str) -> str:
+    """The value as stripped text ('' when absent); several values are joined with '\\'."""
+    value = _value(ds, keyword)
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join(_scalar_text(v, keyword, where) for v in value).strip()
+    return _scalar_text(value, keyword, where)
+
+
+def _values(ds: Dataset, keyword: str, where: str) -> list[str]:
+    """The non-empty values, stripped (upper-cased for code strings)."""
+    value = _value(ds, keyword)
+    raw = value if isinstance(value, MultiValue | list | tuple) else [value]
+    texts = [_scalar_text(v, keyword, where) for v in raw]
+    if dictionary_VR(keyword) == "CS":
+        texts = [t.upper() for t in texts]
+    return [t for t in texts if t]
+
+
+def _single_text(ds: Dataset, keyword: str, where: str) -> str:
+    """Like `_text` but several values are an error (an identifier must be one value)."""
+    value = _value(ds, keyword)
+    if isinstance(value, MultiValue | list | tuple):
+        texts = [t for t in (_scalar_text(v, keyword, where) for v in value) if t]
+        if len(texts) > 1:
+            raise KOSError(
+                KOSErrorCode.INVALID_VALUE,
+                f"{_name(keyword)}{where} has {len(texts)} values where one is expected",
+            )
+        return texts[0] if texts else ""
+    return _scalar_text(value, keyword, where)
+
+
+def _uid(ds: Dataset, keyword: str, where: str) -> str:
+    """A required UID: absent, empty, several or invalid is KOSError("kos:invalid-uid")."""
+    uid = _optional_uid(ds, keyword, where)
+    if uid is None:
+        raise KOSError(KOSErrorCode.INVALID_UID, f"{_name(keyword)}{where} is absent or empty")
+    return uid
+
+
+def _optional_uid(ds: Dataset, keyword: str, where: str) -> str | None:
+    value = _value(ds, keyword)
+    if isinstance(value, MultiValue | list | tuple):
+        if len(value) > 1:
+            raise KOSError(
+                KOSErrorCode.INVALID_UID,
+                f"{_name(keyword)}{where} has {len(value)} values where one UID is expected",
+            )
+        value = value[0] if value else None
+    text = _scalar_text(value, keyword, where)
+    if not text:
+        return None
+    if not _is_valid_uid(text):
+        raise KOSError(
+            KOSErrorCode.INVALID_UID, f"{_name(keyword)}{where} is not a valid UID: {_show(text)}"
+        )
+    return text
+
+
+def _sequence(ds: Dataset, keyword: str, where: str) -> list[Dataset]:
+    value = _value(ds, keyword)
+    if value is None:
+        return []
+    if isinstance(value, Sequence):
+        return list(value)
+    if isinstance(value, str | bytes) and not value:
+        return []
+    raise KOSError(
+        KOSErrorCode.INVALID_VALUE,
+        f"{_name(keyword)}{where} is not a sequence (it holds a {type(value).__name__})",
+    )
+
+
+def _person_name(ds: Dataset, keyword: str, where: str) -> tuple[str, str]:
+    """(family name, given names) of a PN value; the middle name joins the given names."""
+    value = _value(ds, keyword)
+    if isinstance(value, MultiValue | list | tuple):
+        value = value[0] if value else None
+    if value is None:
+        return "", ""
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if isinstance(value, str):
+        value = PersonName(value)
+    if not isinstance(value, PersonName):
+        raise KOSError(
+            KOSErrorCode.INVALID_VALUE,
+            f"{_name(keyword)}{where} holds a {type(value).__name__}, not a person name",
+        )
+    family = value.family_name.strip()
+    given = " ".join(part for part in (value.given_name.strip(), value.middle_name.strip()) if part)
+    return family, given
+
+
+_DATE = re.compile(r"(\d{4})[.\-/]?(\d{2})[.\-/]?(\d{2})")
+_TIME = re.compile(r"(\d{2})(?::?(\d{2})(?::?(\d{2})(?:[.,](\d{1,6})\d*)?)?)?")
+_TZ_OFFSET = re.compile(r"([+-])(\d{2})(\d{2})")
+
+
+def _parse_date(text: str) -> dt.date | None:
+    """DICOM DA ("20240131") or ACR-NEMA ("2024.01.31"); None when empty or unreadable."""
+    match = _DATE.fullmatch(text.strip())
+    if not match:
+        return None
+    try:
+        return dt.date(*(int(group) for group in match.groups()))
+    except ValueError:
+        return None
+
+
+def _parse_time(text: str) -> dt.time | None:
+    """DICOM TM ("103000.25", "1030") or ACR-NEMA ("10:30:00"); None when empty or unreadable."""
+    match = _TIME.fullmatch(text.strip())
+    if not match:
+        return None
+    hours, minutes, seconds, fraction = match.groups()
+    try:
+        return dt.time(
+            int(hours),
+            int(minutes or 0),
+            min(int(seconds or 0), 59),  # a leap second (60) is allowed by TM
+            int((fraction or "").ljust(6, "0")),
+        )
+    except ValueError:
+        return None
+
+
+def _parse_tz_offset(text: str) -> dt.tzinfo | None:
+    match = _TZ_OFFSET.fullmatch(text.strip())
+    if not match:
+        return None
+    sign, hours, minutes = match.groups()
+    if int(hours) > 14 or int(minutes) > 59:
+        return None
+    offset = dt.timedelta(hours=int(hours), minutes=int(minutes))
+    return dt.timezone(-offset if sign == "-" else offset)
+
+
+# --------------------------------------------------------------------------- patient IDs
+
+
+def resolve_patient_id(
+    kos: ParsedKOS, *, institution_issuer: str, institution_issuer_oid: str | None
+) -> ResolvedPatientId:
+    """The domain of the manifest's primary Patient ID, as sent by this institution.
+
+    Accepted: no issuer at all (the institution's domain applies); Issuer of Patient ID equal
+    to the institution's issuer string or OID; Universal Entity ID equal to the institution's
+    OID; or the national INS domain, by its OID (as Universal Entity ID, or as Issuer of
+    Patient ID text). Anything else raises KOSError("kos:unknown-issuer").
+    """
+    patient = kos.patient
+    issuer = patient.issuer
+    issuer_oid = patient.issuer_oid
+    ins_oid = _ins_oid(issuer, issuer_oid)
+    if ins_oid is not None:
+        if issuer in _INS_KINDS and issuer != ins_oid:
+            raise KOSError(
+                KOSErrorCode.UNKNOWN_ISSUER,
+                f"{_name('IssuerOfPatientID')} {_show(issuer)} contradicts "
+                f"{_name('UniversalEntityID')} {_show(issuer_oid)}",
+            )
+        return _resolve_ins(patient.patient_id, ins_oid, "PatientID (0010,0020)")
+
+    ipp = ResolvedPatientId(
+        kind="IPP",
+        issuer=institution_issuer,
+        value=patient.patient_id,
+        test=False,
+        qualified=False,
+    )
+    if issuer_oid is not None:
+        if institution_issuer_oid is not None:
+            if issuer_oid == institution_issuer_oid:
+                return ipp  # the OID is authoritative; the text may be spelt differently
+        elif issuer == institution_issuer:
+            return ipp  # no OID on record for the institution: its issuer text decides
+    elif issuer is None or issuer in {institution_issuer, institution_issuer_oid}:
+        return ipp
+    expected = f"{_show(institution_issuer)}" + (
+        f" (OID {institution_issuer_oid})" if institution_issuer_oid else ""
+    )
+    sent = _show(issuer) if issuer is not None else "no issuer text"
+    if issuer_oid is not None:
+        sent += f" with {_name('UniversalEntityID')} {_show(issuer_oid)}"
+    raise KOSError(
+        KOSErrorCode.UNKNOWN_ISSUER,
+        f"{_name('IssuerOfPatientID')} is {sent}: neither this institution's domain, expected "
+        f"{expected}, nor the national INS domain ({INS_NIR_OID}, {INS_NIA_OID})",
+    )
+
+
+def national_ids(kos: ParsedKOS) -> tuple[ResolvedPatientId, ...]:
+    """Every INS in the manifest: the primary ID if it is one, then Other Patient IDs.
+
+    Recognised by the INS OIDs only; each matricule is checked (KOSError "kos:invalid-ins")
+    and normalised to 15 characters. Duplicates are dropped, order is kept.
+    """
+    found: list[ResolvedPatientId] = []
+    patient = kos.patient
+    primary_oid = _ins_oid(patient.issuer, patient.issuer_oid)
+    if primary_oid is not None:
+        found.append(_resolve_ins(patient.patient_id, primary_oid, "PatientID (0010,0020)"))
+    for index, other in enumerate(patient.other_ids):
+        oid = _ins_oid(other.issuer, other.issuer_oid)
+        if oid is not None:
+            found.append(
+                _resolve_ins(other.value, oid, f"OtherPatientIDsSequence[{index}] PatientID")
+            )
+    unique: dict[tuple[str, str, str], ResolvedPatientId] = {}
+    for resolved in found:
+        unique.setdefault((resolved.kind, resolved.issuer, resolved.value), resolved)
+    return tuple(unique.values())
+
+
+def normalise_ins_matricule(value: str) -> str:
+    """The 15-character INS matricule (NIR or NIA): 13 characters and the 2-digit key.
+
+    Spaces are dropped and 2a/2b upper-cased; a missing key is computed, a present one checked.
+    Raises KOSError("kos:invalid-ins") without echoing the full matricule.
+    """
+    compact = re.sub(r"\s+", "", value).upper()
+    match = re.fullmatch(r"([0-9]{5}(?:[0-9]{2}|2A|2B)[0-9]{6})([0-9]{2})?", compact)
+    if not match:
+        raise KOSError(
+            KOSErrorCode.INVALID_INS,
+            f"{_mask(compact)} is not an INS matricule: 13 characters (digits, with 2A or 2B "
+            "for a Corsican department) and an optional 2-digit key are expected",
+        )
+    body, key = match.groups()
+    department = body[5:7]
+    numeric = int(body[:5] + {"2A": "19", "2B": "18"}.get(department, department) + body[7:])
+    expected = 97 - numeric % 97
+    if key is not None and int(key) != expected:
+        raise KOSError(
+            KOSErrorCode.INVALID_INS,
+            f"INS matricule {_mask(compact)} has key {key}, "
+            f"but its 13 characters give {expected:02d}",
+        )
+    return f"{body}{expected:02d}"
+
+
+def _ins_oid(issuer: str | None, issuer_oid: str | None) -> str | None:
+    if issuer_oid is not None:
+        return issuer_oid if issuer_oid in _INS_KINDS else None
+    return issuer if issuer in _INS_KINDS else None
+
+
+def _resolve_ins(value: str, oid: str, label: str) -> ResolvedPatientId:
+    kind, test = _INS_KINDS[oid]
+    try:
+        matricule = normalise_ins_matricule(value)
+    except KOSError as exc:
+        raise KOSError(exc.code, f"{label} under {kind} OID {oid}: {exc.message}") from None
+    return ResolvedPatientId(kind=kind, issuer=oid, value=matricule, test=test, qualified=True)
+
+
+def _mask(value: str) -> str:
+    # A matricule is a national identifier: never echo it whole into logs or error pages.
+    return f"'{value[:3]}…' ({len(value)} characters)" if len(value) > 3 else repr(value)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def derive_kos_uids(study: StudyDescription, *, uid_root: str | None = None) -> tuple[str, str]:
+    """(SOP Instance UID, Series Instance UID) that `build_kos` uses by default.
+
+    The SOP Instance UID is derived from the whole study description, so any change to the
+    study gives a new manifest identity; the Series Instance UID from the study UID only, so
+    successive manifests of one study share a KO series. With `uid_root` the UIDs are
+    `<uid_root>.<digits of a SHA-512>` (pydicom.uid.generate_uid); without, UUID-derived
+    2.25 UIDs (PS3.5 B.2).
+    """
+    canonical = json.dumps(
+        dataclasses.asdict(study), sort_keys=True, default=str, ensure_ascii=False
+    )
+    return (
+        _derived_uid(uid_root, "kos-sop-instance", canonical),
+        _derived_uid(uid_root, "kos-series", study.study_instance_uid),
+    )
+
+
+def _derived_uid(uid_root: str | None, purpose: str, source: str) -> str:
+    if uid_root is None:
+        name = "\x1f".join((purpose, source))
+        return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
+    prefix = uid_root.strip()
+    prefix = prefix if prefix.endswith(".") else f"{prefix}."
+    if len(prefix) > _MAX_UID_ROOT_LENGTH:
+        # generate_uid keeps only the digits that fit in 64 characters: a long root would
+        # leave too few of them for tens of millions of manifests not to collide.
+        raise KOSError(
+            KOSErrorCode.INVALID_VALUE,
+            f"uid_root {_show(uid_root)} is longer than {_MAX_UID_ROOT_LENGTH - 1} characters",
+        )
+    try:
+        return str(generate_uid(prefix=prefix, entropy_srcs=[purpose, "\x1f", source]))
+    except ValueError as exc:
+        raise KOSError(
+            KOSErrorCode.INVALID_VALUE,
+            f"uid_root {_show(uid_root)} is not a usable UID root: {exc}",
+        ) from exc
+
+
+def build_kos(
+    study: StudyDescription,
+    *,
+    now: dt.datetime,
+    sop_instance_uid: str | None = None,
+    series_instance_uid: str | None = None,
+    uid_root: str | None = None,
+) -> bytes:
+    """A KOS manifest (Part 10 bytes) for one study, titled (113030, DCM, "Manifest").
+
+    Raises KOSError when the description cannot make a manifest the broker itself would accept
+    (the result is parsed back before it is returned).
+    """
+    if sop_instance_uid is None or series_instance_uid is None:
+        derived_sop, derived_series = derive_kos_uids(study, uid_root=uid_root)
+        sop_instance_uid = sop_instance_uid or derived_sop
+        series_instance_uid = series_instance_uid or derived_series
+    try:
+        ds = _kos_dataset(study, now, sop_instance_uid, series_instance_uid)
+        buffer = io.BytesIO()
+        pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    except KOSError:
+        raise
+    except (ValueError, TypeError, OverflowError, AttributeError) as exc:
+        raise KOSError(
+            KOSErrorCode.INVALID_VALUE, f"the manifest cannot be encoded: {_describe(exc)}"
+        ) from exc
+    data = buffer.getvalue()
+    parse_kos(data)
+    return data
+
+
+def _put(ds: Dataset, keyword: str, value: Any) -> None:
+    """Set an element after checking the value against its VR (pydicom would only warn)."""
+    vr = dictionary_VR(keyword)
+    for single in value if isinstance(value, list) else [value]:
+        if vr == "UI" and not _is_valid_uid(single):
+            raise KOSError(
+                KOSErrorCode.INVALID_UID, f"{_name(keyword)} is not a valid UID: {_show(single)}"
+            )
+        try:
+            validate_value(vr, single, pydicom_config.RAISE)
+        except ValueError as exc:
+            reason = str(exc).split(" Please see", 1)[0]
+            raise KOSError(
+                KOSErrorCode.INVALID_VALUE,
+                f"{_name(keyword)} cannot hold {_show(single)}: {reason}",
+            ) from exc
+    setattr(ds, keyword, value)
+
+
+def _da(value: dt.date | None) -> str:
+    return value.strftime("%Y%m%d") if value is not None else ""
+
+
+def _tm(value: dt.time | None) -> str:
+    if value is None:
+        return ""
+    text = f"{value.hour:02d}{value.minute:02d}{value.second:02d}"
+    return f"{text}.{value.microsecond:06d}" if value.microsecond else text
+
+
+def _person_name_value(family: str, given: str) -> str:
+    for part in (family, given):
+        if any(char in part for char in "^=\\"):
+            raise KOSError(
+                KOSErrorCode.INVALID_VALUE,
+                f"a person name component cannot contain '^', '=' or '\\': {_show(part)}",
+            )
+    return f"{family}^{given}" if given else family
+
+
+def _issuer_qualifiers(oid: str) -> Sequence:
+    item = Dataset()
+    _put(item, "UniversalEntityID", oid)
+    _put(item, "UniversalEntityIDType", "ISO")
+    return Sequence([item])
+
+
+def _kos_dataset(
+    study: StudyDescription, now: dt.datetime, sop_instance_uid: str, series_instance_uid: str
+) -> Dataset:
+    patient = study.patient
+    ds = Dataset()
+    # SOP Common
+    _put(ds, "SpecificCharacterSet", "ISO_IR 192")
+    _put(ds, "InstanceCreationDate", _da(now.date()))
+    _put(ds, "InstanceCreationTime", _tm(now.time()))
+    _put(ds, "SOPClassUID", KOS_SOP_CLASS_UID)
+    _put(ds, "SOPInstanceUID", sop_instance_uid)
+    offset = now.utcoffset()
+    if offset is not None:
+        minutes = int(offset.total_seconds()) // 60
+        sign = "-" if minutes < 0 else "+"
+        _put(ds, "TimezoneOffsetFromUTC", f"{sign}{abs(minutes) // 60:02d}{abs(minutes) % 60:02d}")
+    # Patient
+    _put(ds, "PatientName", _person_name_value(patient.family_name, patient.given_names))
+    _put(ds, "PatientID", patient.patient_id)
+    if patient.issuer:
+        _put(ds, "IssuerOfPatientID", patient.issuer)
+    if patient.issuer_oid:
+        ds.IssuerOfPatientIDQualifiersSequence = _issuer_qualifiers(patient.issuer_oid)
+    _put(ds, "PatientBirthDate", _da(patient.birth_date))
+    if patient.sex not in {"M", "F", "O", ""}:
+        raise KOSError(
+            KOSErrorCode.INVALID_VALUE,
+            f"{_name('PatientSex')} must be M, F, O or empty, not {_show(patient.sex)}",
+        )
+    _put(ds, "PatientSex", patient.sex)
+    if patient.birth_name:
+        _put(ds, "PatientBirthName", _person_name_value(patient.birth_name, ""))
+    if patient.other_ids:
+        items = []
+        for other in patient.other_ids:
+            item = Dataset()
+            _put(item, "PatientID", other.value)
+            if other.issuer:
+                _put(item, "IssuerOfPatientID", other.issuer)
+            if other.issuer_oid:
+                item.IssuerOfPatientIDQualifiersSequence = _issuer_qualifiers(other.issuer_oid)
+            if other.type_of_patient_id:
+                _put(item, "TypeOfPatientID", other.type_of_patient_id)
+            items.append(item)
+        ds.OtherPatientIDsSequence = Sequence(items)
+    # General Study (the manifest belongs to the study it describes, as XDS-I manifests do)
+    _put(ds, "StudyInstanceUID", study.study_instance_uid)
+    _put(ds, "StudyDate", _da(study.study_date))
+    _put(ds, "StudyTime", _tm(study.study_time))
+    _put(ds, "ReferringPhysicianName", "")
+    _put(ds, "StudyID", "")
+    _put(ds, "AccessionNumber", study.accession_number or "")
+    if study.study_description:
+        _put(ds, "StudyDescription", study.study_description)
+    modalities = sorted(
+        {series.modality for series in study.series}
+        | {
+            modality
+            for series in study.series
+            for instance in series.instances
+            if (modality := modality_for_sop_class(instance.sop_class_uid)) is not None
+        }
+        - {"KO", ""}
+    )
+    if modalities:
+        _put(ds, "ModalitiesInStudy", modalities)
+    # Key Object Document Series, General Equipment
+    _put(ds, "Modality", "KO")
+    _put(ds, "SeriesInstanceUID", series_instance_uid)
+    _put(ds, "SeriesNumber", "999")
+    ds.ReferencedPerformedProcedureStepSequence = Sequence()
+    _put(ds, "Manufacturer", "Relais")
+    if study.institution_name:
+        _put(ds, "InstitutionName", study.institution_name)
+    # Key Object Document
+    _put(ds, "InstanceNumber", "1")
+    _put(ds, "ContentDate", _da(now.date()))
+    _put(ds, "ContentTime", _tm(now.time()))
+    if study.accession_number:
+        ds.ReferencedRequestSequence = Sequence([_referenced_request(study)])
+    ds.CurrentRequestedProcedureEvidenceSequence = Sequence([_evidence_item(study)])
+    # SR Document Content, TID 2010 Key Object Selection
+    _put(ds, "ValueType", "CONTAINER")
+    title = Dataset()
+    _put(title, "CodeValue", MANIFEST_TITLE[0])
+    _put(title, "CodingSchemeDesignator", MANIFEST_TITLE[1])
+    _put(title, "CodeMeaning", MANIFEST_TITLE[2])
+    ds.ConceptNameCodeSequence = Sequence([title])
+    _put(ds, "ContinuityOfContent", "SEPARATE")
+    template = Dataset()
+    _put(template, "MappingResource", "DCMR")
+    _put(template, "TemplateIdentifier", "2010")
+    ds.ContentTemplateSequence = Sequence([template])
+    content = []
+    for series in study.series:
+        for instance in series.instances:
+            reference = Dataset()
+            _put(reference, "ReferencedSOPClassUID", instance.sop_class_uid)
+            _put(reference, "ReferencedSOPInstanceUID", instance.sop_instance_uid)
+            item = Dataset()
+            _put(item, "RelationshipType", "CONTAINS")
+            _put(item, "ValueType", content_value_type(instance.sop_class_uid))
+            item.ReferencedSOPSequence = Sequence([reference])
+            content.append(item)
+    ds.ContentSequence = Sequence(content)
+
+    meta = FileMetaDataset()
+    _put(meta, "MediaStorageSOPClassUID", KOS_SOP_CLASS_UID)
+    _put(meta, "MediaStorageSOPInstanceUID", sop_instance_uid)
+    _put(meta, "TransferSyntaxUID", ExplicitVRLittleEndian)
+    _put(meta, "ImplementationClassUID", RELAIS_IMPLEMENTATION_CLASS_UID)
+    _put(meta, "ImplementationVersionName", RELAIS_IMPLEMENTATION_VERSION_NAME)
+    ds.file_meta = meta
+    return ds
+
+
+def _referenced_request(study: StudyDescription) -> Dataset:
+    request = Dataset()
+    _put(request, "StudyInstanceUID", study.study_instance_uid)
+    request.ReferencedStudySequence = Sequence()
+    _put(request, "AccessionNumber", study.accession_number or "")
+    request.IssuerOfAccessionNumberSequence = Sequence()
+    _put(request, "PlacerOrderNumberImagingServiceRequest", "")
+    _put(request, "FillerOrderNumberImagingServiceRequest", "")
+    _put(request, "RequestedProcedureID", "")
+    _put(request, "RequestedProcedureDescription", "")
+    request.RequestedProcedureCodeSequence = Sequence()
+    return request
+
+
+def _evidence_item(study: StudyDescription) -> Dataset:
+    series_items = []
+    for series in study.series:
+        item = Dataset()
+        _put(item, "SeriesInstanceUID", series.series_instance_uid)
+        _put(item, "Modality", series.modality)
+        if series.body_part:
+            _put(item, "BodyPartExamined", series.body_part)
+        if study.retrieve_ae_title:
+            _put(item, "RetrieveAETitle", study.retrieve_ae_title)
+        if study.retrieve_location_uid:
+            _put(item, "RetrieveLocationUID", study.retrieve_location_uid)
+        if study.retrieve_url:
+            _put(item, "RetrieveURL", study.retrieve_url)
+        references = []
+        for instance in series.instances:
+            reference = Dataset()
+            _put(reference, "ReferencedSOPClassUID", instance.sop_class_uid)
+            _put(reference, "ReferencedSOPInstanceUID", instance.sop_instance_uid)
+            references.append(reference)
+        item.ReferencedSOPSequence = Sequence(references)
+        series_items.append(item)
+    study_item = Dataset()
+    _put(study_item, "StudyInstanceUID", study.study_instance_uid)
+    study_item.ReferencedSeriesSequence = Sequence(series_items)
+    return study_item

@@ -1,0 +1,75 @@
+"""Secrets generated on first run into the data directory, never committed.
+
+Several processes may start at once on a fresh data directory (web server,
+DICOM server, a management command): each file is created with O_EXCL, so
+exactly one of them writes it and every other reads what that one wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+
+def _create_once(path: Path, content: bytes) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(
+            path.with_suffix(path.suffix + ".tmp"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600
+        )
+    except FileExistsError:
+        # Another process is writing it: wait for the rename.
+        for _ in range(100):
+            if path.exists():
+                return path.read_bytes()
+            time.sleep(0.05)
+        raise RuntimeError(
+            f"{path}.tmp exists but {path} never appeared: remove the .tmp file"
+        ) from None
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(content)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(path.with_suffix(path.suffix + ".tmp"), path)
+    return content
+
+
+def load_or_create_secret_key(data_dir: Path) -> str:
+    """Django's SECRET_KEY, kept in ``<data_dir>/secret_key``."""
+    path = data_dir / "secret_key"
+    if path.exists():
+        value = path.read_text().strip()
+    else:
+        value = _create_once(path, secrets.token_urlsafe(64).encode()).decode().strip()
+    if len(value) < 50:
+        raise RuntimeError(f"{path} holds a secret key shorter than 50 characters")
+    return value
+
+
+def load_or_create_signing_key(data_dir: Path) -> Path:
+    """The broker's current Ed25519 signing key (PEM, PKCS#8), for tokens and audit checkpoints.
+
+    Keys live in ``<data_dir>/signing-keys/<kid>.pem``; ``current`` names the active kid.
+    Returns the path of the active key.
+    """
+    keys_dir = data_dir / "signing-keys"
+    current = keys_dir / "current"
+    if not current.exists():
+        kid = time.strftime("%Y%m%d", time.gmtime()) + "-" + secrets.token_hex(4)
+        pem = Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        _create_once(keys_dir / f"{kid}.pem", pem)
+        _create_once(current, kid.encode())
+    kid = current.read_text().strip()
+    path = keys_dir / f"{kid}.pem"
+    if not path.exists():
+        raise RuntimeError(f"{current} names key {kid!r} but {path} is missing")
+    return path

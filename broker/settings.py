@@ -1,0 +1,186 @@
+"""Relais settings: one module, every value from the environment, typed, failing loudly.
+
+Nothing here depends on where it runs except through environment variables; secrets
+are generated on first run into ``RELAIS_DATA_DIR`` (default ``var/``), never committed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+from environs import Env, EnvError
+from marshmallow.validate import Range
+
+from broker.keys import load_or_create_secret_key, load_or_create_signing_key
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = Env(eager=False)
+env.read_env(BASE_DIR / ".env", recurse=False)
+
+DATA_DIR: Path = env.path("RELAIS_DATA_DIR", BASE_DIR / "var").resolve()
+DEBUG: bool = env.bool("DEBUG", False)
+SECRET_KEY: str = env.str("SECRET_KEY", "") or ""
+ALLOWED_HOSTS: list[str] = env.list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
+CSRF_TRUSTED_ORIGINS: list[str] = env.list("CSRF_TRUSTED_ORIGINS", [])
+_DATABASE_URL: str = env.str("DATABASE_URL", "") or ""
+CONN_MAX_AGE: int = env.int("CONN_MAX_AGE", 600, validate=Range(min=0))
+LANGUAGE_CODE: str = env.str("LANGUAGE_CODE", "fr")
+TIME_ZONE: str = env.str("TIME_ZONE", "Europe/Paris")
+
+# The region's settings.
+RELAIS_REGION_NAME: str = env.str("RELAIS_REGION_NAME", "Région de démonstration")
+RELAIS_MAX_MANIFEST_BYTES: int = env.int(
+    "RELAIS_MAX_MANIFEST_BYTES", 8 * 1024 * 1024, validate=Range(min=1)
+)
+RELAIS_DICOM_AE_TITLE: str = env.str("RELAIS_DICOM_AE_TITLE", "RELAIS")
+RELAIS_DICOM_PORT: int = env.int("RELAIS_DICOM_PORT", 11112, validate=Range(min=1, max=65535))
+RELAIS_HTTPS: bool = env.bool("RELAIS_HTTPS", False)
+LOG_LEVEL: str = env.log_level("LOG_LEVEL", "INFO")
+
+try:
+    env.seal()
+except EnvError as exc:  # pragma: no cover - exercised by tests/unit/test_settings.py
+    raise ImproperlyConfigured(f"Bad environment: {exc}") from exc
+
+if len(RELAIS_DICOM_AE_TITLE.strip()) == 0 or len(RELAIS_DICOM_AE_TITLE) > 16:
+    raise ImproperlyConfigured("RELAIS_DICOM_AE_TITLE must be 1 to 16 characters")
+
+DATA_DIR.mkdir(parents=True, exist_ok=True)
+if not SECRET_KEY:
+    SECRET_KEY = load_or_create_secret_key(DATA_DIR)
+RELAIS_SIGNING_KEY_PATH: Path = load_or_create_signing_key(DATA_DIR)
+
+if _DATABASE_URL:
+    try:
+        _default_db = dj_database_url.parse(_DATABASE_URL, conn_max_age=CONN_MAX_AGE)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"DATABASE_URL is not a database URL: {exc}") from exc
+else:
+    _default_db = {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": str(DATA_DIR / "relais.sqlite3"),
+    }
+if _default_db["ENGINE"] == "django.db.backends.sqlite3":
+    # IMMEDIATE: every transaction takes the write lock when it starts, so two
+    # writers never deadlock on the lock upgrade (the audit chain relies on it).
+    _default_db["OPTIONS"] = {
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 30,
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; "
+        "PRAGMA foreign_keys=ON;",
+    }
+    _default_db["TEST"] = {"NAME": None}
+elif _default_db["ENGINE"] not in ("django.db.backends.postgresql",):
+    raise ImproperlyConfigured(
+        f"DATABASE_URL names {_default_db['ENGINE']}: Relais runs on PostgreSQL or SQLite"
+    )
+DATABASES = {"default": _default_db}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework_api_key",
+    "drf_spectacular",
+    "django_filters",
+    "guardian",
+    "audit",
+    "broker",
+    "consent",
+    "sharing",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.locale.LocaleMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "broker.urls"
+WSGI_APPLICATION = "broker.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+AUTHENTICATION_BACKENDS = [
+    "django.contrib.auth.backends.ModelBackend",
+    "guardian.backends.ObjectPermissionBackend",
+]
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+LOGIN_URL = "/admin/login/"
+ANONYMOUS_USER_NAME = None  # guardian: no anonymous user object
+
+LANGUAGES = [("fr", "Français"), ("en", "English")]
+USE_I18N = True
+USE_TZ = True
+LOCALE_PATHS = [BASE_DIR / "locale"]
+
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+STATIC_ROOT.mkdir(exist_ok=True)  # whitenoise expects it, even before collectstatic
+
+SESSION_COOKIE_SECURE = RELAIS_HTTPS
+CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+SESSION_COOKIE_HTTPONLY = True
+X_FRAME_OPTIONS = "DENY"
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "broker.api.authentication.InstitutionApiKeyAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "broker.api.problems.problem_exception_handler",
+    "DEFAULT_RENDERER_CLASSES": [
+        "rest_framework.renderers.JSONRenderer",
+        "rest_framework.renderers.BrowsableAPIRenderer",
+    ],
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+API_KEY_CUSTOM_HEADER = None
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Relais API",
+    "DESCRIPTION": "Regional broker of imaging manifests (IHE XDS-I.b style).",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+}
