@@ -88,6 +88,7 @@ def main() -> None:
     os.environ["RELAIS_DATA_DIR"] = str(workdir / "data")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "broker.settings")
     os.environ["LOG_LEVEL"] = "WARNING"
+    os.environ["ALLOWED_HOSTS"] = "testserver,127.0.0.1"
     import django
 
     django.setup()
@@ -124,6 +125,19 @@ def main() -> None:
 
 # ---------------------------------------------------------------------------
 # Seeding
+
+
+def sqlite_value(value: object) -> object:
+    """What Django stores in SQLite for a value of this type."""
+    from django.db import connection
+
+    if isinstance(value, uuid.UUID):
+        return value.hex
+    if isinstance(value, dt.datetime):
+        return connection.ops.adapt_datetimefield_value(value)
+    if isinstance(value, dt.time):
+        return connection.ops.adapt_timefield_value(value)
+    return value
 
 
 def seed(n_manifests: int, rng: random.Random):  # type: ignore[no-untyped-def]
@@ -354,7 +368,7 @@ def seed(n_manifests: int, rng: random.Random):  # type: ignore[no-untyped-def]
                 marks = ", ".join(["%s"] * len(columns.split(",")))
                 batch = []
                 for row in rows:
-                    batch.append(tuple(str(v) if isinstance(v, uuid.UUID) else v for v in row))
+                    batch.append(tuple(sqlite_value(v) for v in row))
                     if len(batch) == 20000:
                         cursor.executemany(
                             f"INSERT INTO {table} ({columns}) VALUES ({marks})", batch

@@ -14,11 +14,15 @@ the attribute (keyword and tag), where it is, and the offending value. `parse_ko
 else, whatever the bytes: pydicom's own errors (and warnings, which would be errors under a
 "warnings as errors" policy) are caught here and translated.
 
-Refused: data that is not DICOM Part 10 or is cut short; a SOP class other than KOS; file meta
-that disagrees with the dataset; no evidence; a study without series or a series without
-instances; any invalid UID (syntax and 64-character limit, in every non-private UI element); no
-Patient ID; a series with no retrieve location of its own (AE title, location UID or an
-http(s) URL); the same study-series or instance referenced twice.
+Refused: data that is not DICOM Part 10 or is cut short (a value or header shorter than
+declared; a cut that falls exactly between two elements is only caught when it removes
+something required); a SOP class other than KOS; file meta that disagrees with the dataset;
+no evidence; a study without series or a series without instances; no content items (TID
+2010); any invalid UID (syntax and 64-character limit, in every non-private UI element); no
+Patient ID, or several; a series with no retrieve location of its own (AE title, location UID
+or URL); a Retrieve URL that is not http(s) (the gateway must not be pointed at file: or
+other schemes); the same series or instance referenced twice; a deflated dataset that would
+inflate beyond 64 MiB.
 
 Accepted: explicit or implicit VR, little or big endian, deflated; Part 10 files without the
 128-byte preamble; no Issuer of Patient ID; no Specific Character Set (the default repertoire
@@ -40,21 +44,21 @@ the sender left it out), so the same person gives the same value whichever hospi
 Qualified INS: the rule applied and its sources. DICOM has no attribute that says whether an
 identity is qualified: Type of Patient ID (0010,0022) only says TEXT, RFID or BARCODE, and
 Identifier Type Code (0040,0035) in the Issuer of Patient ID Qualifiers Sequence carries an
-HL7 table 0203 identifier type (what kind of identifier, not how reliable). In France the
-identity status travels in HL7 v2 (PID-32, the identity reliability code of the French
-extensions of IHE PAM) and in FHIR (FR Core "identity-reliability" extension), not in DICOM;
-we found no ANS/CI-SIS text that defines a DICOM marker (the CI-SIS imaging volets of the
-Ségur "Diffusion d'Imagerie Médicale" project were not available to us to read). So we apply
-the French rule itself: an INS may be used to reference and share health data only once
-qualified (ANS, esante.gouv.fr, "Identité nationale de santé": "Pour pouvoir être utilisée
-pour référencer les données de santé, l'INS doit être qualifiée"; regional identitovigilance
-FAQ, identito-na.fr: "seul le statut Identité qualifiée ... permet de référencer les données de
-santé avec le matricule INS et les traits associés"), and the INS OID comes from the INSi
-teleservice ("l'OID ... atteste que l'INS a bien été fournie par utilisation du téléservice
-INSi", e-santé Bretagne). Hence: an INS conveyed under its official OID is taken as qualified
-(`ResolvedPatientId.qualified`); a matricule without the OID is never taken for an INS. A
-sender that labels an unqualified INS with the OID breaks that rule, and nothing in the DICOM
-object lets the broker notice.
+HL7 table 0203 identifier type (what kind of identifier, not how reliable; PS3.3 table 10-18).
+In France the identity status travels in HL7 v2 (PID-32, identity reliability code, HL7 table
+0445 with French codes) and in FHIR (FR Core "identity-reliability" extension), not in DICOM.
+We found no ANS / CI-SIS text defining a DICOM marker of qualification (the CI-SIS imaging
+volets of the Ségur "Diffusion d'Imagerie Médicale" project were not available to us). So we
+apply the French rule itself: an INS may reference and accompany shared health data only once
+qualified, i.e. retrieved or checked through the INSi teleservice and attached to an identity
+validated under the national identitovigilance rules (ANS, https://esante.gouv.fr/securite/
+identite-nationale-de-sante; the Nouvelle-Aquitaine identitovigilance FAQ,
+https://www.identito-na.fr/faq, restates that only the "identité qualifiée" status allows
+referencing data with the INS matricule), and the assigning-authority OID is what INSi returns
+to attest the matricule's origin (e-santé Bretagne, "La gestion de l'INS"). Hence: an INS
+conveyed under its official OID is taken as qualified (`ResolvedPatientId.qualified`); a
+matricule without the OID is never taken for an INS. A sender that labels an unqualified INS
+with the OID breaks that rule, and nothing in the DICOM object lets the broker notice.
 
 Building
 --------
@@ -1169,7 +1173,7 @@ def _put(ds: Dataset, keyword: str, value: Any) -> None:
     """Set an element after checking the value against its VR (pydicom would only warn)."""
     vr = dictionary_VR(keyword)
     for single in value if isinstance(value, list) else [value]:
-        if vr == "UI" and not _is_valid_uid(single):
+        if vr == "UI" and not (isinstance(single, str) and _is_valid_uid(single)):
             raise KOSError(
                 KOSErrorCode.INVALID_UID, f"{_name(keyword)} is not a valid UID: {_show(single)}"
             )
@@ -1185,7 +1189,7 @@ def _put(ds: Dataset, keyword: str, value: Any) -> None:
 
 
 def _da(value: dt.date | None) -> str:
-    return value.strftime("%Y%m%d") if value is not None else ""
+    return f"{value.year:04d}{value.month:02d}{value.day:02d}" if value is not None else ""
 
 
 def _tm(value: dt.time | None) -> str:
