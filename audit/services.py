@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from django.db import connection, transaction
+from django.db import connection, models, transaction
 
 from audit import chain
 from audit.events import EventCode, Outcome, spec_for
@@ -39,6 +39,7 @@ from audit.types import (
 __all__ = [
     "Actor",
     "ActorKind",
+    "AuditEntry",
     "AuditError",
     "AuditImmutable",
     "AuditTransactionRequired",
@@ -46,6 +47,7 @@ __all__ = [
     "PatientRef",
     "VerifyResult",
     "audit_record",
+    "audit_record_many",
     "audit_verify",
 ]
 
@@ -93,6 +95,21 @@ def _objects(objects: Sequence[Mapping[str, Any]]) -> list[chain.JSONValue]:
     return result
 
 
+@dataclass(frozen=True)
+class AuditEntry:
+    """One event to append with :func:`audit_record_many` (the arguments of audit_record)."""
+
+    code: EventCode
+    actor: Actor
+    now: dt.datetime
+    outcome: Outcome = Outcome.SUCCESS
+    patient: PatientRef | None = None
+    objects: Sequence[Mapping[str, Any]] = ()
+    purpose_of_use: str = ""
+    correlation_id: uuid.UUID | None = None
+    details: Mapping[str, Any] | None = None
+
+
 def audit_record(
     *,
     code: EventCode,
@@ -111,10 +128,51 @@ def audit_record(
     :class:`AuditValueError` for a value that cannot be audited as given (an unknown
     code, a naive ``now``, an unserialisable detail, an over-long field).
     """
+    entry = AuditEntry(
+        code=code,
+        actor=actor,
+        now=now,
+        outcome=outcome,
+        patient=patient,
+        objects=objects,
+        purpose_of_use=purpose_of_use,
+        correlation_id=correlation_id,
+        details=details,
+    )
+    return audit_record_many([entry])[0]
+
+
+def audit_record_many(entries: Sequence[AuditEntry]) -> list[AuditEvent]:
+    """Append several events, in order, in the caller's transaction, with one insert.
+
+    The same checks as :func:`audit_record`; the chain is taken once for all of them, so a
+    service that handles a batch (an import, a harvest) pays for the lock once.
+    """
     if not connection.in_atomic_block:
         raise AuditTransactionRequired(
             "audit_record runs inside the transaction of the change it records"
         )
+    events = [_build_event(entry) for entry in entries]
+    if not events:
+        return []
+    _lock_chain()
+    head = audit_chain_head()
+    sequence, prev_hash = head if head else (0, chain.GENESIS_HASH)
+    for event in events:
+        sequence += 1
+        event.sequence, event.prev_hash = sequence, prev_hash
+        event.hash = prev_hash = chain.compute_hash(event.prev_hash, event.chain_record())
+    if len(events) == 1:
+        events[0].save()
+    else:
+        # The model's own manager refuses bulk_create; appending the chain is the one writer.
+        models.QuerySet(model=AuditEvent).bulk_create(events)
+    return events
+
+
+def _build_event(entry: AuditEntry) -> AuditEvent:
+    code, outcome, actor, now = entry.code, entry.outcome, entry.actor, entry.now
+    patient, correlation_id, details = entry.patient, entry.correlation_id, entry.details
     try:
         code = EventCode(code)
         outcome = Outcome(outcome)
@@ -144,18 +202,12 @@ def audit_record(
         actor_address=_text("actor address", actor.address),
         patient_id=_text("patient id", patient.patient_id) if patient else "",
         patient_identifiers=_json("patient identifiers", patient.identifiers) if patient else [],
-        participant_objects=_objects(objects),
-        purpose_of_use=_text("purpose of use", purpose_of_use),
+        participant_objects=_objects(entry.objects),
+        purpose_of_use=_text("purpose of use", entry.purpose_of_use),
         correlation_id=correlation_id,
         details=_json("details", details or {}),
     )
     _check_length(event, ("actor_address", "patient_id", "purpose_of_use"))
-
-    _lock_chain()
-    head = audit_chain_head()
-    event.sequence, event.prev_hash = (head[0] + 1, head[1]) if head else (1, chain.GENESIS_HASH)
-    event.hash = chain.compute_hash(event.prev_hash, event.chain_record())
-    event.save()
     return event
 
 

@@ -46,6 +46,31 @@ def patient_ref(patient: Patient) -> PatientRef:
     return PatientRef(patient_id=str(patient.public_id), identifiers=identifiers)
 
 
+def patient_refs(identifier_ids: Iterable[int]) -> dict[int, PatientRef]:
+    """The audit trail's view of the patients behind these identifiers, in two queries."""
+    patient_of = dict(
+        PatientIdentifier.objects.filter(id__in=set(identifier_ids)).values_list("id", "patient_id")
+    )
+    identifiers: dict[int, list[dict[str, str]]] = {}
+    public: dict[int, str] = {}
+    rows = (
+        PatientIdentifier.objects.filter(patient_id__in=set(patient_of.values()))
+        .order_by("id")
+        .values_list("patient_id", "patient__public_id", "issuer", "value", "kind")
+    )
+    for patient_id, public_id, issuer, value, kind in rows:
+        public[patient_id] = str(public_id)
+        identifiers.setdefault(patient_id, []).append(
+            {"issuer": issuer, "value": value, "kind": kind}
+        )
+    return {
+        identifier_id: PatientRef(
+            patient_id=public[patient_id], identifiers=tuple(identifiers[patient_id])
+        )
+        for identifier_id, patient_id in patient_of.items()
+    }
+
+
 def _normalise(text: str) -> str:
     """Upper case, accents and punctuation folded: how traits are compared for candidates."""
     decomposed = unicodedata.normalize("NFKD", text)

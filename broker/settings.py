@@ -73,7 +73,11 @@ if _default_db["ENGINE"] == "django.db.backends.sqlite3":
         "PRAGMA foreign_keys=ON;",
     }
     _default_db["TEST"] = {"NAME": None}
-elif _default_db["ENGINE"] not in ("django.db.backends.postgresql",):
+elif _default_db["ENGINE"] == "django.db.backends.postgresql":
+    # Server-side binding lets psycopg prepare the statements a process repeats (after
+    # five uses), which spares PostgreSQL the planning of every registry query.
+    _default_db.setdefault("OPTIONS", {}).update(server_side_binding=True, prepare_threshold=5)
+else:
     raise ImproperlyConfigured(
         f"DATABASE_URL names {_default_db['ENGINE']}: Relais runs on PostgreSQL or SQLite"
     )

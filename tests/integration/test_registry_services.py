@@ -21,7 +21,7 @@ from broker.models import (
     Patient,
     PatientIdentifier,
 )
-from broker.services import manifest_deprecate, manifest_register
+from broker.services import manifest_deprecate, manifest_register, manifests_register
 from tests.conftest import NOW, SYSTEM
 from tests.registry_helpers import CT, MR, kos_for, study_uid
 
@@ -412,3 +412,89 @@ def test_keyset_pages_cover_every_manifest_once_undated_last(region):
     dated = [d for d in dates if d is not None]
     assert dated == sorted(dated, reverse=True)
     assert dates[-2:] == [None, None]
+
+
+# ---------------------------------------------------------------------------
+# Batches (imports, harvests): the same semantics as one document after another
+
+
+def register_batch(institution, documents):
+    return manifests_register(documents=documents, institution=institution, actor=SYSTEM, now=NOW)
+
+
+def test_a_batch_registers_each_document_and_rejects_only_the_bad_one(region):
+    good = [kos_for(region.chu, f"2000{n}", study=n) for n in range(1, 4)]
+
+    results = register_batch(region.chu, [good[0], b"garbage" * 20, good[1], good[2]])
+
+    assert [r.outcome for r in results] == ["new", "rejected", "new", "new"]
+    assert results[1].error.code.startswith("kos:")
+    assert Manifest.objects.count() == 3
+    assert AuditEvent.objects.filter(code=EventCode.MANIFEST_REGISTER).count() == 3
+    assert AuditEvent.objects.filter(code=EventCode.MANIFEST_REJECT).count() == 1
+
+
+def test_the_same_document_twice_in_a_batch_is_registered_once(region):
+    data = kos_for(region.chu, "100001", study=1)
+
+    results = register_batch(region.chu, [data, data])
+
+    assert [r.outcome for r in results] == ["new", "unchanged"]
+    assert results[0].manifest == results[1].manifest
+    assert Manifest.objects.count() == 1
+
+
+def test_a_later_document_of_the_same_study_in_a_batch_replaces_the_earlier(region):
+    register(region.chu, kos_for(region.chu, "100001", study=1))
+    second = kos_for(region.chu, "100001", study=1, series=(("CT", CT, 4),))
+    third = kos_for(region.chu, "100001", study=1, series=(("CT", CT, 5),))
+
+    results = register_batch(region.chu, [second, third])
+
+    assert [r.outcome for r in results] == ["replaced", "replaced"]
+    first, second_m, third_m = Manifest.objects.order_by("id")
+    assert first.replaced_by == second_m
+    assert second_m.replaced_by == third_m
+    assert [m.status for m in (first, second_m, third_m)] == [
+        ManifestStatus.DEPRECATED,
+        ManifestStatus.DEPRECATED,
+        ManifestStatus.APPROVED,
+    ]
+
+
+def test_a_batch_links_patients_by_ins_and_creates_each_patient_once(region):
+    documents = [
+        kos_for(region.chu, "100001", study=1),
+        kos_for(region.chu, "100001", study=2, ins=INS),
+        kos_for(region.chu, "100001", study=3),
+    ]
+    register_batch(region.chu, documents)
+    register_batch(region.portmael, [kos_for(region.portmael, "PM-555", study=4, ins=INS)])
+
+    chu = PatientIdentifier.objects.get(value="100001")
+    assert Manifest.objects.filter(source_identifier=chu).count() == 3
+    assert PatientIdentifier.objects.get(value="PM-555").patient_id == chu.patient_id
+    assert Patient.objects.filter(identifiers__isnull=False).distinct().count() == 1
+
+
+def test_a_study_registered_under_another_patient_is_refused(region):
+    register(region.chu, kos_for(region.chu, "100001", study=1))
+
+    results = register_batch(
+        region.chu, [kos_for(region.chu, "999999", study=1, family="AUTRE", given="Jean")]
+    )
+
+    assert results[0].error.code == "registry:manifest:patient-mismatch"
+    assert Manifest.objects.count() == 1
+    assert not PatientIdentifier.objects.filter(value="999999").exists()
+
+
+def test_a_batch_appends_one_unbroken_audit_chain(region):
+    register_batch(region.chu, [kos_for(region.chu, f"3000{n}", study=n) for n in range(1, 6)])
+
+    from audit.services import audit_verify
+
+    result = audit_verify(actor=SYSTEM, now=NOW)
+    assert result.intact
+    sequences = list(AuditEvent.objects.order_by("sequence").values_list("sequence", flat=True))
+    assert sequences == list(range(1, len(sequences) + 1))

@@ -11,9 +11,13 @@ from django.utils import timezone
 from tqdm import tqdm
 
 from broker.cli import cli_actor
-from broker.errors import DomainError
 from broker.models import Institution
-from broker.services import manifest_register
+from broker.services import manifests_register
+
+
+def _chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
+    for start in range(0, len(items), max(1, size)):
+        yield items[start : start + size]
 
 
 def _files(paths: list[str]) -> Iterator[Path]:
@@ -37,6 +41,12 @@ class Command(BaseCommand):
         parser.add_argument("paths", nargs="+", metavar="PATH")
         parser.add_argument("--institution", required=True, metavar="FINESS")
         parser.add_argument("--no-progress", action="store_true")
+        parser.add_argument(
+            "--batch-size",
+            type=int,
+            default=100,
+            help="manifests registered per transaction (default 100)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         institution = Institution.objects.filter(finess=options["institution"]).first()
@@ -48,28 +58,31 @@ class Command(BaseCommand):
         rejected: list[tuple[Path, str]] = []
         limit = settings.RELAIS_MAX_MANIFEST_BYTES
         progress = tqdm(
-            files,
+            total=len(files),
             unit="file",
             disable=options["no_progress"],
             file=self.stderr._out,  # type: ignore[attr-defined]
             dynamic_ncols=True,
         )
-        for path in progress:
-            try:
-                with path.open("rb") as handle:
-                    data = handle.read(limit + 1)
-                result = manifest_register(
-                    data=data, institution=institution, actor=actor, now=timezone.now()
-                )
-            except DomainError as exc:
-                counts["rejected"] += 1
-                rejected.append((path, f"{exc.code}: {exc.detail}"))
-                continue
-            except OSError as exc:
-                counts["rejected"] += 1
-                rejected.append((path, f"unreadable: {exc}"))
-                continue
-            counts[result.outcome] += 1
+        for chunk in _chunks(files, options["batch_size"]):
+            documents: list[bytes] = []
+            readable: list[Path] = []
+            for path in chunk:
+                try:
+                    with path.open("rb") as handle:
+                        documents.append(handle.read(limit + 1))
+                    readable.append(path)
+                except OSError as exc:
+                    counts["rejected"] += 1
+                    rejected.append((path, f"unreadable: {exc}"))
+            results = manifests_register(
+                documents=documents, institution=institution, actor=actor, now=timezone.now()
+            )
+            for path, result in zip(readable, results, strict=True):
+                counts[result.outcome] += 1
+                if result.error is not None:
+                    rejected.append((path, f"{result.error.code}: {result.error.detail}"))
+            progress.update(len(chunk))
         progress.close()
         self.stdout.write(
             f"{len(files)} files: {counts['new']} new, {counts['unchanged']} unchanged, "
