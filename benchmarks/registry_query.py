@@ -210,78 +210,57 @@ def seed(n_manifests: int, rng: random.Random):  # type: ignore[no-untyped-def]
     identifiers_by_patient: list[list[tuple[int, str, str]]] = []
     ident_id = 0
     base_date = dt.date(2021, 1, 1)
+
+    def ident_row(
+        ident: int, p: int, issuer: str, value: str, kind: str, institution_id, ins: bool
+    ):  # type: ignore[no-untyped-def]
+        birth = base_date - dt.timedelta(days=p % 30000)
+        given = f"PRENOM{p % 997}"
+        return (
+            ident,
+            p,
+            issuer,
+            value,
+            kind,
+            institution_id,
+            ins,
+            ins,
+            f"NOM{p}",
+            given.title(),
+            f"NOM{p}",
+            birth,
+            "F",
+            f"NOM{p}",
+            f"NOM{p}",
+            given,
+            False,
+            now,
+            now,
+        )
+
     for p in range(1, n_patients + 1):
         patient_rows.append((p, uuid.UUID(int=rng.getrandbits(128), version=4), now))
         home = p % 3
         idents = []
         ident_id += 1
         identifier_rows.append(
-            (
-                ident_id,
-                p,
-                f"HOSP-{home}",
-                f"P{p:08d}",
-                "IPP",
-                institutions[home].id,
-                False,
-                False,
-                f"NOM{p}",
-                "Prenom",
-                f"NOM{p}",
-                base_date,
-                "F",
-                False,
-                now,
-                now,
-            )
+            ident_row(ident_id, p, f"HOSP-{home}", f"P{p:08d}", "IPP", institutions[home].id, False)
         )
         idents.append((ident_id, f"HOSP-{home}", f"P{p:08d}"))
         if p % 3 == 0:
             other = (home + 1) % 3
             ident_id += 1
             identifier_rows.append(
-                (
-                    ident_id,
-                    p,
-                    f"HOSP-{other}",
-                    f"Q{p:08d}",
-                    "IPP",
-                    institutions[other].id,
-                    False,
-                    False,
-                    f"NOM{p}",
-                    "Prenom",
-                    f"NOM{p}",
-                    base_date,
-                    "F",
-                    False,
-                    now,
-                    now,
+                ident_row(
+                    ident_id, p, f"HOSP-{other}", f"Q{p:08d}", "IPP", institutions[other].id, False
                 )
             )
             idents.append((ident_id, f"HOSP-{other}", f"Q{p:08d}"))
             ident_id += 1
             identifier_rows.append(
-                (
-                    ident_id,
-                    p,
-                    INS_OID,
-                    f"{p:013d}",
-                    "INS-NIR",
-                    None,
-                    True,
-                    True,
-                    f"NOM{p}",
-                    "Prenom",
-                    f"NOM{p}",
-                    base_date,
-                    "F",
-                    False,
-                    now,
-                    now,
-                )
+                ident_row(ident_id, p, INS_OID, f"{p:015d}", "INS-NIR", None, True)
             )
-            idents.append((ident_id, INS_OID, f"{p:013d}"))
+            idents.append((ident_id, INS_OID, f"{p:015d}"))
         identifiers_by_patient.append(idents)
 
     def manifest_rows():  # type: ignore[no-untyped-def]
@@ -332,7 +311,7 @@ def seed(n_manifests: int, rng: random.Random):  # type: ignore[no-untyped-def]
         (
             "broker_patientidentifier",
             "id, patient_id, issuer, value, kind, institution_id, qualified, test, family_name, given_names, "
-            "birth_name, birth_date, sex, auto_link_blocked, created_at, updated_at",
+            "birth_name, birth_date, sex, family_key, birth_name_key, given_key, auto_link_blocked, created_at, updated_at",
             identifier_rows,
         ),
         (
@@ -459,38 +438,58 @@ def measure_queries(n_queries: int, rng: random.Random, identifiers_by_patient) 
 
 
 def measure_registration(n: int, institutions) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Registration rate through the services, one document per transaction (the REST path)
+    and 100 per transaction (imports, harvests). New patients and known ones are mixed as
+    in real intake: each patient gets three studies, one in three carries a qualified INS."""
     from django.utils import timezone
 
     from audit.services import Actor
     from broker.dicom.kos import (
+        INS_NIR_TEST_OID,
+        OtherPatientId,
         PatientInfo,
         ReferencedInstance,
         SeriesDescription,
         StudyDescription,
         build_kos,
+        parse_kos,
     )
-    from broker.services import manifest_register
+    from broker.services import manifest_register, manifests_register
 
     actor = Actor.system("benchmark")
     now = timezone.now()
 
     def kos(k: int, n_series: int, n_instances: int, prefix: str) -> bytes:
         study_uid = f"{UID_ROOT}{prefix}.{k}"
+        p = k // 3
+        other = (
+            (
+                OtherPatientId(
+                    value=f"1{p % 100:02d}0175{p % 1000000:06d}"[:13],
+                    issuer=None,
+                    issuer_oid=INS_NIR_TEST_OID,
+                    type_of_patient_id="TEXT",
+                ),
+            )
+            if p % 3 == 0
+            else ()
+        )
         return build_kos(
             StudyDescription(
                 patient=PatientInfo(
-                    patient_id=f"R{prefix}{k % (n // 2 or 1):06d}",
+                    patient_id=f"R{prefix}-{p:07d}",
                     issuer="HOSP-1",
                     issuer_oid=None,
-                    family_name=f"REG{k}",
+                    family_name=f"REG{p}",
                     given_names="Bench",
-                    birth_name="",
-                    birth_date=dt.date(1960, 1, 1 + k % 28),
+                    birth_name=f"REG{p}",
+                    birth_date=dt.date(1960, 1, 1 + p % 28),
                     sex="M",
+                    other_ids=other,
                 ),
                 study_instance_uid=study_uid,
                 accession_number=f"R{k}",
-                study_date=dt.date(2026, 1, 1),
+                study_date=dt.date(2026, 1, 1 + k % 28),
                 study_time=dt.time(8, 0),
                 study_description="Bench",
                 series=tuple(
@@ -511,15 +510,34 @@ def measure_registration(n: int, institutions) -> dict[str, float]:  # type: ign
         )
 
     out: dict[str, float] = {}
-    for label, n_series, n_instances, count in [("30", 3, 10, n), ("400", 4, 100, max(50, n // 5))]:
-        documents = [kos(k, n_series, n_instances, label) for k in range(count)]
-        start = time.perf_counter()
-        for data in documents:
-            result = manifest_register(data=data, institution=institutions[1], actor=actor, now=now)
-            assert result.outcome == "new"
-        elapsed = time.perf_counter() - start
-        out[f"register_{label}_instances_per_s"] = round(count / elapsed, 1)
-        out[f"register_{label}_count"] = count
+    for size, n_series, n_instances, count in [("30", 3, 10, n), ("400", 4, 100, max(60, n // 5))]:
+        for mode in ("single", "batch"):
+            documents = [
+                kos(k, n_series, n_instances, f"{size}{int(mode == 'batch')}") for k in range(count)
+            ]
+            start = time.perf_counter()
+            for data in documents[:50]:
+                parse_kos(data)
+            out[f"parse_{size}_ms"] = round((time.perf_counter() - start) / 50 * 1000, 2)
+            start = time.perf_counter()
+            if mode == "single":
+                for data in documents:
+                    result = manifest_register(
+                        data=data, institution=institutions[1], actor=actor, now=now
+                    )
+                    assert result.outcome == "new", result
+            else:
+                for first in range(0, count, 100):
+                    results = manifests_register(
+                        documents=documents[first : first + 100],
+                        institution=institutions[1],
+                        actor=actor,
+                        now=now,
+                    )
+                    assert all(r.outcome == "new" for r in results), results
+            elapsed = time.perf_counter() - start
+            out[f"register_{size}_{mode}_per_s"] = round(count / elapsed, 1)
+            print(f"  registration {size} instances, {mode}: {count / elapsed:.1f}/s", flush=True)
     return out
 
 
@@ -535,12 +553,12 @@ def report(results: dict[str, object]) -> None:
         print(f"| | {label} | {results[f'{key}_p50_ms']} ms | {results[f'{key}_p99_ms']} ms |")
     ratio = float(results["selector_p50_ms"]) / max(float(results["raw_sql_p50_ms"]), 1e-6)  # type: ignore[arg-type]
     print(f"| | selector p50 / raw SQL p50 | {ratio:.1f} | |")
-    print(
-        f"| | registration, 30-instance KOS | {results['register_30_instances_per_s']} manifests/s | |"
-    )
-    print(
-        f"| | registration, 400-instance KOS | {results['register_400_instances_per_s']} manifests/s | |"
-    )
+    modes = (("single", "one per transaction (REST)"), ("batch", "100 per transaction (import)"))
+    for size in ("30", "400"):
+        print(f"| | parse one {size}-instance KOS (kos.py) | {results[f'parse_{size}_ms']} ms | |")
+        for mode, label in modes:
+            rate = results[f"register_{size}_{mode}_per_s"]
+            print(f"| | registration, {size}-instance KOS, {label} | {rate} manifests/s | |")
     print(f"| | manifests per patient (avg) | {results['avg_manifests_per_patient']} | |")
     print()
 

@@ -26,6 +26,7 @@ from broker.errors import NotFound, PermissionDenied
 from broker.models import (
     CLINICAL_ROLES,
     Institution,
+    LinkCandidate,
     Manifest,
     Membership,
     Patient,
@@ -192,6 +193,11 @@ def access_institution(finess: str) -> Institution:
     return institution
 
 
+def institutions_directory() -> QuerySet[Institution]:
+    """The region's institutions: a directory every signed-in caller may read."""
+    return Institution.objects.order_by("name")
+
+
 def require_region_admin(user: object) -> None:
     if not is_region_admin(user):
         raise PermissionDenied("Only a regional administrator may do this")
@@ -218,3 +224,58 @@ def can_manage_identity(user: object, patient: Patient) -> bool:
         return True
     admin = institutions_with_roles(user, {Role.INSTITUTION_ADMIN})
     return bool(admin) and patient.identifiers.filter(institution_id__in=admin).exists()
+
+
+def access_identifier_for_identity(user: object, *, issuer: str, value: str) -> PatientIdentifier:
+    """An identifier the caller may manage (unlink); "not found" otherwise."""
+    identifier = (
+        PatientIdentifier.objects.filter(issuer=issuer, value=value)
+        .select_related("patient")
+        .first()
+    )
+    if identifier is None or not can_manage_identity(user, identifier.patient):
+        raise NotFound("No such identifier")
+    return identifier
+
+
+def candidates_visible_to(user: object, *, limit: int = 500) -> list[LinkCandidate]:
+    """Pending candidate links involving a patient the caller may manage."""
+    if is_region_admin(user):
+        condition = Q()
+    else:
+        admin = institutions_with_roles(user, {Role.INSTITUTION_ADMIN})
+        if not admin:
+            return []
+        condition = Q(
+            Exists(
+                PatientIdentifier.objects.filter(
+                    patient_id=OuterRef("identifier_a__patient_id"), institution_id__in=admin
+                )
+            )
+        ) | Q(
+            Exists(
+                PatientIdentifier.objects.filter(
+                    patient_id=OuterRef("identifier_b__patient_id"), institution_id__in=admin
+                )
+            )
+        )
+    return list(
+        LinkCandidate.objects.filter(condition, status=LinkCandidate.Status.PENDING)
+        .select_related("identifier_a__institution", "identifier_b__institution")
+        .order_by("id")[:limit]
+    )
+
+
+def access_candidate(user: object, candidate_id: int) -> LinkCandidate:
+    """A candidate whose two patients the caller may both manage; "not found" otherwise."""
+    candidate = (
+        LinkCandidate.objects.filter(pk=candidate_id)
+        .select_related("identifier_a__patient", "identifier_b__patient")
+        .first()
+    )
+    if candidate is None or not (
+        can_manage_identity(user, candidate.identifier_a.patient)
+        and can_manage_identity(user, candidate.identifier_b.patient)
+    ):
+        raise NotFound("No such candidate")
+    return candidate

@@ -21,13 +21,16 @@ from audit.services import audit_record
 from broker import identity, selectors, services
 from broker.access import (
     InstitutionSystem,
+    access_candidate,
+    access_identifier_for_identity,
     access_institution,
     access_manifest_by_uid,
     access_patient,
     actor_for,
     can_administer_institution,
     can_deprecate_manifest,
-    can_manage_identity,
+    candidates_visible_to,
+    institutions_directory,
     is_region_admin,
     manifests_visible_to,
     patients_visible_to,
@@ -404,15 +407,11 @@ class IdentifierUnlinkApi(APIView):
     def post(self, request: Request) -> Response:
         data = self.Input(data=request.data)
         data.is_valid(raise_exception=True)
-        identifier = (
-            PatientIdentifier.objects.filter(
-                issuer=data.validated_data["issuer"], value=data.validated_data["value"]
-            )
-            .select_related("patient")
-            .first()
+        identifier = access_identifier_for_identity(
+            request.user,
+            issuer=data.validated_data["issuer"],
+            value=data.validated_data["value"],
         )
-        if identifier is None or not can_manage_identity(request.user, identifier.patient):
-            raise NotFound("No such identifier")
         new_patient = identity.patient_unlink(
             identifier=identifier,
             actor=actor_for(request),
@@ -434,17 +433,7 @@ class CandidateOutput(serializers.ModelSerializer[LinkCandidate]):
 class CandidateListApi(APIView):
     @extend_schema(responses=CandidateOutput(many=True), summary="Candidate links awaiting review")
     def get(self, request: Request) -> Response:
-        candidates = LinkCandidate.objects.filter(
-            status=LinkCandidate.Status.PENDING
-        ).select_related(
-            "identifier_a__institution", "identifier_b__institution", "identifier_a__patient"
-        )
-        visible = [
-            c
-            for c in candidates.order_by("id")[:500]
-            if can_manage_identity(request.user, c.identifier_a.patient)
-            or can_manage_identity(request.user, c.identifier_b.patient)
-        ]
+        visible = candidates_visible_to(request.user)
         return Response(CandidateOutput(visible, many=True).data)
 
 
@@ -459,16 +448,7 @@ class CandidateDecisionApi(APIView):
         request=Input, responses=CandidateOutput, summary="Confirm or reject a candidate link"
     )
     def post(self, request: Request, candidate_id: int) -> Response:
-        candidate = (
-            LinkCandidate.objects.filter(pk=candidate_id)
-            .select_related("identifier_a__patient", "identifier_b__patient")
-            .first()
-        )
-        if candidate is None or not (
-            can_manage_identity(request.user, candidate.identifier_a.patient)
-            and can_manage_identity(request.user, candidate.identifier_b.patient)
-        ):
-            raise NotFound("No such candidate")
+        candidate = access_candidate(request.user, candidate_id)
         data = self.Input(data=request.data)
         data.is_valid(raise_exception=True)
         candidate = identity.candidate_decide(
@@ -506,7 +486,7 @@ class InstitutionCollectionApi(APIView):
 
     @extend_schema(responses=InstitutionOutput(many=True), summary="The region's institutions")
     def get(self, request: Request) -> Response:
-        return Response(InstitutionOutput(Institution.objects.order_by("name"), many=True).data)
+        return Response(InstitutionOutput(institutions_directory(), many=True).data)
 
     @extend_schema(
         request=InstitutionInput,

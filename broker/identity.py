@@ -17,12 +17,13 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from django.db import transaction
 from django.db.models import Q
 
 from audit.events import EventCode
-from audit.services import Actor, PatientRef, audit_record
+from audit.services import Actor, AuditEntry, PatientRef, audit_record
 from broker.dicom.kos import PatientInfo, ResolvedPatientId
 from broker.errors import Conflict, InvalidInput
 from broker.models import (
@@ -44,6 +45,17 @@ def patient_ref(patient: Patient) -> PatientRef:
         )
     )
     return PatientRef(patient_id=str(patient.public_id), identifiers=identifiers)
+
+
+AuditSink = list[AuditEntry] | None
+
+
+def _emit(sink: AuditSink, **entry: Any) -> None:
+    """Write an audit event now, or add it to the caller's batch (``sink``)."""
+    if sink is None:
+        audit_record(**entry)
+    else:
+        sink.append(AuditEntry(**entry))
 
 
 def patient_refs(identifier_ids: Iterable[int]) -> dict[int, PatientRef]:
@@ -129,7 +141,12 @@ def _move_identifiers(
 
 
 def _new_patient(
-    *, identifier_kwargs: dict[str, object], actor: Actor, correlation_id: uuid.UUID, now: datetime
+    *,
+    identifier_kwargs: dict[str, object],
+    actor: Actor,
+    correlation_id: uuid.UUID,
+    now: datetime,
+    sink: AuditSink = None,
 ) -> PatientIdentifier:
     patient = Patient.objects.create(created_at=now)
     identifier = PatientIdentifier.objects.create(
@@ -144,11 +161,17 @@ def _new_patient(
         correlation_id=correlation_id,
         at=now,
     )
-    audit_record(
+    _emit(
+        sink,
         code=EventCode.PATIENT_CREATE,
         actor=actor,
         now=now,
-        patient=patient_ref(patient),
+        patient=PatientRef(
+            patient_id=str(patient.public_id),
+            identifiers=(
+                {"issuer": identifier.issuer, "value": identifier.value, "kind": identifier.kind},
+            ),
+        ),
         correlation_id=correlation_id,
         details={"identifier": {"issuer": identifier.issuer, "value": identifier.value}},
     )
@@ -162,6 +185,9 @@ def _traits(info: PatientInfo) -> dict[str, object]:
         "birth_name": info.birth_name[:128],
         "birth_date": info.birth_date,
         "sex": info.sex[:1],
+        "family_key": _normalise(info.family_name)[:128],
+        "birth_name_key": _normalise(info.birth_name)[:128],
+        "given_key": _first_given_name(info.given_names)[:128],
     }
 
 
@@ -174,10 +200,12 @@ def identity_resolve_for_manifest(
     actor: Actor,
     correlation_id: uuid.UUID,
     now: datetime,
+    sink: AuditSink = None,
 ) -> ResolvedIdentity:
     """The identifier a manifest is published under, created, linked or flagged as needed.
 
-    Must run inside the registering transaction.
+    Must run inside the registering transaction. Audit events go to ``sink`` when given
+    (a batch appends them to the chain together), else are written at once.
     """
     kind = IdentifierKind.IPP if primary.kind == "IPP" else _ins_kind(primary)
     identifier = (
@@ -200,6 +228,7 @@ def identity_resolve_for_manifest(
             actor=actor,
             correlation_id=correlation_id,
             now=now,
+            sink=sink,
         )
     else:
         if kind == IdentifierKind.IPP and identifier.institution_id != institution.id:
@@ -260,6 +289,7 @@ def identity_resolve_for_manifest(
                     actor=actor,
                     correlation_id=correlation_id,
                     now=now,
+                    sink=sink,
                 )
             )
             continue
@@ -278,7 +308,8 @@ def identity_resolve_for_manifest(
         )
         identifier.refresh_from_db()
         linked = True
-        audit_record(
+        _emit(
+            sink,
             code=EventCode.PATIENT_LINK,
             actor=actor,
             now=now,
@@ -295,7 +326,11 @@ def identity_resolve_for_manifest(
     if created and not linked and kind == IdentifierKind.IPP:
         candidates.extend(
             _demographic_candidates(
-                identifier=identifier, actor=actor, correlation_id=correlation_id, now=now
+                identifier=identifier,
+                actor=actor,
+                correlation_id=correlation_id,
+                now=now,
+                sink=sink,
             )
         )
     return ResolvedIdentity(
@@ -311,6 +346,7 @@ def _candidate_create(
     actor: Actor,
     correlation_id: uuid.UUID,
     now: datetime,
+    sink: AuditSink = None,
 ) -> list[LinkCandidate]:
     first, second = (a, b) if a.id < b.id else (b, a)
     candidate, created = LinkCandidate.objects.get_or_create(
@@ -320,7 +356,8 @@ def _candidate_create(
     )
     if not created:
         return []
-    audit_record(
+    _emit(
+        sink,
         code=EventCode.PATIENT_CANDIDATE,
         actor=actor,
         now=now,
@@ -337,26 +374,31 @@ def _candidate_create(
 
 
 def _demographic_candidates(
-    *, identifier: PatientIdentifier, actor: Actor, correlation_id: uuid.UUID, now: datetime
+    *,
+    identifier: PatientIdentifier,
+    actor: Actor,
+    correlation_id: uuid.UUID,
+    now: datetime,
+    sink: AuditSink = None,
 ) -> list[LinkCandidate]:
     """Local IDs of other institutions whose traits match: candidates only, never links."""
-    if not (identifier.family_name and identifier.birth_date and identifier.given_names):
+    if not (identifier.family_key and identifier.birth_date and identifier.given_key):
         return []
-    family = _normalise(identifier.family_name)
-    given = _first_given_name(identifier.given_names)
+    names = {identifier.family_key, identifier.birth_name_key} - {""}
     others = (
-        PatientIdentifier.objects.filter(kind=IdentifierKind.IPP, birth_date=identifier.birth_date)
+        PatientIdentifier.objects.filter(
+            kind=IdentifierKind.IPP,
+            birth_date=identifier.birth_date,
+            given_key=identifier.given_key,
+        )
+        .filter(Q(family_key__in=names) | Q(birth_name_key__in=names))
+        .filter(Q(sex=identifier.sex) | Q(sex="") | Q(sex="O"))
         .exclude(patient_id=identifier.patient_id)
         .exclude(institution_id=identifier.institution_id)
-        .filter(Q(sex=identifier.sex) | Q(sex="") | Q(sex="O"))
+        .order_by("id")
     )
     found: list[LinkCandidate] = []
     for other in others[:50]:
-        names = {_normalise(other.family_name), _normalise(other.birth_name)} - {""}
-        if family not in names and _normalise(identifier.birth_name) not in names:
-            continue
-        if _first_given_name(other.given_names) != given:
-            continue
         found.extend(
             _candidate_create(
                 a=identifier,
@@ -365,6 +407,7 @@ def _demographic_candidates(
                 actor=actor,
                 correlation_id=correlation_id,
                 now=now,
+                sink=sink,
             )
         )
     return found

@@ -215,6 +215,12 @@ class PatientIdentifier(models.Model):
     birth_name = models.CharField(max_length=128, blank=True, default="")
     birth_date = models.DateField(null=True, blank=True)
     sex = models.CharField(max_length=1, blank=True, default="")
+    # Traits folded for matching (upper case, no accents or punctuation): candidate search.
+    family_key = models.CharField(max_length=128, blank=True, default="")
+    birth_name_key = models.CharField(max_length=128, blank=True, default="")
+    given_key = models.CharField(
+        max_length=128, blank=True, default="", help_text=_("First given name.")
+    )
     auto_link_blocked = models.BooleanField(
         default=False,
         help_text=_("Set by an unlink: a shared INS no longer links it automatically."),
@@ -238,8 +244,8 @@ class PatientIdentifier(models.Model):
             ),
         ]
         indexes = [
-            # Candidate search on demographics (family name + birth date).
-            models.Index(fields=["birth_date", "family_name"], name="broker_identifier_demo_idx"),
+            # Candidate search on demographics (birth date + first given name, then names).
+            models.Index(fields=["birth_date", "given_key"], name="broker_identifier_demo_idx"),
         ]
 
     def __str__(self) -> str:

@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Literal
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 
 from audit.events import EventCode, Outcome
 from audit.services import Actor, AuditEntry, PatientRef, audit_record_many
@@ -251,11 +251,11 @@ def _register_batch(
     valid = [d for d in batch if d.error is None and d.kos is not None]
     _check_existing(valid, institution)
     valid = [d for d in valid if d.error is None and d.result is None and d.duplicate_of is None]
-    _resolve_identities_and_replacements(valid, institution, actor, now, correlation_id)
+    entries: list[AuditEntry] = []
+    _resolve_identities_and_replacements(valid, institution, actor, now, correlation_id, entries)
     valid = [d for d in valid if d.error is None]
     _insert_manifests(valid, institution, now)
 
-    entries: list[AuditEntry] = []
     refs = patient_refs([d.identifier.id for d in valid if d.identifier is not None])
     for document in batch:
         if document.duplicate_of is not None:
@@ -414,6 +414,7 @@ def _resolve_identities_and_replacements(
     actor: Actor,
     now: datetime,
     correlation_id: uuid.UUID,
+    identity_events: list[AuditEntry],
 ) -> None:
     """The identifier each manifest hangs off, and the manifests it replaces.
 
@@ -459,6 +460,7 @@ def _resolve_identities_and_replacements(
             document.identifier = identifier
         else:
             savepoint = transaction.savepoint()
+            events: list[AuditEntry] = []
             try:
                 resolved = identity_resolve_for_manifest(
                     institution=institution,
@@ -468,6 +470,7 @@ def _resolve_identities_and_replacements(
                     actor=actor,
                     correlation_id=correlation_id,
                     now=now,
+                    sink=events,
                 )
                 document.error = _mismatch(olds, resolved.identifier)
             except Conflict as exc:
@@ -476,12 +479,21 @@ def _resolve_identities_and_replacements(
                 transaction.savepoint_rollback(savepoint)
                 continue
             transaction.savepoint_commit(savepoint)
+            identity_events.extend(events)
             document.identifier = resolved.identifier
             document.created_patient = resolved.created
             document.linked = resolved.linked
             document.candidates = tuple(c.id for c in resolved.candidates)
-            # Identifiers may have been created or moved: read them again.
-            known = _known_identifiers(keys)
+            # Identifiers may have been created, or moved by a link: read them again.
+            if resolved.linked:
+                known = _known_identifiers(keys)
+            else:
+                known[_identifier_key(document.primary)] = resolved.identifier
+                known.update(
+                    _known_identifiers(
+                        {_identifier_key(n) for n in document.nationals if n.qualified}
+                    )
+                )
         document.replaces = olds
         mine = _Approved(identifier_id=document.identifier.id, document=document)
         for study in document.kos.studies:
@@ -561,18 +573,38 @@ def _insert_manifests(batch: list[_Document], institution: Institution, now: dat
                     )
                 )
     created_series = ManifestSeries.objects.bulk_create(series_rows, batch_size=2000)
-    ManifestInstance.objects.bulk_create(
-        (
-            ManifestInstance(
-                series=row,
-                sop_instance_uid=instance.sop_instance_uid,
-                sop_class_uid=instance.sop_class_uid,
-            )
+    _insert_instances(
+        [
+            (row.id, instance.sop_instance_uid, instance.sop_class_uid)
             for row, series in zip(created_series, parsed_series, strict=True)
             for instance in series.instances
-        ),
-        batch_size=5000,
+        ]
     )
+
+
+def _insert_instances(rows: list[tuple[int, str, str]]) -> None:
+    """The referenced instances: the largest table, so inserted without building models.
+
+    A study is hundreds of rows; the ORM's per-object work would cost more than the
+    database's. PostgreSQL takes them as three arrays in one statement.
+    """
+    if not rows:
+        return
+    table = ManifestInstance._meta.db_table
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            series_ids, sop_uids, class_uids = (list(column) for column in zip(*rows, strict=True))
+            cursor.execute(
+                f"INSERT INTO {table} (series_id, sop_instance_uid, sop_class_uid) "  # noqa: S608
+                "SELECT * FROM UNNEST(%s::bigint[], %s::varchar[], %s::varchar[])",
+                [series_ids, sop_uids, class_uids],
+            )
+        else:
+            cursor.executemany(
+                f"INSERT INTO {table} (series_id, sop_instance_uid, sop_class_uid) "  # noqa: S608
+                "VALUES (%s, %s, %s)",
+                rows,
+            )
 
 
 # ---------------------------------------------------------------------------

@@ -144,3 +144,7 @@ def manifest_page(
 
 def manifest_series(*, manifest: Manifest) -> QuerySet[ManifestSeries]:
     return manifest.series.order_by("study_instance_uid", "id")
+
+
+def approved_manifest_count() -> int:
+    return Manifest.objects.filter(status=ManifestStatus.APPROVED).count()

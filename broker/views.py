@@ -7,14 +7,15 @@ from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 
-from broker.models import Institution, Manifest, ManifestStatus
+from broker import selectors
+from broker.access import institutions_directory
 
 
 def home(request: HttpRequest) -> HttpResponse:
     context = {
         "region": settings.RELAIS_REGION_NAME,
-        "institutions": Institution.objects.filter(active=True).order_by("name"),
-        "manifest_count": Manifest.objects.filter(status=ManifestStatus.APPROVED).count(),
+        "institutions": institutions_directory().filter(active=True),
+        "manifest_count": selectors.approved_manifest_count(),
     }
     return render(request, "broker/home.html", context)
 
