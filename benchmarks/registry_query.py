@@ -151,6 +151,7 @@ def seed(n_manifests: int, rng: random.Random):  # type: ignore[no-untyped-def]
         SeriesDescription,
         StudyDescription,
         build_kos,
+        normalise_ins_matricule,
     )
     from broker.services import institution_create
 
@@ -257,10 +258,9 @@ def seed(n_manifests: int, rng: random.Random):  # type: ignore[no-untyped-def]
             )
             idents.append((ident_id, f"HOSP-{other}", f"Q{p:08d}"))
             ident_id += 1
-            identifier_rows.append(
-                ident_row(ident_id, p, INS_OID, f"{p:015d}", "INS-NIR", None, True)
-            )
-            idents.append((ident_id, INS_OID, f"{p:015d}"))
+            ins = normalise_ins_matricule(f"2{p % 100:02d}0175{p:06d}")
+            identifier_rows.append(ident_row(ident_id, p, INS_OID, ins, "INS-NIR", None, True))
+            idents.append((ident_id, INS_OID, ins))
         identifiers_by_patient.append(idents)
 
     def manifest_rows():  # type: ignore[no-untyped-def]
@@ -403,6 +403,7 @@ def measure_queries(n_queries: int, rng: random.Random, identifiers_by_patient) 
     for issuer, value in picks:
         start = time.perf_counter()
         patient = selectors.patient_by_identifier(issuer=issuer, value=value)
+        assert patient is not None, (issuer, value)
         page = selectors.manifest_page(
             scope=Manifest.objects.all(),
             filters=selectors.ManifestFilters(patient=patient),

@@ -51,17 +51,7 @@ MAX_PAGE_SIZE = 200
 class InstitutionOutput(serializers.ModelSerializer[Institution]):
     class Meta:
         model = Institution
-        fields = [
-            "finess",
-            "name",
-            "patient_id_issuer",
-            "patient_id_issuer_oid",
-            "ae_title",
-            "dicom_host",
-            "dicom_port",
-            "dicomweb_url",
-            "active",
-        ]
+        fields = ["finess", *services.INSTITUTION_FIELDS]
 
 
 class ManifestSummaryOutput(serializers.Serializer[Manifest]):
@@ -291,15 +281,9 @@ class ManifestDetailApi(APIView):
     @extend_schema(responses=ManifestDetailOutput, summary="One manifest, with its series")
     def get(self, request: Request, sop_instance_uid: str) -> Response:
         manifest = access_manifest_by_uid(request.user, sop_instance_uid)
-        with transaction.atomic():
-            audit_record(
-                code=EventCode.MANIFEST_READ,
-                actor=actor_for(request),
-                now=_now(),
-                patient=patient_ref(manifest.source_identifier.patient),
-                objects=[{"type": "study", "uid": manifest.study_instance_uid}],
-                details={"manifest": manifest.sop_instance_uid},
-            )
+        services.manifest_read_record(
+            manifest=manifest, actor=actor_for(request), now=_now(), document=False
+        )
         return Response(ManifestDetailOutput(manifest).data)
 
 
@@ -309,15 +293,9 @@ class ManifestDocumentApi(APIView):
     @extend_schema(responses={(200, "application/dicom"): OpenApiTypes.BINARY})
     def get(self, request: Request, sop_instance_uid: str) -> HttpResponse:
         manifest = access_manifest_by_uid(request.user, sop_instance_uid)
-        with transaction.atomic():
-            audit_record(
-                code=EventCode.MANIFEST_READ,
-                actor=actor_for(request),
-                now=_now(),
-                patient=patient_ref(manifest.source_identifier.patient),
-                objects=[{"type": "study", "uid": manifest.study_instance_uid}],
-                details={"manifest": manifest.sop_instance_uid, "document": True},
-            )
+        services.manifest_read_record(
+            manifest=manifest, actor=actor_for(request), now=_now(), document=True
+        )
         response = HttpResponse(bytes(manifest.kos_bytes), content_type="application/dicom")
         response["Digest"] = f"sha-256={manifest.kos_sha256}"
         response["Content-Disposition"] = f'attachment; filename="{manifest.sop_instance_uid}.dcm"'

@@ -167,10 +167,26 @@ __all__ = [
     "institution_create",
     "institution_update",
     "manifest_deprecate",
+    "manifest_read_record",
     "manifest_register",
     "manifest_rejection_audit",
     "manifests_register",
 ]
+
+
+def manifest_read_record(
+    *, manifest: Manifest, actor: Actor, now: datetime, document: bool = False
+) -> None:
+    """Audit that someone read a manifest's metadata (or the KOS document itself)."""
+    with transaction.atomic():
+        audit_record(
+            code=EventCode.MANIFEST_READ,
+            actor=actor,
+            now=now,
+            patient=patient_ref(manifest.source_identifier.patient),
+            objects=[{"type": "study", "uid": manifest.study_instance_uid}],
+            details={"manifest": manifest.sop_instance_uid, "document": document},
+        )
 
 
 def manifest_deprecate(*, manifest: Manifest, actor: Actor, now: datetime, reason: str) -> Manifest:

@@ -70,6 +70,18 @@ description and the same `now` give byte-identical output. `now` stamps the cont
 creation date/time but does not enter the UIDs: pass a stable time (the study's last change at
 the source, say) when a re-harvest must reproduce the same bytes.
 
+Speed
+-----
+pydicom stays the reference for both directions, but its per-element cost (some 10 µs to decode
+an element, as much to write one) made a manifest cost 0.25 ms per referenced instance to parse
+and twice that to build. `parse_kos` therefore first tries `_FastReader`, which walks the bytes
+of the usual encodings itself, performs the same checks and decodes only what it reads; on
+anything it would not read exactly as pydicom does it steps aside and pydicom reads the file as
+before (see the "fast reading" section below). `build_kos` validates each value as before but
+fills `_Draft`s that a small writer encodes to the very bytes pydicom's dcmwrite gives;
+descriptions with values that are not plain strings are written by pydicom itself.
+`parse_kos_dataset` (a dataset pydicom already decoded) still reads through pydicom.
+
 Note: pydicom warnings are silenced with `warnings.catch_warnings`, which swaps process-wide
 state; it is restored on exit, but another thread warning at that very moment may lose its
 warning (Python 3.11 has no per-context warning filters).
@@ -83,6 +95,7 @@ import enum
 import io
 import json
 import re
+import struct
 import uuid
 import warnings
 import zlib
@@ -90,19 +103,29 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeAlias, cast
 
 import pydicom
 from pydicom import config as pydicom_config
+from pydicom.charset import convert_encodings, default_encoding, encode_string
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import RawDataElement, convert_raw_data_element, empty_value_for_VR
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.hooks import hooks as pydicom_hooks
+from pydicom.hooks import raw_element_value, raw_element_vr
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
-from pydicom.uid import RE_VALID_UID, UID, ExplicitVRLittleEndian, generate_uid
-from pydicom.valuerep import PersonName, validate_value
+from pydicom.uid import (
+    RE_VALID_UID,
+    UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
+from pydicom.valuerep import AMBIGUOUS_VR, EXPLICIT_VR_LENGTH_32, PersonName, validate_value
+from pydicom.values import converters
 
 from broker.dicom.sopclasses import content_value_type, modality_for_sop_class
 
@@ -291,6 +314,9 @@ def parse_kos(data: bytes) -> ParsedKOS:
     Returns a validated `ParsedKOS` or raises `KOSError`; never any other exception.
     """
     with _kos_errors_only():
+        parsed = _parse_fast(data)
+        if parsed is not None:
+            return parsed
         dataset, transfer_syntax_uid = _read_part10(data)
         return _parse_dataset(dataset, transfer_syntax_uid, meta_required=True)
 
@@ -437,10 +463,607 @@ def _refuse_deflate_bomb(stream: bytes) -> None:
         )
 
 
+# --------------------------------------------------------------------------- fast reading
+#
+# pydicom decodes lazily, element by element, through several layers of Python (a Dataset
+# per sequence item, converters, validators, DataElement objects): some 10 µs per element,
+# 0.25 ms per referenced instance once everything is decoded to be checked. `_FastReader`
+# walks the bytes of the usual encodings itself (explicit or implicit VR little endian,
+# defined or undefined lengths), checks what `_read_part10` and `_load_all` check (complete
+# values and headers, no trailing bytes, decodable elements, valid UIDs, nesting depth) and
+# decodes only the values the parser reads. It is exact or it steps aside: whatever it would
+# not read exactly as pydicom does (another transfer syntax; a file cut short or oddly
+# framed; tags out of order or repeated; an unknown, UN or ambiguous VR; an element whose VR
+# is not the dictionary's where the parser reads it; private elements in implicit VR; an
+# invalid UID; a value pydicom fails to convert; a pydicom configuration other than the
+# default...) raises `_Fallback`, and pydicom reads the manifest again as before: it remains
+# the reference, and its reading gives every structural refusal its message. Values that are
+# not plain (person names, numbers, text that is not ASCII...) are converted by pydicom
+# itself, element by element, as `Dataset.__getitem__` would convert them.
+
+
+class _Fallback(Exception):
+    """The fast reader met something it does not read exactly as pydicom does."""
+
+
+class _Items(list["_Node"]):
+    """The items of a sequence read by the fast reader (what a Sequence is to a Dataset)."""
+
+    __slots__ = ()
+
+
+_LAZY: Final = object()  # marks a plain value, decoded from its bytes only when read
+
+
+class _Node:
+    """A dataset or a sequence item read by the fast reader.
+
+    `elements` maps each tag to (VR, value start, value end, value) where the value is `_LAZY`
+    (decoded on demand by `_decode`), the `_Items` of a sequence, or what pydicom converted.
+    `pair` holds the (SOP class, SOP instance) UIDs of an item made of these two valid UIDs
+    only, the shape of every referenced instance.
+    """
+
+    __slots__ = ("data", "elements", "encoding", "first_encoding", "pair")
+
+    def __init__(
+        self,
+        data: bytes,
+        encoding: str | list[str],
+        first_encoding: str,
+        elements: dict[int, tuple[str, int, int, Any]] | None = None,
+        pair: tuple[str, str] | None = None,
+    ) -> None:
+        self.data = data
+        self.encoding = encoding
+        self.first_encoding = first_encoding  # `_first_encoding(encoding)`
+        self.elements = {} if elements is None else elements
+        self.pair = pair
+
+    def __len__(self) -> int:
+        return len(self.elements)
+
+    def value(self, tag: int, vr: str) -> Any:
+        """What `ds[tag].value` gives in pydicom, for an element of the dictionary VR `vr`."""
+        entry = self.elements.get(tag)
+        if entry is None:
+            return None
+        element_vr, start, end, value = entry
+        if element_vr != vr:
+            raise _Fallback  # another VR than the dictionary's: left to pydicom
+        if value is _LAZY:
+            return _decode(vr, self.data[start:end], self.first_encoding)
+        return value
+
+
+class _Unread(_Node):
+    """A content item checked but not decoded: the parser does not read content items.
+
+    Should it come to read one, the manifest goes to pydicom rather than read a wrong value.
+    """
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        raise _Fallback
+
+    def value(self, tag: int, vr: str) -> Any:
+        raise _Fallback
+
+
+_UNREAD: Final = _Unread(b"", default_encoding, default_encoding)
+
+_Container: TypeAlias = "Dataset | _Node"
+
+
+def _first_encoding(encoding: str | list[str]) -> str:
+    """The codec pydicom decodes text with when it holds no escape sequence (ISO 2022)."""
+    if not encoding:
+        return default_encoding
+    return encoding if isinstance(encoding, str) else encoding[0]
+
+
+_EXPLICIT_HEADER: Final = struct.Struct("<HH2sH").unpack_from
+_ITEM_HEADER: Final = struct.Struct("<HHL").unpack_from  # also an implicit VR element header
+_UINT32: Final = struct.Struct("<L").unpack_from
+_VR_OF_BYTES: Final = {str(vr).encode(): str(vr) for vr in converters if len(vr) == 2}
+_LONG_LENGTH_VRS: Final = frozenset(str(vr) for vr in EXPLICIT_VR_LENGTH_32)
+_STRING_VRS: Final = frozenset({"AS", "CS", "DA", "DT", "TM"})  # pydicom's convert_string
+_SPLIT_TEXT_VRS: Final = frozenset({"LO", "SH", "UC"})  # convert_text
+_SINGLE_TEXT_VRS: Final = frozenset({"LT", "ST", "UT"})  # convert_single_string
+_OPAQUE_VRS: Final = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "AE", "UR"}) | _STRING_VRS
+_CANONICAL_UID: Final = re.compile(rb"((?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*|)[\0 ]*")
+_CANONICAL_IS: Final = re.compile(rb" *[+-]?[0-9]{1,9}[\0 ]*")
+_IMPLICIT_VRS: dict[int, str | None] = {}
+_UINT16: Final = struct.Struct("<H").unpack_from
+_ITEM_DELIMITER: Final = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
+
+
+class _Shapes:
+    """Patterns of the two items a manifest repeats for each instance (see `_FastReader`).
+
+    `reference`: an item of Referenced SOP Class UID and Referenced SOP Instance UID (groups:
+    class UID, its padding, instance UID, its padding). `content`: a TID 2010 content item,
+    Referenced SOP Sequence of one such item, Relationship Type and Value Type (groups 1-4 as
+    above, 5: the item's delimitation item, 6: the sequence's, 7: Relationship Type, 8: Value
+    Type and what may follow it). A match only proposes a cut: the declared lengths decide.
+    """
+
+    def __init__(self, implicit: bool) -> None:
+        def header(tag: bytes, vr: bytes) -> bytes:
+            return re.escape(tag) + (b"...." if implicit else vr + b"..")
+
+        # Possessive repeats (each is followed by bytes it cannot take): no backtracking.
+        uid = rb"((?:0|[1-9][0-9]*+)(?:\.(?:0|[1-9][0-9]*+))*+)([\0 ]*+)"
+        item = rb"\xfe\xff\x00\xe0...."
+        pair = header(b"\x08\x00\x50\x11", b"UI") + uid + header(b"\x08\x00\x55\x11", b"UI") + uid
+        sequence = re.escape(b"\x08\x00\x99\x11") + (b"...." if implicit else b"SQ\x00\x00....")
+        code = rb"([A-Z0-9 _]*+)"
+        self.reference = re.compile(item + pair, re.DOTALL)
+        self.content = re.compile(
+            item
+            + sequence
+            + item
+            + pair
+            + rb"(\xfe\xff\x0d\xe0\x00\x00\x00\x00)?(\xfe\xff\xdd\xe0\x00\x00\x00\x00)?"
+            + header(b"\x40\x00\x10\xa0", b"CS")
+            + code
+            + header(b"\x40\x00\x40\xa0", b"CS")
+            + code,
+            re.DOTALL,
+        )
+
+
+_EXPLICIT_SHAPES: Final = _Shapes(implicit=False)
+_IMPLICIT_SHAPES: Final = _Shapes(implicit=True)
+_REFERENCED_SOP_CLASS_UID: Final = 0x00081150
+_REFERENCED_SOP_INSTANCE_UID: Final = 0x00081155
+
+
+def _parse_fast(data: object) -> ParsedKOS | None:
+    """The manifest as the fast reader reads it, or None to have pydicom read it."""
+    if not isinstance(data, bytes | bytearray | memoryview) or not _pydicom_as_assumed():
+        return None
+    raw = bytes(data)
+    if len(raw) >= 132 and raw[128:132] == b"DICM":
+        stream = raw
+    elif raw[:4] == b"DICM":
+        stream = bytes(128) + raw
+    else:
+        return None
+    if len(stream) <= 132 or _DEFLATED_TRANSFER_SYNTAX in stream[132:1024]:
+        return None
+    try:
+        ds, meta, transfer_syntax_uid = _FastReader(stream).part10()
+        return _interpret(ds, meta, transfer_syntax_uid, [], meta_required=True)
+    except KOSError:
+        raise  # a refusal of what was read exactly: the one pydicom's reading gives
+    except Exception:  # _Fallback, or pydicom failing to convert a value
+        return None
+
+
+def _pydicom_as_assumed() -> bool:
+    """pydicom's reading options are those whose behaviour the fast reader reproduces."""
+    return (
+        pydicom_config.settings.reading_validation_mode != pydicom_config.RAISE
+        and not pydicom_config.datetime_conversion
+        and not pydicom_config.use_none_as_empty_text_VR_value
+        and pydicom_config.data_element_callback is None
+        and pydicom_hooks.raw_element_vr is raw_element_vr
+        and pydicom_hooks.raw_element_value is raw_element_value
+        and not pydicom_hooks.raw_element_kwargs
+    )
+
+
+def _decode(vr: str, raw: bytes, first_encoding: str) -> Any:
+    """The value pydicom's converter gives a plain element of this VR (see `_FastReader`)."""
+    if not raw:
+        return empty_value_for_VR(vr)
+    if vr == "UI":  # a canonical UID, possibly padded
+        return raw.rstrip(b"\0 ").decode("ascii")
+    if vr in _STRING_VRS:
+        return _one_or_many(raw.decode("latin-1").rstrip(" \0").split("\\"))
+    if vr == "AE":
+        return _one_or_many([part.strip() for part in raw.decode("latin-1").split("\\")])
+    if vr == "UR":
+        return raw.decode("latin-1").rstrip()
+    if vr in _SPLIT_TEXT_VRS:  # text that decodes without escape sequences
+        parts = raw.decode(first_encoding).split("\\")
+        return _one_or_many([part.rstrip("\0 ") for part in parts])
+    if vr in _SINGLE_TEXT_VRS:
+        return raw.decode(first_encoding).rstrip("\0 ")
+    if vr == "UL":  # 4 bytes
+        return int.from_bytes(raw, "little")
+    raise _Fallback
+
+
+def _one_or_many(values: list[str]) -> str | MultiValue[str]:
+    return values[0] if len(values) == 1 else MultiValue(str, values)
+
+
+def _implicit_vr(tag: int) -> str | None:
+    """The dictionary VR of a public tag read in implicit VR (None if unknown)."""
+    if tag in _IMPLICIT_VRS:
+        vr = _IMPLICIT_VRS[tag]
+    else:
+        try:
+            vr = str(dictionary_VR(tag))
+        except KeyError:
+            vr = None
+        if len(_IMPLICIT_VRS) < 4096:
+            _IMPLICIT_VRS[tag] = vr
+    if vr is not None and len(vr) != 2:
+        raise _Fallback  # "US or SS"...: pydicom resolves it from other elements
+    return vr
+
+
+class _FastReader:
+    """Reads a Part 10 stream (preamble included) into `_Node`s, or raises `_Fallback`."""
+
+    __slots__ = ("data", "implicit", "short", "short_offset", "size")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.size = len(data)
+        self.set_implicit(False)
+
+    def set_implicit(self, implicit: bool) -> None:
+        self.implicit = implicit
+        # where the length of an element of a 2-byte-length VR is, from its header
+        self.short, self.short_offset = (_UINT32, 4) if implicit else (_UINT16, 6)
+
+    def part10(self) -> tuple[_Node, _Node, str]:
+        """(dataset, file meta information, transfer syntax UID)."""
+        data, size = self.data, self.size
+        meta = _Node(data, default_encoding, default_encoding)
+        pos, previous = 132, -1
+        while True:
+            if pos + 8 > size:
+                raise _Fallback
+            group, number, vr_bytes, length = _EXPLICIT_HEADER(data, pos)
+            if group != 2:
+                break
+            tag = 0x00020000 | number
+            vr = _VR_OF_BYTES.get(vr_bytes)
+            if tag <= previous or vr is None or vr == "SQ":
+                raise _Fallback
+            previous = tag
+            start = pos + 8
+            if vr in _LONG_LENGTH_VRS:
+                if pos + 12 > size:
+                    raise _Fallback
+                (length,) = _UINT32(data, start)
+                start += 4
+            pos = start + length
+            if pos > size:
+                raise _Fallback
+            meta.elements[tag] = self.element(meta, tag, vr, start, pos)
+        if not meta.elements:
+            raise _Fallback
+        group_length = _value(meta, "FileMetaInformationGroupLength")
+        if (
+            data[132:136] == b"\x02\x00\x00\x00"
+            and isinstance(group_length, int)
+            and size <= 144 + group_length
+        ):
+            raise _Fallback  # refused as truncated
+        transfer_syntax_uid = _text(meta, "TransferSyntaxUID", " in the file meta")
+        if transfer_syntax_uid == ImplicitVRLittleEndian:
+            # pydicom switches to explicit VR when the first element looks explicit
+            if 0x40 < data[pos + 4] < 0x5B and 0x40 < data[pos + 5] < 0x5B:
+                raise _Fallback
+            self.set_implicit(True)
+        elif transfer_syntax_uid != ExplicitVRLittleEndian:
+            raise _Fallback
+        ds, _ = self.dataset(pos, size, 0, default_encoding, default_encoding)
+        return ds, meta, transfer_syntax_uid
+
+    def dataset(
+        self, pos: int, end: int, depth: int, encoding: str | list[str], first_encoding: str
+    ) -> tuple[_Node, int]:
+        """The elements from `pos` to `end`, or to an item delimitation item if `end` is -1."""
+        data, implicit = self.data, self.implicit
+        limit = self.size if end < 0 else end
+        node = _Node(data, encoding, first_encoding)
+        elements = node.elements
+        previous = 0x0007FFFF  # ascending tags from group 0008 (no command or meta groups)
+        vr: str | None
+        while pos != end:
+            if pos + 8 > limit:
+                raise _Fallback
+            if implicit:
+                group, number, length = _ITEM_HEADER(data, pos)
+            else:
+                group, number, vr_bytes, length = _EXPLICIT_HEADER(data, pos)
+            tag = group << 16 | number
+            if tag <= previous or group >= 0xFFFE:
+                if tag == 0xFFFEE00D and end < 0 and data[pos + 4 : pos + 8] == b"\0\0\0\0":
+                    return node, pos + 8
+                raise _Fallback
+            previous = tag
+            start = pos + 8
+            if implicit:
+                if group & 1:
+                    raise _Fallback  # its VR comes from the private dictionary
+                vr = _implicit_vr(tag)
+            else:
+                vr = _VR_OF_BYTES.get(vr_bytes)
+                if vr is None:
+                    raise _Fallback
+                if vr in _LONG_LENGTH_VRS:
+                    if pos + 12 > limit:
+                        raise _Fallback
+                    (length,) = _UINT32(data, start)
+                    start += 4
+            if vr == "SQ":
+                if group & 1 and number < 0x100:
+                    raise _Fallback  # a sequence where a private creator would be
+                if length == 0xFFFFFFFF:
+                    items, pos = self.items(start, -1, depth + 1, node)
+                else:
+                    pos = start + length
+                    if pos > limit:
+                        raise _Fallback
+                    items, _ = self.items(start, pos, depth + 1, node)
+                elements[tag] = ("SQ", start, pos, items)
+                continue
+            pos = start + length
+            if pos > limit:  # also an undefined length, which only a sequence may have here
+                raise _Fallback
+            if tag < 0x00080005 and vr != "UL":
+                raise _Fallback  # decoded before the dataset's character set is known
+            elements[tag] = self.element(node, tag, vr, start, pos)
+            if tag == 0x00080005:
+                if vr != "CS":
+                    raise _Fallback
+                node.encoding = convert_encodings(node.value(tag, "CS"))
+                node.first_encoding = _first_encoding(node.encoding)
+        return node, pos
+
+    def items(self, pos: int, end: int, depth: int, parent: _Node) -> tuple[_Items, int]:
+        """The items of a sequence value, to `end` or to its delimitation item if `end` is -1."""
+        if depth > _MAX_NESTING:
+            raise _Fallback
+        data = self.data
+        encoding, first_encoding = parent.encoding, parent.first_encoding
+        limit = self.size if end < 0 else end
+        items = _Items()
+        # Most items are references to instances: tried first, in their usual shapes.
+        shapes = _IMPLICIT_SHAPES if self.implicit else _EXPLICIT_SHAPES
+        while pos != end:
+            if pos + 8 > limit:
+                raise _Fallback
+            if data.startswith(b"\x08\x00\x50\x11", pos + 8):  # Referenced SOP Class UID
+                match = shapes.reference.match(data, pos, limit)
+                if match is not None:
+                    read = self.reference_item(match, encoding, first_encoding)
+                    if read is not None:
+                        item, pos = read
+                        items.append(item)
+                        continue
+            elif data.startswith(b"\x08\x00\x99\x11", pos + 8) and depth < _MAX_NESTING:
+                # a content item (its reference item is one level further down)
+                match = shapes.content.match(data, pos, limit)
+                if match is not None:
+                    content_end = self.content_item(match)
+                    if content_end is not None:
+                        pos = content_end
+                        items.append(_UNREAD)
+                        continue
+            group, number, length = _ITEM_HEADER(data, pos)
+            pos += 8
+            if group != 0xFFFE:
+                raise _Fallback
+            if number == 0xE000:
+                if length == 0xFFFFFFFF:
+                    item, pos = self.dataset(pos, -1, depth, encoding, first_encoding)
+                else:
+                    item_end = pos + length
+                    if item_end > limit:
+                        raise _Fallback
+                    item, pos = self.dataset(pos, item_end, depth, encoding, first_encoding)
+                if len(item.elements) == 2:
+                    item.pair = _uid_pair(item)
+                items.append(item)
+            elif number == 0xE0DD and end < 0 and length == 0:
+                return items, pos
+            else:
+                raise _Fallback
+        return items, pos
+
+    def reference_item(
+        self, match: re.Match[bytes], encoding: str | list[str], first_encoding: str
+    ) -> tuple[_Node, int] | None:
+        """The item `_Shapes.reference` matched, if its declared lengths cut it as the match.
+
+        It is then exactly what `dataset` would read: two UI elements in order, with canonical
+        UIDs of at most 64 characters. None lets `dataset` read it.
+        """
+        data, short, offset = self.data, self.short, self.short_offset
+        (pos, _), (_, class_uid_end), (_, class_end), (instance_start, uid_end), (_, pad_end) = (
+            match.regs
+        )
+        class_start = pos + 16
+        if class_start + short(data, pos + offset + 8)[0] != class_end:
+            return None
+        instance_end = instance_start + short(data, class_end + offset)[0]
+        # the padding matched may run into the next element: the declared length decides
+        if not uid_end <= instance_end <= pad_end:
+            return None
+        if class_uid_end - class_start > 64 or uid_end - instance_start > 64:
+            return None
+        (item_length,) = _UINT32(data, pos + 4)
+        if item_length == 0xFFFFFFFF:
+            if not data.startswith(_ITEM_DELIMITER, instance_end, match.endpos):
+                return None
+            end = instance_end + 8
+        elif pos + 8 + item_length != instance_end:
+            return None
+        else:
+            end = instance_end
+        elements = {
+            _REFERENCED_SOP_CLASS_UID: ("UI", class_start, class_end, _LAZY),
+            _REFERENCED_SOP_INSTANCE_UID: ("UI", instance_start, instance_end, _LAZY),
+        }
+        pair = (
+            data[class_start:class_uid_end].decode("ascii"),
+            data[instance_start:uid_end].decode("ascii"),
+        )
+        return _Node(data, encoding, first_encoding, elements, pair), end
+
+    def content_item(self, match: re.Match[bytes]) -> int | None:
+        """The end of the TID 2010 content item `_Shapes.content` matched, if its lengths agree.
+
+        Referenced SOP Sequence of one reference item (checked as above), Relationship Type and
+        Value Type (CS of [A-Z0-9 _]). The parser does not read content items: `_UNREAD` stands
+        for each.
+        """
+        data, short, offset = self.data, self.short, self.short_offset
+        (
+            (pos, _),
+            (class_start, class_uid_end),
+            (_, class_end),
+            (instance_start, uid_end),
+            (_, instance_end),
+            (item_delimiter, _),
+            (sequence_delimiter, _),
+            (relationship_start, relationship_end),
+            (value_type_start, value_type_run_end),
+        ) = match.regs
+        reference = class_start - 16
+        if class_start + short(data, reference + offset + 8)[0] != class_end:
+            return None
+        if instance_start + short(data, class_end + offset)[0] != instance_end:
+            return None
+        if class_uid_end - class_start > 64 or uid_end - instance_start > 64:
+            return None
+        end = instance_end
+        (reference_length,) = _UINT32(data, reference + 4)
+        if reference_length == 0xFFFFFFFF:
+            if item_delimiter != end:
+                return None
+            end += 8
+        elif item_delimiter != -1 or reference + 8 + reference_length != end:
+            return None
+        (sequence_length,) = _UINT32(data, reference - 4)
+        if sequence_length == 0xFFFFFFFF:
+            if sequence_delimiter != end:
+                return None
+            end += 8
+        elif sequence_delimiter != -1 or reference + sequence_length != end:
+            return None
+        if relationship_start != end + 8:
+            return None
+        if relationship_start + short(data, end + offset)[0] != relationship_end:
+            return None
+        value_type_end: int = value_type_start + short(data, relationship_end + offset)[0]
+        if value_type_end > value_type_run_end:
+            return None
+        (item_length,) = _UINT32(data, pos + 4)
+        if item_length == 0xFFFFFFFF:
+            if not data.startswith(_ITEM_DELIMITER, value_type_end, match.endpos):
+                return None
+            return value_type_end + 8
+        if pos + 8 + item_length != value_type_end:
+            return None
+        return value_type_end
+
+    def element(
+        self, node: _Node, tag: int, vr: str | None, start: int, end: int
+    ) -> tuple[str, int, int, Any]:
+        """A non-sequence element: plain (`_LAZY`) or converted by pydicom."""
+        if vr is None or tag & 0x10000:  # unknown (implicit VR) or private
+            return self.converted(node, tag, vr, start, end)
+        if vr == "UI":
+            match = _CANONICAL_UID.fullmatch(self.data, start, end)
+            if match is not None and match.end(1) - start <= 64:
+                return (vr, start, end, _LAZY)
+            entry = self.converted(node, tag, vr, start, end)
+            value = entry[3]
+            for single in value if isinstance(value, MultiValue | list) else [value]:
+                text = str(single).strip() if single is not None else ""
+                if text and not _is_valid_uid(text):
+                    raise _Fallback  # refused: pydicom's reading names it
+            return entry
+        if vr in _OPAQUE_VRS:
+            return (vr, start, end, _LAZY)
+        if vr in _SPLIT_TEXT_VRS or vr in _SINGLE_TEXT_VRS:
+            # pydicom decodes text without escape sequences with the first encoding; should
+            # that fail, it warns and decodes otherwise: that is left to it.
+            data = self.data
+            if data.find(b"\x1b", start, end) < 0:
+                try:
+                    data[start:end].decode(node.first_encoding)
+                except (UnicodeError, LookupError):
+                    pass
+                else:
+                    return (vr, start, end, _LAZY)
+        elif vr == "IS":
+            if start == end or _CANONICAL_IS.fullmatch(self.data, start, end):
+                return (vr, start, end, _LAZY)  # an int pydicom reads without fail
+        elif vr == "UL":
+            if end - start == 4:
+                return (vr, start, end, _LAZY)
+        elif vr == "PN" and start == end:
+            return (vr, start, end, _LAZY)
+        return self.converted(node, tag, vr, start, end)
+
+    def converted(
+        self, node: _Node, tag: int, vr: str | None, start: int, end: int
+    ) -> tuple[str, int, int, Any]:
+        """The element converted by pydicom, as `Dataset.__getitem__` converts it."""
+        if vr == "UN":
+            raise _Fallback  # pydicom may replace it with the dictionary VR, or a sequence
+        raw_vr = None if self.implicit else vr
+        length = end - start
+        empty = cast(bytes | None, empty_value_for_VR(raw_vr, raw=True))
+        raw = RawDataElement(
+            BaseTag(tag),
+            raw_vr,
+            length,
+            self.data[start:end] if length else empty,
+            start,
+            self.implicit,
+            True,
+        )
+        element = convert_raw_data_element(raw, encoding=node.encoding, ds=None)
+        if element.VR == "SQ" or element.VR in AMBIGUOUS_VR:
+            raise _Fallback
+        return (element.VR, start, end, element.value)
+
+
+def _uid_pair(item: _Node) -> tuple[str, str] | None:
+    """(SOP class, SOP instance) of an item of exactly these two valid, plain UIDs."""
+    sop_class = item.elements.get(_REFERENCED_SOP_CLASS_UID)
+    sop_instance = item.elements.get(_REFERENCED_SOP_INSTANCE_UID)
+    if sop_class is None or sop_instance is None:
+        return None
+    if sop_class[0] != "UI" or sop_class[3] is not _LAZY:
+        return None
+    if sop_instance[0] != "UI" or sop_instance[3] is not _LAZY:
+        return None
+    data = item.data
+    class_uid = data[sop_class[1] : sop_class[2]].rstrip(b"\0 ").decode("ascii")
+    instance_uid = data[sop_instance[1] : sop_instance[2]].rstrip(b"\0 ").decode("ascii")
+    return (class_uid, instance_uid) if class_uid and instance_uid else None
+
+
 def _parse_dataset(ds: Dataset, transfer_syntax_uid: str, *, meta_required: bool) -> ParsedKOS:
     bad_uids: list[str] = []
     _load_all(ds, "", 0, bad_uids)
+    meta = getattr(ds, "file_meta", None)
+    return _interpret(ds, meta, transfer_syntax_uid, bad_uids, meta_required=meta_required)
 
+
+def _interpret(
+    ds: _Container,
+    meta: object,
+    transfer_syntax_uid: str,
+    bad_uids: list[str],
+    *,
+    meta_required: bool,
+) -> ParsedKOS:
+    """The manifest in a decoded dataset: the checks and reading common to both readers."""
     sop_class_uid = _text(ds, "SOPClassUID", "")
     if sop_class_uid != KOS_SOP_CLASS_UID:
         found = "absent"
@@ -453,7 +1076,7 @@ def _parse_dataset(ds: Dataset, transfer_syntax_uid: str, *, meta_required: bool
             "(Key Object Selection Document Storage)",
         )
     sop_instance_uid = _uid(ds, "SOPInstanceUID", "")
-    _check_file_meta(ds, sop_class_uid, sop_instance_uid, required=meta_required)
+    _check_file_meta(meta, sop_class_uid, sop_instance_uid, required=meta_required)
     if bad_uids:
         raise KOSError(KOSErrorCode.INVALID_UID, bad_uids[0])
 
@@ -560,14 +1183,14 @@ def _load_all(ds: Dataset, where: str, depth: int, bad_uids: list[str] | None = 
 
 
 def _check_file_meta(
-    ds: Dataset, sop_class_uid: str, sop_instance_uid: str, *, required: bool
+    meta: object, sop_class_uid: str, sop_instance_uid: str, *, required: bool
 ) -> None:
-    meta = getattr(ds, "file_meta", None)
-    if not isinstance(meta, Dataset) or len(meta) == 0:
+    if not isinstance(meta, Dataset | _Node) or len(meta) == 0:
         if required:
             raise KOSError(KOSErrorCode.INVALID_META, "the file meta information is absent")
         return
-    _load_all(meta, " in the file meta", 0)
+    if isinstance(meta, Dataset):
+        _load_all(meta, " in the file meta", 0)
     pairs = (
         ("MediaStorageSOPClassUID", "SOPClassUID", sop_class_uid),
         ("MediaStorageSOPInstanceUID", "SOPInstanceUID", sop_instance_uid),
@@ -589,7 +1212,7 @@ def _check_file_meta(
             )
 
 
-def _patient(ds: Dataset) -> PatientInfo:
+def _patient(ds: _Container) -> PatientInfo:
     patient_id = _single_text(ds, "PatientID", "")
     if not patient_id:
         raise KOSError(KOSErrorCode.NO_PATIENT_ID, f"{_name('PatientID')} is absent or empty")
@@ -623,7 +1246,7 @@ def _patient(ds: Dataset) -> PatientInfo:
     )
 
 
-def _issuer_oid(ds: Dataset, where: str) -> str | None:
+def _issuer_oid(ds: _Container, where: str) -> str | None:
     """Universal Entity ID of the Issuer of Patient ID Qualifiers Sequence, without "urn:oid:"."""
     items = _sequence(ds, "IssuerOfPatientIDQualifiersSequence", where)
     if not items:
@@ -637,7 +1260,7 @@ def _issuer_oid(ds: Dataset, where: str) -> str | None:
 
 
 def _studies(
-    ds: Dataset, kos_study_uid: str, kos_accession: str | None
+    ds: _Container, kos_study_uid: str, kos_accession: str | None
 ) -> tuple[ReferencedStudy, ...]:
     evidence = _sequence(ds, _EVIDENCE, "")
     if not evidence:
@@ -685,7 +1308,7 @@ def _studies(
     )
 
 
-def _series(item: Dataset, where: str, seen_instances: set[str]) -> ReferencedSeries:
+def _series(item: _Container, where: str, seen_instances: set[str]) -> ReferencedSeries:
     series_uid = _uid(item, "SeriesInstanceUID", where)
     sop_items = _sequence(item, "ReferencedSOPSequence", where)
     if not sop_items:
@@ -696,12 +1319,18 @@ def _series(item: Dataset, where: str, seen_instances: set[str]) -> ReferencedSe
         )
     instances = []
     for index, sop_item in enumerate(sop_items):
-        sop_where = _inside(where, "ReferencedSOPSequence", index)
-        instance = ReferencedInstance(
-            sop_class_uid=_uid(sop_item, "ReferencedSOPClassUID", sop_where),
-            sop_instance_uid=_uid(sop_item, "ReferencedSOPInstanceUID", sop_where),
-        )
+        # The fast reader has already read and checked the two UIDs of a plain item.
+        pair = sop_item.pair if isinstance(sop_item, _Node) else None
+        if pair is not None:
+            instance = ReferencedInstance(*pair)
+        else:
+            sop_where = _inside(where, "ReferencedSOPSequence", index)
+            instance = ReferencedInstance(
+                sop_class_uid=_uid(sop_item, "ReferencedSOPClassUID", sop_where),
+                sop_instance_uid=_uid(sop_item, "ReferencedSOPInstanceUID", sop_where),
+            )
         if instance.sop_instance_uid in seen_instances:
+            sop_where = _inside(where, "ReferencedSOPSequence", index)
             raise KOSError(
                 KOSErrorCode.DUPLICATE_REFERENCE,
                 f"{_name('ReferencedSOPInstanceUID')} {instance.sop_instance_uid} is "
@@ -714,7 +1343,7 @@ def _series(item: Dataset, where: str, seen_instances: set[str]) -> ReferencedSe
     retrieve_ae_title = ae_titles[0] if ae_titles else None
     retrieve_location_uid = _optional_uid(item, "RetrieveLocationUID", where)
     retrieve_url = _single_text(item, "RetrieveURL", where) or None
-    if retrieve_url is not None and not re.match(r"(?i)https?://[^/\s]", retrieve_url):
+    if retrieve_url is not None and not _HTTP_URL.match(retrieve_url):
         raise KOSError(
             KOSErrorCode.INVALID_VALUE,
             f"{_name('RetrieveURL')}{where} is not an http(s) URL: {_show(retrieve_url)}",
@@ -749,7 +1378,7 @@ def _derived_modality(instances: list[ReferencedInstance]) -> str | None:
     return min(counts.items(), key=lambda pair: (-pair[1], pair[0]))[0]
 
 
-def _request_accessions(ds: Dataset) -> dict[str, str]:
+def _request_accessions(ds: _Container) -> dict[str, str]:
     """Study Instance UID -> Accession Number, from the Referenced Request Sequence."""
     accessions: dict[str, str] = {}
     for index, item in enumerate(_sequence(ds, "ReferencedRequestSequence", "")):
@@ -761,7 +1390,7 @@ def _request_accessions(ds: Dataset) -> dict[str, str]:
     return accessions
 
 
-def _document_title(ds: Dataset) -> tuple[str, str, str] | None:
+def _document_title(ds: _Container) -> tuple[str, str, str] | None:
     items = _sequence(ds, "ConceptNameCodeSequence", "")
     if not items:
         return None
@@ -784,7 +1413,7 @@ def _document_title(ds: Dataset) -> tuple[str, str, str] | None:
 
 def _is_valid_uid(value: str) -> bool:
     # pydicom's UID() warns on an invalid value; this only answers.
-    return len(value) <= 64 and re.fullmatch(RE_VALID_UID, value) is not None
+    return len(value) <= 64 and RE_VALID_UID.fullmatch(value) is not None
 
 
 def _name(keyword: str) -> str:
@@ -812,14 +1441,32 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {_show(str(exc), 200)}"
 
 
-def _value(ds: Dataset, keyword: str) -> Any:
-    tag = tag_for_keyword(keyword)
-    if tag is None or tag not in ds:
+def _keyword_info(keyword: str) -> tuple[int, str]:
+    """(tag, dictionary VR) of a keyword the parser reads, cached."""
+    info = _KEYWORD_INFO.get(keyword)
+    if info is None:
+        tag = tag_for_keyword(keyword)
+        if tag is None:
+            raise KeyError(keyword)
+        info = _KEYWORD_INFO[keyword] = (tag, dictionary_VR(tag))
+    return info
+
+
+_KEYWORD_INFO: dict[str, tuple[int, str]] = {}
+
+
+def _value(ds: _Container, keyword: str) -> Any:
+    tag, vr = _keyword_info(keyword)
+    if isinstance(ds, _Node):
+        return ds.value(tag, vr)
+    if tag not in ds:
         return None
     return ds[tag].value
 
 
 def _scalar_text(value: Any, keyword: str, where: str) -> str:
+    if type(value) is str:
+        return value.strip(" \x00")
     if value is None:
         return ""
     if isinstance(value, bytes):
@@ -832,28 +1479,28 @@ def _scalar_text(value: Any, keyword: str, where: str) -> str:
     )
 
 
-def _text(ds: Dataset, keyword: str, where: str) -> str:
+def _text(ds: _Container, keyword: str, where: str) -> str:
     """The value as stripped text ('' when absent); several values are joined with '\\'."""
     value = _value(ds, keyword)
-    if isinstance(value, MultiValue | list | tuple):
+    if type(value) is not str and isinstance(value, MultiValue | list | tuple):
         return "\\".join(_scalar_text(v, keyword, where) for v in value).strip()
     return _scalar_text(value, keyword, where)
 
 
-def _values(ds: Dataset, keyword: str, where: str) -> list[str]:
+def _values(ds: _Container, keyword: str, where: str) -> list[str]:
     """The non-empty values, stripped (upper-cased for code strings)."""
     value = _value(ds, keyword)
     raw = value if isinstance(value, MultiValue | list | tuple) else [value]
     texts = [_scalar_text(v, keyword, where) for v in raw]
-    if dictionary_VR(keyword) == "CS":
+    if _keyword_info(keyword)[1] == "CS":
         texts = [t.upper() for t in texts]
     return [t for t in texts if t]
 
 
-def _single_text(ds: Dataset, keyword: str, where: str) -> str:
+def _single_text(ds: _Container, keyword: str, where: str) -> str:
     """Like `_text` but several values are an error (an identifier must be one value)."""
     value = _value(ds, keyword)
-    if isinstance(value, MultiValue | list | tuple):
+    if type(value) is not str and isinstance(value, MultiValue | list | tuple):
         texts = [t for t in (_scalar_text(v, keyword, where) for v in value) if t]
         if len(texts) > 1:
             raise KOSError(
@@ -864,7 +1511,7 @@ def _single_text(ds: Dataset, keyword: str, where: str) -> str:
     return _scalar_text(value, keyword, where)
 
 
-def _uid(ds: Dataset, keyword: str, where: str) -> str:
+def _uid(ds: _Container, keyword: str, where: str) -> str:
     """A required UID: absent, empty, several or invalid is KOSError("kos:invalid-uid")."""
     uid = _optional_uid(ds, keyword, where)
     if uid is None:
@@ -872,9 +1519,9 @@ def _uid(ds: Dataset, keyword: str, where: str) -> str:
     return uid
 
 
-def _optional_uid(ds: Dataset, keyword: str, where: str) -> str | None:
+def _optional_uid(ds: _Container, keyword: str, where: str) -> str | None:
     value = _value(ds, keyword)
-    if isinstance(value, MultiValue | list | tuple):
+    if type(value) is not str and isinstance(value, MultiValue | list | tuple):
         if len(value) > 1:
             raise KOSError(
                 KOSErrorCode.INVALID_UID,
@@ -891,11 +1538,11 @@ def _optional_uid(ds: Dataset, keyword: str, where: str) -> str | None:
     return text
 
 
-def _sequence(ds: Dataset, keyword: str, where: str) -> list[Dataset]:
+def _sequence(ds: _Container, keyword: str, where: str) -> list[_Container]:
     value = _value(ds, keyword)
     if value is None:
         return []
-    if isinstance(value, Sequence):
+    if isinstance(value, Sequence | _Items):
         return list(value)
     if isinstance(value, str | bytes) and not value:
         return []
@@ -905,7 +1552,7 @@ def _sequence(ds: Dataset, keyword: str, where: str) -> list[Dataset]:
     )
 
 
-def _person_name(ds: Dataset, keyword: str, where: str) -> tuple[str, str]:
+def _person_name(ds: _Container, keyword: str, where: str) -> tuple[str, str]:
     """(family name, given names) of a PN value; the middle name joins the given names."""
     value = _value(ds, keyword)
     if isinstance(value, MultiValue | list | tuple):
@@ -926,6 +1573,7 @@ def _person_name(ds: Dataset, keyword: str, where: str) -> tuple[str, str]:
     return family, given
 
 
+_HTTP_URL = re.compile(r"(?i)https?://[^/\s]")
 _DATE = re.compile(r"(\d{4})[.\-/]?(\d{2})[.\-/]?(\d{2})")
 _TIME = re.compile(r"(\d{2})(?::?(\d{2})(?::?(\d{2})(?:[.,](\d{1,6})\d*)?)?)?")
 _TZ_OFFSET = re.compile(r"([+-])(\d{2})(\d{2})")
@@ -1155,28 +1803,66 @@ def build_kos(
         sop_instance_uid = sop_instance_uid or derived_sop
         series_instance_uid = series_instance_uid or derived_series
     try:
-        ds = _kos_dataset(study, now, sop_instance_uid, series_instance_uid)
-        buffer = io.BytesIO()
-        pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+        if _plainly_typed(study, now, sop_instance_uid, series_instance_uid):
+            # the bytes pydicom would write, without its per-element cost (see `_Draft`)
+            draft, draft_meta = cast(
+                tuple[_Draft, _Draft],
+                _kos_dataset(study, now, sop_instance_uid, series_instance_uid, _Draft),
+            )
+            data = _encode_part10(draft, draft_meta)
+        else:
+            ds, meta = cast(
+                tuple[Dataset, FileMetaDataset],
+                _kos_dataset(study, now, sop_instance_uid, series_instance_uid, Dataset),
+            )
+            ds.file_meta = meta
+            buffer = io.BytesIO()
+            pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+            data = buffer.getvalue()
     except KOSError:
         raise
     except (ValueError, TypeError, OverflowError, AttributeError) as exc:
         raise KOSError(
             KOSErrorCode.INVALID_VALUE, f"the manifest cannot be encoded: {_describe(exc)}"
         ) from exc
-    data = buffer.getvalue()
     parse_kos(data)
     return data
 
 
-def _put(ds: Dataset, keyword: str, value: Any) -> None:
+class _Draft:
+    """A dataset as `build_kos` assembles it: (VR, value) by tag, sequences as lists of drafts.
+
+    `_encode_part10` writes it as pydicom's dcmwrite writes the same Dataset (explicit VR
+    little endian, defined lengths, values padded to even length), for descriptions whose
+    values are all plain `str` (`_plainly_typed`); pydicom writes anything else itself.
+    """
+
+    __slots__ = ("elements",)
+
+    def __init__(self) -> None:
+        self.elements: dict[int, tuple[str, Any]] = {}
+
+
+_Target: TypeAlias = "Dataset | _Draft"
+# Code strings validate_value accepted: those repeated for each instance are checked once.
+# (Only CS: no patient data is kept.)
+_VALID_CODES: set[str] = set()
+_MAX_VALID_CODES: Final = 1024
+
+
+def _put(ds: _Target, keyword: str, value: Any) -> None:
     """Set an element after checking the value against its VR (pydicom would only warn)."""
-    vr = dictionary_VR(keyword)
+    tag, vr = _keyword_info(keyword)
     for single in value if isinstance(value, list) else [value]:
-        if vr == "UI" and not (isinstance(single, str) and _is_valid_uid(single)):
-            raise KOSError(
-                KOSErrorCode.INVALID_UID, f"{_name(keyword)} is not a valid UID: {_show(single)}"
-            )
+        if vr == "UI":
+            if not (isinstance(single, str) and _is_valid_uid(single)):
+                raise KOSError(
+                    KOSErrorCode.INVALID_UID,
+                    f"{_name(keyword)} is not a valid UID: {_show(single)}",
+                )
+            continue  # validate_value checks a UID as _is_valid_uid does (same pattern, 64)
+        if vr == "CS" and type(single) is str and single in _VALID_CODES:
+            continue
         try:
             validate_value(vr, single, pydicom_config.RAISE)
         except ValueError as exc:
@@ -1185,7 +1871,148 @@ def _put(ds: Dataset, keyword: str, value: Any) -> None:
                 KOSErrorCode.INVALID_VALUE,
                 f"{_name(keyword)} cannot hold {_show(single)}: {reason}",
             ) from exc
-    setattr(ds, keyword, value)
+        if vr == "CS" and type(single) is str and len(_VALID_CODES) < _MAX_VALID_CODES:
+            _VALID_CODES.add(single)
+    if isinstance(ds, _Draft):
+        ds.elements[tag] = (vr, value)
+    else:
+        setattr(ds, keyword, value)
+
+
+def _put_sequence(ds: _Target, keyword: str, items: list[_Target]) -> None:
+    if isinstance(ds, _Draft):
+        ds.elements[_keyword_info(keyword)[0]] = ("SQ", items)
+    else:
+        setattr(ds, keyword, Sequence(cast(list[Dataset], items)))
+
+
+def _plainly_typed(
+    study: StudyDescription, now: dt.datetime, sop_instance_uid: str, series_instance_uid: str
+) -> bool:
+    """Whether every value `_kos_dataset` will set is a str (or None where optional).
+
+    Other values (bytes, say, which pydicom's validation lets through for text) go to pydicom.
+    """
+
+    def plain(*values: object) -> bool:
+        return all(isinstance(value, str) for value in values)
+
+    def optional(*values: object) -> bool:
+        return all(value is None or isinstance(value, str) for value in values)
+
+    if not isinstance(study, StudyDescription):
+        return False
+    patient = study.patient
+    if not (
+        isinstance(patient, PatientInfo)
+        and isinstance(now, dt.datetime)
+        and isinstance(patient.other_ids, tuple | list)
+        and isinstance(study.series, tuple | list)
+        and plain(
+            sop_instance_uid,
+            series_instance_uid,
+            patient.patient_id,
+            patient.family_name,
+            patient.given_names,
+            patient.birth_name,
+            patient.sex,
+            study.study_instance_uid,
+            study.study_description,
+            study.institution_name,
+        )
+        and optional(
+            patient.issuer,
+            patient.issuer_oid,
+            study.accession_number,
+            study.retrieve_ae_title,
+            study.retrieve_location_uid,
+            study.retrieve_url,
+        )
+    ):
+        return False
+    for other in patient.other_ids:
+        if not (
+            isinstance(other, OtherPatientId)
+            and plain(other.value)
+            and optional(other.issuer, other.issuer_oid, other.type_of_patient_id)
+        ):
+            return False
+    for series in study.series:
+        if not (
+            isinstance(series, SeriesDescription)
+            and plain(series.series_instance_uid, series.modality)
+            and optional(series.body_part)
+            and isinstance(series.instances, tuple | list)
+        ):
+            return False
+        for instance in series.instances:
+            if not (
+                type(instance) is ReferencedInstance
+                and type(instance.sop_class_uid) is str
+                and type(instance.sop_instance_uid) is str
+            ):
+                return False
+    return True
+
+
+_PADDED_WITH_NULL: Final = frozenset({"UI", "OB"})
+_ENCODED_AS_LATIN1: Final = frozenset({"AE", "AS", "CS", "DA", "DT", "IS", "TM", "UI", "UR"})
+_ENCODED_WITH_CHARSET: Final = frozenset({"LO", "LT", "SH", "ST", "UC", "UT"})
+_SHORT_HEADER: Final = struct.Struct("<HH2sH").pack
+_LONG_HEADER: Final = struct.Struct("<HH2s2xL").pack
+_ITEM_START: Final = struct.Struct("<HHL").pack
+
+
+def _encode_part10(ds: _Draft, meta: _Draft) -> bytes:
+    """The Part 10 file pydicom's dcmwrite(enforce_file_format=True) writes for these drafts."""
+    meta.elements.setdefault(0x00020001, ("OB", b"\x00\x01"))  # File Meta Information Version
+    meta.elements.pop(0x00020000, None)
+    meta_bytes = _encode_draft(meta, [default_encoding])
+    group_length = _encode_element(0x00020000, "UL", len(meta_bytes).to_bytes(4, "little"))
+    charset = ds.elements.get(0x00080005)
+    encodings = convert_encodings(charset[1] if charset is not None else default_encoding)
+    return b"".join((bytes(128), b"DICM", group_length, meta_bytes, _encode_draft(ds, encodings)))
+
+
+def _encode_draft(draft: _Draft, encodings: list[str]) -> bytes:
+    parts = []
+    for tag, (vr, value) in sorted(draft.elements.items()):
+        if vr == "SQ":
+            items = []
+            for item in value:
+                body = _encode_draft(item, encodings)
+                items.append(_ITEM_START(0xFFFE, 0xE000, len(body)))
+                items.append(body)
+            parts.append(_encode_element(tag, vr, b"".join(items)))
+        else:
+            parts.append(_encode_element(tag, vr, _encode_value(vr, value, encodings)))
+    return b"".join(parts)
+
+
+def _encode_element(tag: int, vr: str, value: bytes) -> bytes:
+    if vr in _LONG_LENGTH_VRS:
+        return _LONG_HEADER(tag >> 16, tag & 0xFFFF, vr.encode(), len(value)) + value
+    return _SHORT_HEADER(tag >> 16, tag & 0xFFFF, vr.encode(), len(value)) + value
+
+
+def _encode_value(vr: str, value: Any, encodings: list[str]) -> bytes:
+    """A value as pydicom's writers encode it (write_string, write_UI, write_text, write_PN...)."""
+    if vr in _ENCODED_AS_LATIN1:
+        text = "\\".join(value) if isinstance(value, list) else value
+        if len(text) % 2:
+            text += "\0" if vr == "UI" else " "
+        return bytes(text.encode(default_encoding))
+    if vr in _ENCODED_WITH_CHARSET:
+        encoded = value.encode("ascii") if value.isascii() else encode_string(value, encodings)
+    elif vr == "PN":
+        encoded = PersonName(value).encode(encodings) if value else b""
+    elif vr == "OB" and isinstance(value, bytes):
+        encoded = value
+    else:
+        raise TypeError(f"no encoder for VR {vr}")
+    if len(encoded) % 2:
+        encoded += b"\0" if vr in _PADDED_WITH_NULL else b" "
+    return bytes(encoded)
 
 
 def _da(value: dt.date | None) -> str:
@@ -1209,18 +2036,23 @@ def _person_name_value(family: str, given: str) -> str:
     return f"{family}^{given}" if given else family
 
 
-def _issuer_qualifiers(oid: str) -> Sequence:
-    item = Dataset()
+def _issuer_qualifiers(oid: str, new: type[_Target]) -> list[_Target]:
+    item = new()
     _put(item, "UniversalEntityID", oid)
     _put(item, "UniversalEntityIDType", "ISO")
-    return Sequence([item])
+    return [item]
 
 
 def _kos_dataset(
-    study: StudyDescription, now: dt.datetime, sop_instance_uid: str, series_instance_uid: str
-) -> Dataset:
+    study: StudyDescription,
+    now: dt.datetime,
+    sop_instance_uid: str,
+    series_instance_uid: str,
+    new: type[_Target],
+) -> tuple[_Target, _Target]:
+    """(dataset, file meta information) of the manifest, as pydicom Datasets or `_Draft`s."""
     patient = study.patient
-    ds = Dataset()
+    ds = new()
     # SOP Common
     _put(ds, "SpecificCharacterSet", "ISO_IR 192")
     _put(ds, "InstanceCreationDate", _da(now.date()))
@@ -1238,7 +2070,9 @@ def _kos_dataset(
     if patient.issuer:
         _put(ds, "IssuerOfPatientID", patient.issuer)
     if patient.issuer_oid:
-        ds.IssuerOfPatientIDQualifiersSequence = _issuer_qualifiers(patient.issuer_oid)
+        _put_sequence(
+            ds, "IssuerOfPatientIDQualifiersSequence", _issuer_qualifiers(patient.issuer_oid, new)
+        )
     _put(ds, "PatientBirthDate", _da(patient.birth_date))
     if patient.sex not in {"M", "F", "O", ""}:
         raise KOSError(
@@ -1249,18 +2083,19 @@ def _kos_dataset(
     if patient.birth_name:
         _put(ds, "PatientBirthName", _person_name_value(patient.birth_name, ""))
     if patient.other_ids:
-        items = []
+        items: list[_Target] = []
         for other in patient.other_ids:
-            item = Dataset()
+            item = new()
             _put(item, "PatientID", other.value)
             if other.issuer:
                 _put(item, "IssuerOfPatientID", other.issuer)
             if other.issuer_oid:
-                item.IssuerOfPatientIDQualifiersSequence = _issuer_qualifiers(other.issuer_oid)
+                qualifiers = _issuer_qualifiers(other.issuer_oid, new)
+                _put_sequence(item, "IssuerOfPatientIDQualifiersSequence", qualifiers)
             if other.type_of_patient_id:
                 _put(item, "TypeOfPatientID", other.type_of_patient_id)
             items.append(item)
-        ds.OtherPatientIDsSequence = Sequence(items)
+        _put_sequence(ds, "OtherPatientIDsSequence", items)
     # General Study (the manifest belongs to the study it describes, as XDS-I manifests do)
     _put(ds, "StudyInstanceUID", study.study_instance_uid)
     _put(ds, "StudyDate", _da(study.study_date))
@@ -1286,7 +2121,7 @@ def _kos_dataset(
     _put(ds, "Modality", "KO")
     _put(ds, "SeriesInstanceUID", series_instance_uid)
     _put(ds, "SeriesNumber", "999")
-    ds.ReferencedPerformedProcedureStepSequence = Sequence()
+    _put_sequence(ds, "ReferencedPerformedProcedureStepSequence", [])
     _put(ds, "Manufacturer", "Relais")
     if study.institution_name:
         _put(ds, "InstitutionName", study.institution_name)
@@ -1295,61 +2130,60 @@ def _kos_dataset(
     _put(ds, "ContentDate", _da(now.date()))
     _put(ds, "ContentTime", _tm(now.time()))
     if study.accession_number:
-        ds.ReferencedRequestSequence = Sequence([_referenced_request(study)])
-    ds.CurrentRequestedProcedureEvidenceSequence = Sequence([_evidence_item(study)])
+        _put_sequence(ds, "ReferencedRequestSequence", [_referenced_request(study, new)])
+    _put_sequence(ds, "CurrentRequestedProcedureEvidenceSequence", [_evidence_item(study, new)])
     # SR Document Content, TID 2010 Key Object Selection
     _put(ds, "ValueType", "CONTAINER")
-    title = Dataset()
+    title = new()
     _put(title, "CodeValue", MANIFEST_TITLE[0])
     _put(title, "CodingSchemeDesignator", MANIFEST_TITLE[1])
     _put(title, "CodeMeaning", MANIFEST_TITLE[2])
-    ds.ConceptNameCodeSequence = Sequence([title])
+    _put_sequence(ds, "ConceptNameCodeSequence", [title])
     _put(ds, "ContinuityOfContent", "SEPARATE")
-    template = Dataset()
+    template = new()
     _put(template, "MappingResource", "DCMR")
     _put(template, "TemplateIdentifier", "2010")
-    ds.ContentTemplateSequence = Sequence([template])
-    content = []
+    _put_sequence(ds, "ContentTemplateSequence", [template])
+    content: list[_Target] = []
     for series in study.series:
         for instance in series.instances:
-            reference = Dataset()
+            reference = new()
             _put(reference, "ReferencedSOPClassUID", instance.sop_class_uid)
             _put(reference, "ReferencedSOPInstanceUID", instance.sop_instance_uid)
-            item = Dataset()
+            item = new()
             _put(item, "RelationshipType", "CONTAINS")
             _put(item, "ValueType", content_value_type(instance.sop_class_uid))
-            item.ReferencedSOPSequence = Sequence([reference])
+            _put_sequence(item, "ReferencedSOPSequence", [reference])
             content.append(item)
-    ds.ContentSequence = Sequence(content)
+    _put_sequence(ds, "ContentSequence", content)
 
-    meta = FileMetaDataset()
+    meta = FileMetaDataset() if new is Dataset else new()
     _put(meta, "MediaStorageSOPClassUID", KOS_SOP_CLASS_UID)
     _put(meta, "MediaStorageSOPInstanceUID", sop_instance_uid)
     _put(meta, "TransferSyntaxUID", ExplicitVRLittleEndian)
     _put(meta, "ImplementationClassUID", RELAIS_IMPLEMENTATION_CLASS_UID)
     _put(meta, "ImplementationVersionName", RELAIS_IMPLEMENTATION_VERSION_NAME)
-    ds.file_meta = meta
-    return ds
+    return ds, meta
 
 
-def _referenced_request(study: StudyDescription) -> Dataset:
-    request = Dataset()
+def _referenced_request(study: StudyDescription, new: type[_Target]) -> _Target:
+    request = new()
     _put(request, "StudyInstanceUID", study.study_instance_uid)
-    request.ReferencedStudySequence = Sequence()
+    _put_sequence(request, "ReferencedStudySequence", [])
     _put(request, "AccessionNumber", study.accession_number or "")
-    request.IssuerOfAccessionNumberSequence = Sequence()
+    _put_sequence(request, "IssuerOfAccessionNumberSequence", [])
     _put(request, "PlacerOrderNumberImagingServiceRequest", "")
     _put(request, "FillerOrderNumberImagingServiceRequest", "")
     _put(request, "RequestedProcedureID", "")
     _put(request, "RequestedProcedureDescription", "")
-    request.RequestedProcedureCodeSequence = Sequence()
+    _put_sequence(request, "RequestedProcedureCodeSequence", [])
     return request
 
 
-def _evidence_item(study: StudyDescription) -> Dataset:
-    series_items = []
+def _evidence_item(study: StudyDescription, new: type[_Target]) -> _Target:
+    series_items: list[_Target] = []
     for series in study.series:
-        item = Dataset()
+        item = new()
         _put(item, "SeriesInstanceUID", series.series_instance_uid)
         _put(item, "Modality", series.modality)
         if series.body_part:
@@ -1360,15 +2194,15 @@ def _evidence_item(study: StudyDescription) -> Dataset:
             _put(item, "RetrieveLocationUID", study.retrieve_location_uid)
         if study.retrieve_url:
             _put(item, "RetrieveURL", study.retrieve_url)
-        references = []
+        references: list[_Target] = []
         for instance in series.instances:
-            reference = Dataset()
+            reference = new()
             _put(reference, "ReferencedSOPClassUID", instance.sop_class_uid)
             _put(reference, "ReferencedSOPInstanceUID", instance.sop_instance_uid)
             references.append(reference)
-        item.ReferencedSOPSequence = Sequence(references)
+        _put_sequence(item, "ReferencedSOPSequence", references)
         series_items.append(item)
-    study_item = Dataset()
+    study_item = new()
     _put(study_item, "StudyInstanceUID", study.study_instance_uid)
-    study_item.ReferencedSeriesSequence = Sequence(series_items)
+    _put_sequence(study_item, "ReferencedSeriesSequence", series_items)
     return study_item

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import io
 import pickle
+import warnings
 
 import pydicom
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pynetdicom.dsutils import decode
 
+from broker.dicom import kos as kos_module
 from broker.dicom.kos import (
     INS_NIA_OID,
     INS_NIA_TEST_OID,
@@ -26,6 +31,7 @@ from broker.dicom.kos import (
     ParsedKOS,
     ReferencedInstance,
     ResolvedPatientId,
+    StudyDescription,
     build_kos,
     derive_kos_uids,
     national_ids,
@@ -59,8 +65,10 @@ from tests.dicom_factories import (
     replace_patient,
     set_raw,
 )
+from tests.unit.test_kos_fuzz import mutated_bytes, mutated_datasets
 
 EVIDENCE = "CurrentRequestedProcedureEvidenceSequence"
+ECG_STORAGE = "1.2.840.10008.5.1.4.1.1.9.1.1"  # 12-lead ECG Waveform
 
 
 def parse(ds: Dataset, **encoding: bool) -> ParsedKOS:
@@ -963,3 +971,325 @@ def test_referenced_instances_keep_their_order() -> None:
     study = make_study_description(series=(series,))
 
     assert parse_kos(build_kos(study, now=NOW)).primary_study.series[0].instances == instances
+
+
+# --------------------------------------------------------------------------- fast paths
+#
+# parse_kos reads the usual encodings itself and leaves the rest to pydicom; build_kos writes
+# plainly typed descriptions itself and leaves the rest to pydicom. Either way the outcome must
+# be pydicom's: the same ParsedKOS or the same refusal, the same bytes.
+
+
+def read_by_pydicom(data: bytes, monkeypatch: pytest.MonkeyPatch) -> ParsedKOS | tuple[str, str]:
+    with monkeypatch.context() as patched:
+        patched.setattr(kos_module, "_parse_fast", lambda data: None)
+        return outcome(data)
+
+
+def outcome(data: bytes) -> ParsedKOS | tuple[str, str]:
+    try:
+        return parse_kos(data)
+    except KOSError as error:
+        return (error.code, error.message)
+
+
+def with_undefined_lengths(ds: Dataset) -> Dataset:
+    for element in ds.iterall():
+        if element.VR == "SQ":
+            element.is_undefined_length = True
+            for item in element.value:
+                item.is_undefined_length_sequence_item = True
+    return ds
+
+
+@pytest.mark.parametrize("implicit_vr", [False, True], ids=["explicit", "implicit"])
+@pytest.mark.parametrize("undefined", [False, True], ids=["defined", "undefined-lengths"])
+@pytest.mark.parametrize("preamble", [True, False], ids=["preamble", "no-preamble"])
+def test_usual_encodings_are_read_without_pydicom_and_as_pydicom_reads_them(
+    implicit_vr: bool, undefined: bool, preamble: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ds = make_kos_dataset(
+        patient=make_patient(other_ids=(OtherPatientId(NIR, None, INS_NIR_OID, "TEXT"),)),
+        retrieve_location_uid=f"{UID_ROOT}.77",
+    )
+    if undefined:
+        with_undefined_lengths(ds)
+    data = dataset_to_bytes(ds, implicit_vr=implicit_vr, preamble=preamble)
+    expected = read_by_pydicom(data, monkeypatch)
+
+    def no_pydicom(data: bytes) -> None:
+        raise AssertionError("read by pydicom")
+
+    monkeypatch.setattr(kos_module, "_read_part10", no_pydicom)
+
+    assert parse_kos(data) == expected
+    assert isinstance(expected, ParsedKOS)
+    assert expected.instance_count == 6
+
+
+def _latin1_charset(ds: Dataset) -> None:
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientName = "MÜLLER^Hélène^Anaïs"
+    ds.InstitutionName = "Hôpital Saint-Éloi"
+
+
+def _no_charset_latin1_bytes(ds: Dataset) -> None:
+    del ds.SpecificCharacterSet
+    set_raw(ds, "InstitutionName", b"H\xf4pital A")
+    set_raw(ds, "StudyDescription", b"\xc9PAULE\\GAUCHE")
+
+
+def _iso2022_japanese(ds: Dataset) -> None:
+    set_raw(ds, "SpecificCharacterSet", ["", "ISO 2022 IR 87"])
+    set_raw(ds, "StudyDescription", b"\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B")
+
+
+def _python_codec_as_charset(ds: Dataset) -> None:
+    set_raw(ds, "SpecificCharacterSet", "cp500")
+    set_raw(ds, "InstitutionName", "HOPITAL".encode("cp500"))
+
+
+def _charset_in_an_item(ds: Dataset) -> None:
+    title = ds.ConceptNameCodeSequence[0]
+    set_raw(title, "SpecificCharacterSet", "ISO_IR 100")
+    set_raw(title, "CodeMeaning", b"Manifeste \xe9tendu")
+
+
+def _undecodable_utf8(ds: Dataset) -> None:
+    set_raw(ds, "StudyDescription", b"TDM \xe9paule \xff")
+
+
+def _private_elements(ds: Dataset) -> None:
+    for tag, vr, value in [
+        (0x00290010, "LO", "ACME 1.0"),
+        (0x00291001, "LO", "private text"),
+        (0x00291002, "UI", "1.2.03"),  # private UIDs are not checked
+        (0x00291003, "US", 7),
+        (0x00291004, "SQ", Sequence([Dataset()])),
+    ]:
+        ds[tag] = pydicom.DataElement(tag, vr, value, validation_mode=pydicom.config.IGNORE)
+    first_series_item(ds)[0x00110010] = pydicom.DataElement(0x00110010, "LO", "ACME 1.0")
+    first_series_item(ds)[0x00111001] = pydicom.DataElement(0x00111001, "OB", b"x")
+
+
+def _odd_but_readable_values(ds: Dataset) -> None:
+    set_raw(ds, "SeriesNumber", " +999 ")
+    set_raw(ds, "InstanceNumber", "1.5")
+    set_raw(ds, "PatientWeight", "72.5", vr="DS")
+    set_raw(ds, "ModalitiesInStudy", "CT\\PR\\")
+    set_raw(ds, "StudyDescription", "  padded  \x00")
+    set_raw(ds, "ReferringPhysicianName", "SMITH^John")
+    first_series_item(ds).RetrieveAETitle = ["  PACS_MAIN ", "PACS_BACKUP"]
+
+
+def _uids_padded_or_spaced(ds: Dataset) -> None:
+    set_raw(first_series_item(ds), "SeriesInstanceUID", f"{STUDY_UID}.1 ")
+    reference = first_series_item(ds).ReferencedSOPSequence[0]
+    set_raw(reference, "ReferencedSOPInstanceUID", f" {STUDY_UID}.1.1")
+    set_raw(ds.ContentSequence[1].ReferencedSOPSequence[0], "ReferencedSOPClassUID", "")
+
+
+def _group_lengths_and_empty_values(ds: Dataset) -> None:
+    set_raw(ds, "PatientBirthDate", "")
+    set_raw(ds, "PatientSex", "")
+    set_raw(first_series_item(ds), "BodyPartExamined", "")
+    ds[0x00100000] = pydicom.DataElement(0x00100000, "UL", 42)
+
+
+def _unusual_content_items(ds: Dataset) -> None:
+    item = ds.ContentSequence[0]
+    item.ReferencedSOPSequence[0].ReferencedFrameNumber = "1"
+    set_raw(ds.ContentSequence[1], "ValueType", "image")
+    ds.ContentSequence[2].ReferencedSOPSequence.append(Dataset())
+
+
+def _retyped_elements(ds: Dataset) -> None:
+    set_raw(ds, "AccessionNumber", "A1\\A2", vr="CS")
+    set_raw(first_series_item(ds), "Modality", "1.2.3", vr="UI")
+
+
+def _several_refusals(ds: Dataset) -> None:
+    _set_instance_uid(ds, "1.2.x")
+    del first_series_item(ds).RetrieveAETitle
+    del ds.PatientID
+
+
+def _a_series_referenced_twice(ds: Dataset) -> None:
+    series = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    series[1].SeriesInstanceUID = series[0].SeriesInstanceUID
+
+
+def _an_instance_referenced_twice(ds: Dataset) -> None:
+    references = first_series_item(ds).ReferencedSOPSequence
+    references[2].ReferencedSOPInstanceUID = references[0].ReferencedSOPInstanceUID
+
+
+def _sequences_nested_deep(ds: Dataset) -> None:
+    item = ds.ContentSequence[0]
+    for _ in range(40):
+        inner = Dataset()
+        inner.ContentSequence = Sequence([item])
+        item = inner
+    ds.ContentSequence = Sequence([item])
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        _latin1_charset,
+        _no_charset_latin1_bytes,
+        _iso2022_japanese,
+        _python_codec_as_charset,
+        _charset_in_an_item,
+        _undecodable_utf8,
+        _private_elements,
+        _odd_but_readable_values,
+        _uids_padded_or_spaced,
+        _group_lengths_and_empty_values,
+        _unusual_content_items,
+        _retyped_elements,
+        _several_refusals,
+        _a_series_referenced_twice,
+        _an_instance_referenced_twice,
+        _sequences_nested_deep,
+    ],
+)
+@pytest.mark.parametrize("implicit_vr", [False, True], ids=["explicit", "implicit"])
+@pytest.mark.parametrize("undefined", [False, True], ids=["defined", "undefined-lengths"])
+def test_the_fast_reader_and_pydicom_give_the_same_outcome(
+    edit: object, implicit_vr: bool, undefined: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ds = make_kos_dataset()
+    edit(ds)  # type: ignore[operator]
+    if undefined:
+        with_undefined_lengths(ds)
+    data = dataset_to_bytes(ds, implicit_vr=implicit_vr)
+
+    assert outcome(data) == read_by_pydicom(data, monkeypatch)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=mutated_bytes() | mutated_datasets())
+def test_hostile_manifests_have_the_same_outcome_read_fast_or_by_pydicom(data: bytes) -> None:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        assert outcome(data) == read_by_pydicom(data, monkeypatch)
+
+
+@functools.cache
+def encodings_to_mutate() -> tuple[bytes, ...]:
+    """The manifest in explicit and implicit VR, with defined and undefined lengths."""
+    found = []
+    for undefined in (False, True):
+        ds = make_kos_dataset(retrieve_url="https://pacs.hopital-a.example/wado")
+        if undefined:
+            with_undefined_lengths(ds)
+        found += [dataset_to_bytes(ds), dataset_to_bytes(ds, implicit_vr=True)]
+    return tuple(found)
+
+
+@st.composite
+def mutated_references(draw: st.DrawFn) -> bytes:
+    """Small edits inside the evidence or the content items: lengths, padding, delimiters."""
+    data = bytearray(draw(st.sampled_from(encodings_to_mutate())))
+    rnd = draw(st.randoms(use_true_random=True))
+    start = data.index(draw(st.sampled_from([b"\x40\x00\x75\xa3", b"\x40\x00\x30\xa7"])))
+    for _ in range(draw(st.integers(1, 3))):
+        position = rnd.randrange(start, len(data))
+        operation = draw(st.sampled_from(["add", "set", "insert", "delete", "undefined", "repeat"]))
+        if operation == "add":
+            data[position] = (data[position] + draw(st.sampled_from([1, 255, 2]))) % 256
+        elif operation == "set":
+            data[position] = draw(st.sampled_from([0x00, 0x20, 0x2E, 0x30, 0x39, 0x5C, 0xFE, 0xFF]))
+        elif operation == "insert":
+            data[position:position] = draw(st.sampled_from([b"\x00", b" ", b"\x00\x00", b"0"]))
+        elif operation == "delete":
+            del data[position : position + draw(st.integers(1, 4))]
+        elif operation == "undefined":
+            data[position : position + 4] = b"\xff\xff\xff\xff"
+        else:
+            length = draw(st.integers(2, 40))
+            data[position:position] = data[position : position + length]
+    return bytes(data)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=mutated_references())
+def test_edited_reference_items_have_the_same_outcome_read_fast_or_by_pydicom(
+    data: bytes,
+) -> None:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        assert outcome(data) == read_by_pydicom(data, monkeypatch)
+
+
+def _written_by_pydicom(study: StudyDescription, monkeypatch: pytest.MonkeyPatch) -> bytes:
+    with monkeypatch.context() as patched:
+        patched.setattr(kos_module, "_plainly_typed", lambda *args: False)
+        return build_kos(study, now=NOW, **KOS_UIDS)
+
+
+KOS_UIDS = {"sop_instance_uid": f"{UID_ROOT}.5.1", "series_instance_uid": f"{UID_ROOT}.5"}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {},
+        {
+            "patient": make_patient(
+                family_name="LÉVÊQUE",
+                given_names="Zoé Anaïs",
+                birth_name="Ŝtraße",
+                issuer=None,
+                issuer_oid=HOPITAL_A_OID,
+                other_ids=(
+                    OtherPatientId(NIR, None, INS_NIR_OID, "TEXT"),
+                    OtherPatientId("X-42", "LABO", None, None),
+                ),
+            ),
+            "institution_name": "Centre hospitalier de Saint-Étienne",
+            "retrieve_location_uid": f"{UID_ROOT}.77",
+            "retrieve_url": "https://pacs.hopital-a.example/dicom-web",
+        },
+        {
+            "patient": make_patient(sex="", birth_date=None, given_names=""),
+            "accession_number": None,
+            "study_date": None,
+            "study_time": dt.time(10, 42, 7, 120),
+            "study_description": "odd",
+            "institution_name": "",
+            "series": (
+                make_series(STUDY_UID, 1, modality="PR", sop_class_uid=GSPS_STORAGE),
+                make_series(STUDY_UID, 2, body_part=None, sop_class_uid=SECONDARY_CAPTURE_STORAGE),
+                make_series(STUDY_UID, 3, modality="ECG", sop_class_uid=ECG_STORAGE),
+            ),
+        },
+        {"study_description": "TDM \ud800 lone surrogate"},
+        {"accession_number": b"A24011500042"},  # bytes pass pydicom's validation of SH
+    ],
+    ids=["factory", "unicode-and-identifiers", "sparse-and-mixed", "surrogate", "bytes"],
+)
+def test_the_draft_writer_writes_the_bytes_pydicom_writes(
+    change: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    study = make_study_description(**change)
+    monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.WARN)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # pydicom replaces the lone surrogate
+        assert build_kos(study, now=NOW, **KOS_UIDS) == _written_by_pydicom(study, monkeypatch)
+
+
+@pytest.mark.parametrize(
+    "now",
+    [NOW, NOW.replace(tzinfo=None), NOW.replace(tzinfo=dt.timezone(-dt.timedelta(hours=3.5)))],
+    ids=["cet", "naive", "negative-offset"],
+)
+def test_the_draft_writer_and_pydicom_agree_for_any_time(
+    now: dt.datetime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    study = make_study_description()
+    with monkeypatch.context() as patched:
+        patched.setattr(kos_module, "_plainly_typed", lambda *args: False)
+        expected = build_kos(study, now=now)
+
+    assert build_kos(study, now=now) == expected
