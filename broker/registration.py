@@ -352,8 +352,10 @@ def _traits_match(identifier: PatientIdentifier, kos: ParsedKOS) -> bool:
 def _known_identifiers(keys: set[tuple[str, str]]) -> dict[tuple[str, str], PatientIdentifier]:
     if not keys:
         return {}
+    # Both columns, so that the (issuer, value) unique index serves the lookup.
     rows = PatientIdentifier.objects.select_for_update().filter(
-        value__in={value for _issuer, value in keys}
+        issuer__in={issuer for issuer, _value in keys},
+        value__in={value for _issuer, value in keys},
     )
     return {(i.issuer, i.value): i for i in rows if (i.issuer, i.value) in keys}
 
@@ -459,7 +461,10 @@ def _resolve_identities_and_replacements(
                 continue
             document.identifier = identifier
         else:
-            savepoint = transaction.savepoint()
+            # A savepoint only where the document may still be refused after its patient is
+            # written (a study already registered): the identity service itself refuses
+            # before it writes.
+            savepoint = transaction.savepoint() if olds else None
             events: list[AuditEntry] = []
             try:
                 resolved = identity_resolve_for_manifest(
@@ -476,9 +481,11 @@ def _resolve_identities_and_replacements(
             except Conflict as exc:
                 document.error = exc
             if document.error is not None:
-                transaction.savepoint_rollback(savepoint)
+                if savepoint is not None:
+                    transaction.savepoint_rollback(savepoint)
                 continue
-            transaction.savepoint_commit(savepoint)
+            if savepoint is not None:
+                transaction.savepoint_commit(savepoint)
             identity_events.extend(events)
             document.identifier = resolved.identifier
             document.created_patient = resolved.created
