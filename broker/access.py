@@ -206,9 +206,8 @@ def require_region_admin(user: object) -> None:
 def can_administer_institution(user: object, institution: Institution) -> bool:
     if is_region_admin(user):
         return True
-    if isinstance(user, InstitutionSystem) or not getattr(user, "is_authenticated", False):
-        return False
-    return bool(user.has_perm("broker.change_institution", institution))  # type: ignore[attr-defined]
+    # One source of truth: an active administrator membership of this institution.
+    return institution.id in institutions_with_roles(user, {Role.INSTITUTION_ADMIN})
 
 
 def can_deprecate_manifest(user: object, manifest: Manifest) -> bool:
@@ -227,43 +226,57 @@ def can_manage_identity(user: object, patient: Patient) -> bool:
 
 
 def access_identifier_for_identity(user: object, *, issuer: str, value: str) -> PatientIdentifier:
-    """An identifier the caller may manage (unlink); "not found" otherwise."""
+    """An identifier the caller may unlink; "not found" otherwise.
+
+    A regional administrator may unlink any identifier; an institution administrator only
+    their own institution's local IDs (never another hospital's, never the INS)."""
     identifier = (
         PatientIdentifier.objects.filter(issuer=issuer, value=value)
         .select_related("patient")
         .first()
     )
-    if identifier is None or not can_manage_identity(user, identifier.patient):
+    if identifier is None:
+        raise NotFound("No such identifier")
+    if is_region_admin(user):
+        return identifier
+    if identifier.institution_id not in institutions_with_roles(user, {Role.INSTITUTION_ADMIN}):
         raise NotFound("No such identifier")
     return identifier
 
 
 def candidates_visible_to(user: object, *, limit: int = 500) -> list[LinkCandidate]:
-    """Pending candidate links involving a patient the caller may manage."""
+    """Pending candidate links the caller may decide: both patients must be theirs to
+    manage (the same rule as ``access_candidate``), so a candidate never shows one
+    hospital's patient to another hospital's administrator."""
+    admin = institutions_with_roles(user, {Role.INSTITUTION_ADMIN})
+    if not is_region_admin(user) and not admin:
+        return []
+    candidates = (
+        LinkCandidate.objects.filter(status=LinkCandidate.Status.PENDING)
+        .select_related(
+            "identifier_a__institution",
+            "identifier_b__institution",
+            "identifier_a__patient",
+            "identifier_b__patient",
+        )
+        .order_by("id")
+    )
     if is_region_admin(user):
-        condition = Q()
-    else:
-        admin = institutions_with_roles(user, {Role.INSTITUTION_ADMIN})
-        if not admin:
-            return []
-        condition = Q(
-            Exists(
-                PatientIdentifier.objects.filter(
-                    patient_id=OuterRef("identifier_a__patient_id"), institution_id__in=admin
-                )
-            )
-        ) | Q(
-            Exists(
-                PatientIdentifier.objects.filter(
-                    patient_id=OuterRef("identifier_b__patient_id"), institution_id__in=admin
-                )
+        return list(candidates[:limit])
+    both = Q(
+        Exists(
+            PatientIdentifier.objects.filter(
+                patient_id=OuterRef("identifier_a__patient_id"), institution_id__in=admin
             )
         )
-    return list(
-        LinkCandidate.objects.filter(condition, status=LinkCandidate.Status.PENDING)
-        .select_related("identifier_a__institution", "identifier_b__institution")
-        .order_by("id")[:limit]
+    ) & Q(
+        Exists(
+            PatientIdentifier.objects.filter(
+                patient_id=OuterRef("identifier_b__patient_id"), institution_id__in=admin
+            )
+        )
     )
+    return list(candidates.filter(both)[:limit])
 
 
 def access_candidate(user: object, candidate_id: int) -> LinkCandidate:

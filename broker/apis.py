@@ -190,6 +190,8 @@ class ManifestCollectionApi(APIView):
             )
         try:
             data = request.data
+            if not isinstance(data, bytes | bytearray):  # an empty body never reaches the parser
+                raise exceptions.ParseError("The body is empty: send a DICOM file")
         except (exceptions.ParseError, exceptions.UnsupportedMediaType) as exc:
             services.manifest_rejection_audit(
                 code="registry:manifest:unreadable-body",
@@ -503,9 +505,12 @@ class InstitutionDetailApi(APIView):
                 "The FINESS number of an institution cannot change",
                 code="registry:institution:finess-immutable",
             )
-        if "active" in changes and not is_region_admin(request.user):
+        if {"active", "patient_id_issuer", "patient_id_issuer_oid"} & set(changes) and not (
+            is_region_admin(request.user)
+        ):
             raise PermissionDenied(
-                "Only a regional administrator may activate or deactivate an institution"
+                "Only a regional administrator may activate an institution or change the "
+                "domain of its patient IDs"
             )
         institution = services.institution_update(
             institution=institution, actor=actor_for(request), now=_now(), **changes

@@ -280,7 +280,7 @@ def identity_resolve_for_manifest(
             continue
         if ins.patient_id == identifier.patient_id:
             continue
-        if identifier.auto_link_blocked or ins.auto_link_blocked:
+        if _link_needs_review(identifier.patient_id, ins):
             candidates.extend(
                 _candidate_create(
                     a=identifier,
@@ -335,6 +335,20 @@ def identity_resolve_for_manifest(
         )
     return ResolvedIdentity(
         identifier=identifier, created=created, linked=linked, candidates=tuple(candidates)
+    )
+
+
+def _link_needs_review(patient_id: int, ins: PatientIdentifier) -> bool:
+    """A shared INS links automatically unless a person must look first: an identifier of
+    either patient was unlinked by hand, or the local patient already holds another INS
+    of the same kind (two national identities must not be merged silently)."""
+    involved = PatientIdentifier.objects.filter(patient_id__in=[patient_id, ins.patient_id])
+    if involved.filter(auto_link_blocked=True).exists():
+        return True
+    return (
+        PatientIdentifier.objects.filter(patient_id=patient_id, kind=ins.kind)
+        .exclude(pk=ins.pk)
+        .exists()
     )
 
 
@@ -482,7 +496,7 @@ def patient_unlink(
     with transaction.atomic():
         identifier = PatientIdentifier.objects.select_for_update().get(pk=identifier.pk)
         previous = identifier.patient
-        if previous.identifiers.count() < 2:
+        if len(previous.identifiers.select_for_update().order_by("id")) < 2:
             raise Conflict(
                 "This identifier is the patient's only one: nothing to unlink",
                 code="identity:unlink:sole-identifier",

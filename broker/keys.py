@@ -2,13 +2,15 @@
 
 Several processes may start at once on a fresh data directory (web server,
 DICOM server, a management command): each file is created with O_EXCL, so
-exactly one of them writes it and every other reads what that one wrote.
+the first complete file wins (a hard link that fails if the file exists) and every
+other process reads what that one wrote.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,26 +19,27 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 
 def _create_once(path: Path, content: bytes) -> bytes:
+    """Write ``path`` unless it exists; return what it holds (ours, or the first writer's).
+
+    The content goes to a private temporary file that is then hard-linked to ``path``:
+    the link fails if ``path`` exists, so the first complete file wins and is never
+    overwritten, and nobody ever reads a half-written one.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        fd = os.open(
-            path.with_suffix(path.suffix + ".tmp"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600
-        )
-    except FileExistsError:
-        # Another process is writing it: wait for the rename.
-        for _ in range(100):
-            if path.exists():
-                return path.read_bytes()
-            time.sleep(0.05)
-        raise RuntimeError(
-            f"{path}.tmp exists but {path} never appeared: remove the .tmp file"
-        ) from None
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(content)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(path.with_suffix(path.suffix + ".tmp"), path)
-    return content
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp_name, 0o600)
+        try:
+            os.link(tmp_name, path)
+        except FileExistsError:
+            return path.read_bytes()
+        return content
+    finally:
+        os.unlink(tmp_name)
 
 
 def load_or_create_secret_key(data_dir: Path) -> str:

@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Literal
 
 from django.conf import settings
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, OperationalError, connection, transaction
 
 from audit.events import EventCode, Outcome
 from audit.services import Actor, AuditEntry, PatientRef, audit_record_many
@@ -141,12 +141,20 @@ def manifests_register(
             with transaction.atomic():
                 _register_batch(batch, institution, actor, now, correlation_id)
             break
-        except IntegrityError:
-            if attempt == 2:
+        except (IntegrityError, OperationalError) as exc:
+            if attempt == 2 or not _retryable(exc):
                 raise
             for document in batch:
                 _reset(document)
     return [document.result for document in batch if document.result is not None]
+
+
+def _retryable(exc: Exception) -> bool:
+    """A unique key taken by a concurrent writer, a deadlock or a serialization failure."""
+    if isinstance(exc, IntegrityError):
+        return True
+    sqlstate = getattr(getattr(exc, "__cause__", None), "sqlstate", None)
+    return sqlstate in {"40P01", "40001"}
 
 
 def manifest_rejection_audit(
@@ -305,6 +313,7 @@ def _check_existing(batch: list[_Document], institution: Institution) -> None:
         for m in Manifest.objects.select_for_update()
         .filter(sop_instance_uid__in=uids)
         .defer("kos_bytes")
+        .order_by("id")
     }
     first_in_batch: dict[str, _Document] = {}
     for document in batch:
@@ -353,9 +362,13 @@ def _known_identifiers(keys: set[tuple[str, str]]) -> dict[tuple[str, str], Pati
     if not keys:
         return {}
     # Both columns, so that the (issuer, value) unique index serves the lookup.
-    rows = PatientIdentifier.objects.select_for_update().filter(
-        issuer__in={issuer for issuer, _value in keys},
-        value__in={value for _issuer, value in keys},
+    rows = (
+        PatientIdentifier.objects.select_for_update()
+        .filter(
+            issuer__in={issuer for issuer, _value in keys},
+            value__in={value for _issuer, value in keys},
+        )
+        .order_by("id")
     )
     return {(i.issuer, i.value): i for i in rows if (i.issuer, i.value) in keys}
 

@@ -81,8 +81,11 @@ def _decode_cursor(cursor: str) -> tuple[date, int]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         day, last_id = json.loads(raw)
-        return date.fromisoformat(day), int(last_id)
-    except (binascii.Error, ValueError, TypeError, json.JSONDecodeError) as exc:
+        last_id = int(last_id)
+        if not 0 < last_id < 2**63:
+            raise ValueError("id out of range")
+        return date.fromisoformat(day), last_id
+    except (binascii.Error, ValueError, TypeError, OverflowError, json.JSONDecodeError) as exc:
         raise InvalidInput(
             "The cursor is not one this API gave", code="relais:cursor:invalid"
         ) from exc

@@ -14,6 +14,7 @@ from django.db import transaction
 
 from audit.events import EventCode
 from audit.services import Actor, audit_record
+from broker.dicom.kos import INS_NIA_OID, INS_NIA_TEST_OID, INS_NIR_OID, INS_NIR_TEST_OID
 from broker.errors import Conflict, InvalidInput, NotFound
 from broker.identity import patient_ref
 from broker.models import (
@@ -85,6 +86,7 @@ def institution_create(
         updated_at=now,
     )
     _check_endpoints(institution)
+    _check_patient_domain(institution)
     _validate(institution)
     with transaction.atomic():
         institution.save()
@@ -96,6 +98,15 @@ def institution_create(
             details={field: getattr(institution, field) for field in INSTITUTION_FIELDS},
         )
     return institution
+
+
+def _check_patient_domain(institution: Institution) -> None:
+    national = {INS_NIR_OID, INS_NIA_OID, INS_NIR_TEST_OID, INS_NIA_TEST_OID}
+    if {institution.patient_id_issuer, institution.patient_id_issuer_oid} & national:
+        raise InvalidInput(
+            "The national INS domain cannot be an institution's local patient ID domain",
+            code="registry:institution:ins-domain",
+        )
 
 
 def _check_endpoints(institution: Institution) -> None:
@@ -122,6 +133,17 @@ def institution_update(
         for field, value in changes.items():
             setattr(institution, field, value.strip() if isinstance(value, str) else value)
         institution.updated_at = now
+        domain_changed = any(
+            before.get(field, getattr(institution, field)) != getattr(institution, field)
+            for field in ("patient_id_issuer", "patient_id_issuer_oid")
+        )
+        if domain_changed and institution.patient_identifiers.exists():
+            raise Conflict(
+                "The institution's patients are already known under this domain: its issuer "
+                "cannot change",
+                code="registry:institution:domain-in-use",
+            )
+        _check_patient_domain(institution)
         _check_endpoints(institution)
         _validate(institution)
         institution.save()

@@ -51,6 +51,8 @@ if len(RELAIS_DICOM_AE_TITLE.strip()) == 0 or len(RELAIS_DICOM_AE_TITLE) > 16:
 DATA_DIR.mkdir(parents=True, exist_ok=True)
 if not SECRET_KEY:
     SECRET_KEY = load_or_create_secret_key(DATA_DIR)
+elif len(SECRET_KEY) < 50:
+    raise ImproperlyConfigured("SECRET_KEY must be at least 50 characters (or unset: generated)")
 RELAIS_SIGNING_KEY_PATH: Path = load_or_create_signing_key(DATA_DIR)
 
 if _DATABASE_URL:

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 from django.contrib.auth import get_user_model
 from django.db import connection
-from guardian.shortcuts import assign_perm
 from rest_framework.test import APIClient
 
 from audit.services import Actor
@@ -89,8 +88,6 @@ def make_user(
     professional = Professional.objects.create(user=user, is_region_admin=region_admin)
     for institution, role in memberships:
         Membership.objects.create(professional=professional, institution=institution, role=role)
-        if role == Role.INSTITUTION_ADMIN:
-            assign_perm("broker.change_institution", user, institution)
     return user
 
 

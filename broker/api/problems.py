@@ -6,6 +6,7 @@ code; DRF's own errors (validation, authentication, parsing) are mapped here too
 
 from __future__ import annotations
 
+import logging
 from http import HTTPStatus
 from typing import Any
 
@@ -17,7 +18,10 @@ from rest_framework.views import set_rollback
 
 from broker.errors import DomainError
 
+logger = logging.getLogger(__name__)
+
 PROBLEM_CONTENT_TYPE = "application/problem+json"
+_RESERVED = frozenset({"type", "title", "status", "detail", "code", "instance"})
 TYPE_BASE = "https://relais.example/problems/"
 
 _DRF_CODES: dict[type[exceptions.APIException], str] = {
@@ -61,14 +65,23 @@ def problem_exception_handler(exc: Exception, context: dict[str, Any]) -> Respon
             detail=exc.detail,
             code=exc.code,
             instance=instance,
-            **{k: v for k, v in exc.extra.items() if k not in {"type", "status"}},
+            **{k: v for k, v in exc.extra.items() if k not in _RESERVED},
         )
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, DjangoPermissionDenied):
         exc = exceptions.PermissionDenied()
     if not isinstance(exc, exceptions.APIException):
-        return None
+        # Anything unexpected: logged with its traceback, answered as a problem too.
+        logger.exception("Unhandled error on %s", instance)
+        set_rollback()
+        return problem_response(
+            status_code=500,
+            title="Internal Server Error",
+            detail="The broker could not complete this request; it has been logged.",
+            code="relais:server:error",
+            instance=instance,
+        )
     set_rollback()
     code = next(
         (value for cls, value in _DRF_CODES.items() if isinstance(exc, cls)), "relais:request:error"

@@ -421,3 +421,84 @@ def test_an_unknown_api_path_is_a_problem(region, referring_doctor):
     response = client_for(referring_doctor).get("/api/v1/nothing-here")
     assert response.status_code == 404
     assert response["Content-Type"].startswith("application/problem+json")
+
+
+# ---------------------------------------------------------------------------
+# Found in review: each of these was a hole
+
+
+def test_an_empty_body_is_a_400_problem_and_audited(region):
+    response = publish(system_client(region, region.chu), b"")
+
+    assert_problem(response, 400, "relais:request:malformed")
+    assert AuditEvent.objects.filter(code=EventCode.MANIFEST_REJECT).count() == 1
+
+
+def test_an_institution_admin_sees_no_candidate_involving_another_hospitals_patient(
+    region, institution_admin
+):
+    for institution, pid, study in [(region.staubin, "SA-0042", 4), (region.portmael, "PM-77", 5)]:
+        manifest_register(
+            data=kos_for(
+                institution,
+                pid,
+                study=study,
+                family="LEROY",
+                given="Jean",
+                birth=dt.date(1950, 11, 2),
+                sex="M",
+            ),
+            institution=institution,
+            actor=SYSTEM,
+            now=NOW,
+        )
+    assert client_for(institution_admin).get("/api/v1/identity/candidates").json() == []
+
+
+def test_an_institution_admin_cannot_unlink_another_hospitals_identifier_or_the_ins(
+    region, shared_patient, institution_admin
+):
+    client = client_for(institution_admin)
+    for issuer, value in [("CHU-BELLECOMBE", "100001"), ("1.2.250.1.213.1.4.10", INS_FULL)]:
+        body = {"issuer": issuer, "value": value, "reason": "not mine"}
+        assert_problem(client.post("/api/v1/identity/unlink", body, format="json"), 404)
+    assert Patient.objects.get(identifiers__value="100001") == shared_patient
+
+
+def test_a_cursor_with_an_absurd_id_is_a_400(region, referring_doctor):
+    import base64
+    import json
+
+    cursor = base64.urlsafe_b64encode(json.dumps(["2020-01-01", 10**30]).encode()).decode()
+    response = client_for(referring_doctor).get("/api/v1/manifests", {"cursor": cursor})
+    assert_problem(response, 400, "relais:cursor:invalid")
+
+
+def test_only_a_region_admin_changes_an_institutions_patient_id_domain(
+    region, institution_admin, region_admin
+):
+    url = f"/api/v1/institutions/{region.portmael.finess}"
+    body = {"patient_id_issuer": "CH-PM-NEW"}
+    assert_problem(client_for(institution_admin).patch(url, body, format="json"), 403)
+    manifest_register(
+        data=kos_for(region.portmael, "PM-1", study=8),
+        institution=region.portmael,
+        actor=SYSTEM,
+        now=NOW,
+    )
+    # Once patients are known under it, nobody changes it.
+    assert_problem(
+        client_for(region_admin).patch(url, body, format="json"),
+        409,
+        "registry:institution:domain-in-use",
+    )
+
+
+def test_the_ins_domain_cannot_be_an_institutions_local_domain(region, region_admin):
+    body = {
+        "finess": "440000057",
+        "name": "CH de Lannou",
+        "patient_id_issuer": "1.2.250.1.213.1.4.8",
+    }
+    response = client_for(region_admin).post("/api/v1/institutions", body, format="json")
+    assert_problem(response, 400, "registry:institution:ins-domain")

@@ -498,3 +498,38 @@ def test_a_batch_appends_one_unbroken_audit_chain(region):
     assert result.intact
     sequences = list(AuditEvent.objects.order_by("sequence").values_list("sequence", flat=True))
     assert sequences == list(range(1, len(sequences) + 1))
+
+
+def test_an_unlinked_identifier_is_not_relinked_through_another_identifier_of_its_patient(region):
+    register(region.chu, kos_for(region.chu, "100001", study=1, ins=INS))
+    register(region.portmael, kos_for(region.portmael, "PM-555", study=2, ins=INS))
+    chu = PatientIdentifier.objects.get(value="100001")
+    new_patient = identity.patient_unlink(identifier=chu, actor=SYSTEM, now=NOW, comment="wrong")
+    # Another hospital's identifier joins the unlinked patient (say, by a manual link)...
+    register(region.staubin, kos_for(region.staubin, "SA-9", study=3, family="X", given="Y"))
+    staubin = PatientIdentifier.objects.get(value="SA-9")
+    identity.patient_link(identifier=staubin, to_patient=new_patient, actor=SYSTEM, now=NOW)
+
+    # ...then publishes with the INS: the unlink holds, a person reviews instead.
+    register(
+        region.staubin, kos_for(region.staubin, "SA-9", study=4, family="X", given="Y", ins=INS)
+    )
+
+    chu.refresh_from_db()
+    assert chu.patient == new_patient
+    assert LinkCandidate.objects.filter(status=LinkCandidate.Status.PENDING).exists()
+
+
+def test_a_patient_with_another_ins_is_not_merged_silently(region):
+    other_ins = "1850375123456"
+    register(region.chu, kos_for(region.chu, "100001", study=1, ins=INS))
+    register(region.portmael, kos_for(region.portmael, "PM-555", study=2, ins=other_ins))
+
+    register(region.chu, kos_for(region.chu, "100001", study=3, ins=other_ins))
+
+    chu = PatientIdentifier.objects.get(value="100001")
+    pm = PatientIdentifier.objects.get(value="PM-555")
+    assert chu.patient_id != pm.patient_id
+    assert LinkCandidate.objects.filter(
+        status=LinkCandidate.Status.PENDING, matched_on=["ins"]
+    ).exists()

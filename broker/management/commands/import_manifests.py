@@ -15,6 +15,13 @@ from broker.models import Institution
 from broker.services import manifests_register
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
 def _chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
     for start in range(0, len(items), max(1, size)):
         yield items[start : start + size]
@@ -43,7 +50,7 @@ class Command(BaseCommand):
         parser.add_argument("--no-progress", action="store_true")
         parser.add_argument(
             "--batch-size",
-            type=int,
+            type=_positive_int,
             default=100,
             help="manifests registered per transaction (default 100)",
         )

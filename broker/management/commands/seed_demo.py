@@ -12,7 +12,6 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandParser
 from django.db import transaction
 from django.utils import timezone
-from guardian.shortcuts import assign_perm
 
 from broker.cli import cli_actor
 from broker.dicom.kos import (
@@ -186,8 +185,6 @@ class Command(BaseCommand):
                 Membership.objects.create(
                     professional=professional, institution=institutions[finess], role=role
                 )
-                if role == Role.INSTITUTION_ADMIN:
-                    assign_perm("broker.change_institution", user, institutions[finess])
 
         chu, portmael, staubin = (institutions[s["finess"]] for s in INSTITUTIONS)
         ins_dupont = "2850375123456"  # NIR-shaped test INS (test OID), with no key
