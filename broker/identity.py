@@ -427,6 +427,115 @@ def _demographic_candidates(
     return found
 
 
+def identities_create(
+    *,
+    institution: Institution,
+    people: list[tuple[str, PatientInfo]],
+    actor: Actor,
+    correlation_id: uuid.UUID,
+    now: datetime,
+    sink: AuditSink = None,
+) -> dict[str, tuple[PatientIdentifier, list[LinkCandidate]]]:
+    """New regional patients for local IDs of ``institution`` never seen before, in bulk.
+
+    ``people`` are (local ID, traits) pairs, each ID once and unknown to the registry; the
+    caller holds them (a registration batch). Same rules as one by one: each gets a patient,
+    its creation history and audit event, and candidate links to matching identifiers of
+    other institutions (searched with one query for all). Returns, per local ID, the new
+    identifier and its candidates.
+    """
+    if not people:
+        return {}
+    patients = Patient.objects.bulk_create([Patient(created_at=now) for _ in people])
+    identifiers = PatientIdentifier.objects.bulk_create(
+        [
+            PatientIdentifier(
+                patient=patient,
+                issuer=institution.patient_id_issuer,
+                value=value,
+                kind=IdentifierKind.IPP,
+                institution=institution,
+                created_at=now,
+                updated_at=now,
+                **_traits(traits),
+            )
+            for patient, (value, traits) in zip(patients, people, strict=True)
+        ]
+    )
+    IdentifierLinkHistory.objects.bulk_create(
+        [
+            IdentifierLinkHistory(
+                identifier=identifier,
+                from_patient=None,
+                to_patient=identifier.patient,
+                reason=IdentifierLinkHistory.Reason.CREATED,
+                actor=actor.username,
+                correlation_id=correlation_id,
+                at=now,
+            )
+            for identifier in identifiers
+        ]
+    )
+    for identifier in identifiers:
+        _emit(
+            sink,
+            code=EventCode.PATIENT_CREATE,
+            actor=actor,
+            now=now,
+            patient=PatientRef(
+                patient_id=str(identifier.patient.public_id),
+                identifiers=(
+                    {"issuer": identifier.issuer, "value": identifier.value, "kind": "IPP"},
+                ),
+            ),
+            correlation_id=correlation_id,
+            details={"identifier": {"issuer": identifier.issuer, "value": identifier.value}},
+        )
+    searchable = [i for i in identifiers if i.family_key and i.birth_date and i.given_key]
+    others: list[PatientIdentifier] = []
+    if searchable:
+        others = list(
+            PatientIdentifier.objects.filter(
+                kind=IdentifierKind.IPP,
+                birth_date__in={i.birth_date for i in searchable},
+                given_key__in={i.given_key for i in searchable},
+            )
+            .exclude(institution_id=institution.id)
+            .order_by("id")
+        )
+    result: dict[str, tuple[PatientIdentifier, list[LinkCandidate]]] = {}
+    for identifier in identifiers:
+        candidates: list[LinkCandidate] = []
+        for other in others:
+            if _traits_match_for_candidate(identifier, other):
+                candidates.extend(
+                    _candidate_create(
+                        a=identifier,
+                        b=other,
+                        matched_on=["family_name", "given_name", "birth_date", "sex"],
+                        actor=actor,
+                        correlation_id=correlation_id,
+                        now=now,
+                        sink=sink,
+                    )
+                )
+        result[identifier.value] = (identifier, candidates)
+    return result
+
+
+def _traits_match_for_candidate(identifier: PatientIdentifier, other: PatientIdentifier) -> bool:
+    """The rule of `_demographic_candidates`, for identifiers already in memory."""
+    names = {identifier.family_key, identifier.birth_name_key} - {""}
+    return (
+        other.birth_date == identifier.birth_date
+        and other.given_key == identifier.given_key
+        and bool({other.family_key, other.birth_name_key} & names)
+        and other.sex in {identifier.sex, "", "O"}
+        and other.patient_id != identifier.patient_id
+        and other.institution_id != identifier.institution_id
+    )
+
+
 def patient_link(
     *,
     identifier: PatientIdentifier,

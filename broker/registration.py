@@ -35,7 +35,7 @@ from broker.dicom.kos import (
     resolve_patient_id,
 )
 from broker.errors import Conflict, DomainError, UnprocessableManifest
-from broker.identity import identity_resolve_for_manifest, patient_refs
+from broker.identity import identities_create, identity_resolve_for_manifest, patient_refs
 from broker.models import (
     IdentifierKind,
     Institution,
@@ -423,6 +423,53 @@ def _mismatch(olds: list[_Approved], identifier: PatientIdentifier) -> Conflict 
     return None
 
 
+def _create_new_patients(
+    batch: list[_Document],
+    known: dict[tuple[str, str], PatientIdentifier],
+    approved: dict[str, _Approved],
+    institution: Institution,
+    actor: Actor,
+    now: datetime,
+    correlation_id: uuid.UUID,
+    identity_events: list[AuditEntry],
+) -> None:
+    """Local IDs seen for the first time, with no INS to link and no study that could make
+    their document refused afterwards, get their patients in bulk (the common case of an
+    import: most patients are new). The others go through the identity service one by one."""
+    study_uses: dict[str, int] = {}
+    for document in batch:
+        assert document.kos is not None
+        for study in document.kos.studies:
+            study_uses[study.study_instance_uid] = study_uses.get(study.study_instance_uid, 0) + 1
+    simple: dict[str, _Document] = {}
+    for document in batch:
+        assert document.kos is not None
+        assert document.primary is not None
+        key = _identifier_key(document.primary)
+        if (
+            document.primary.kind == "IPP"
+            and key not in known
+            and not any(n.qualified and _identifier_key(n) != key for n in document.nationals)
+            and all(
+                s.study_instance_uid not in approved and study_uses[s.study_instance_uid] == 1
+                for s in document.kos.studies
+            )
+        ):
+            simple.setdefault(document.primary.value, document)
+    created = identities_create(
+        institution=institution,
+        people=[(value, document.kos.patient) for value, document in simple.items()],  # type: ignore[union-attr]
+        actor=actor,
+        correlation_id=correlation_id,
+        now=now,
+        sink=identity_events,
+    )
+    for value, (identifier, candidates) in created.items():
+        known[(identifier.issuer, identifier.value)] = identifier
+        simple[value].created_patient = True
+        simple[value].candidates = tuple(candidate.id for candidate in candidates)
+
+
 def _resolve_identities_and_replacements(
     batch: list[_Document],
     institution: Institution,
@@ -445,6 +492,9 @@ def _resolve_identities_and_replacements(
         if r is not None
     }
     known = _known_identifiers(keys)
+    _create_new_patients(
+        batch, known, approved, institution, actor, now, correlation_id, identity_events
+    )
     for document in batch:
         assert document.kos is not None
         assert document.primary is not None
