@@ -430,7 +430,7 @@ def _demographic_candidates(
 def identities_create(
     *,
     institution: Institution,
-    people: list[tuple[str, PatientInfo]],
+    people: list[tuple[str, PatientInfo, tuple[ResolvedPatientId, ...]]],
     actor: Actor,
     correlation_id: uuid.UUID,
     now: datetime,
@@ -438,10 +438,11 @@ def identities_create(
 ) -> dict[str, tuple[PatientIdentifier, list[LinkCandidate]]]:
     """New regional patients for local IDs of ``institution`` never seen before, in bulk.
 
-    ``people`` are (local ID, traits) pairs, each ID once and unknown to the registry; the
-    caller holds them (a registration batch). Same rules as one by one: each gets a patient,
-    its creation history and audit event, and candidate links to matching identifiers of
-    other institutions (searched with one query for all). Returns, per local ID, the new
+    ``people`` are (local ID, traits, qualified INS) triples, each ID and INS once and
+    unknown to the registry (the caller has checked, holding a registration batch). Same
+    rules as one by one: each gets a patient (with its INS), its creation history and audit
+    event, and candidate links to matching identifiers of other institutions (searched with
+    one query for all). Returns, per local ID, the new
     identifier and its candidates.
     """
     if not people:
@@ -459,7 +460,24 @@ def identities_create(
                 updated_at=now,
                 **_traits(traits),
             )
-            for patient, (value, traits) in zip(patients, people, strict=True)
+            for patient, (value, traits, _ins) in zip(patients, people, strict=True)
+        ]
+    )
+    national_rows = PatientIdentifier.objects.bulk_create(
+        [
+            PatientIdentifier(
+                patient=patient,
+                issuer=ins.issuer,
+                value=ins.value,
+                kind=_ins_kind(ins),
+                qualified=True,
+                test=ins.test,
+                created_at=now,
+                updated_at=now,
+                **_traits(traits),
+            )
+            for patient, (_value, traits, nationals) in zip(patients, people, strict=True)
+            for ins in nationals
         ]
     )
     IdentifierLinkHistory.objects.bulk_create(
@@ -473,9 +491,12 @@ def identities_create(
                 correlation_id=correlation_id,
                 at=now,
             )
-            for identifier in identifiers
+            for identifier in [*identifiers, *national_rows]
         ]
     )
+    nationals_of: dict[int, list[PatientIdentifier]] = {}
+    for row in national_rows:
+        nationals_of.setdefault(row.patient_id, []).append(row)
     for identifier in identifiers:
         _emit(
             sink,
@@ -484,8 +505,9 @@ def identities_create(
             now=now,
             patient=PatientRef(
                 patient_id=str(identifier.patient.public_id),
-                identifiers=(
-                    {"issuer": identifier.issuer, "value": identifier.value, "kind": "IPP"},
+                identifiers=tuple(
+                    {"issuer": i.issuer, "value": i.value, "kind": i.kind}
+                    for i in [identifier, *nationals_of.get(identifier.patient_id, [])]
                 ),
             ),
             correlation_id=correlation_id,

@@ -446,19 +446,33 @@ def _create_new_patients(
         assert document.kos is not None
         assert document.primary is not None
         key = _identifier_key(document.primary)
+        nationals = tuple(n for n in document.nationals if n.qualified)
         if (
             document.primary.kind == "IPP"
             and key not in known
-            and not any(n.qualified and _identifier_key(n) != key for n in document.nationals)
+            and all(_identifier_key(n) not in known for n in nationals)
             and all(
                 s.study_instance_uid not in approved and study_uses[s.study_instance_uid] == 1
                 for s in document.kos.studies
             )
         ):
             simple.setdefault(document.primary.value, document)
+    # An INS published with two new local IDs of the batch: leave both to the service.
+    ins_owner: dict[tuple[str, str], str] = {}
+    for value, document in list(simple.items()):
+        for national in document.nationals:
+            if not national.qualified:
+                continue
+            owner = ins_owner.setdefault(_identifier_key(national), value)
+            if owner != value:
+                simple.pop(value, None)
+                simple.pop(owner, None)
     created = identities_create(
         institution=institution,
-        people=[(value, document.kos.patient) for value, document in simple.items()],  # type: ignore[union-attr]
+        people=[
+            (value, document.kos.patient, tuple(n for n in document.nationals if n.qualified))  # type: ignore[union-attr]
+            for value, document in simple.items()
+        ],
         actor=actor,
         correlation_id=correlation_id,
         now=now,
@@ -466,6 +480,11 @@ def _create_new_patients(
     )
     for value, (identifier, candidates) in created.items():
         known[(identifier.issuer, identifier.value)] = identifier
+        for national in simple[value].nationals:
+            if national.qualified:
+                known[_identifier_key(national)] = PatientIdentifier(
+                    issuer=national.issuer, value=national.value, patient_id=identifier.patient_id
+                )
         simple[value].created_patient = True
         simple[value].candidates = tuple(candidate.id for candidate in candidates)
 
