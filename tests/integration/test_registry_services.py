@@ -533,3 +533,34 @@ def test_a_patient_with_another_ins_is_not_merged_silently(region):
     assert LinkCandidate.objects.filter(
         status=LinkCandidate.Status.PENDING, matched_on=["ins"]
     ).exists()
+
+
+def test_a_batch_creates_a_new_patient_with_their_ins_and_another_hospital_links_to_it(region):
+    register_batch(
+        region.portmael,
+        [
+            kos_for(region.portmael, "PM-1", study=1, ins=INS),
+            kos_for(region.portmael, "PM-1", study=2, ins=INS),
+        ],
+    )
+    pm = PatientIdentifier.objects.get(value="PM-1")
+    assert set(pm.patient.identifiers.values_list("value", flat=True)) == {"PM-1", INS_FULL}
+    assert AuditEvent.objects.filter(code=EventCode.PATIENT_CREATE).count() == 1
+
+    register_batch(region.chu, [kos_for(region.chu, "100001", study=3, ins=INS)])
+
+    assert PatientIdentifier.objects.get(value="100001").patient_id == pm.patient_id
+
+
+def test_two_new_local_ids_sharing_an_ins_in_one_batch_become_one_patient(region):
+    register_batch(
+        region.chu,
+        [
+            kos_for(region.chu, "100001", study=1, ins=INS),
+            kos_for(region.chu, "100002", study=2, ins=INS),
+        ],
+    )
+    a = PatientIdentifier.objects.get(value="100001")
+    b = PatientIdentifier.objects.get(value="100002")
+    assert a.patient_id == b.patient_id
+    assert PatientIdentifier.objects.filter(value=INS_FULL).count() == 1
