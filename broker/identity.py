@@ -20,7 +20,6 @@ from datetime import datetime
 from typing import Any
 
 from django.db import transaction
-from django.db.models import Q
 
 from audit.events import EventCode
 from audit.services import Actor, AuditEntry, PatientRef, audit_record
@@ -398,32 +397,49 @@ def _demographic_candidates(
     """Local IDs of other institutions whose traits match: candidates only, never links."""
     if not (identifier.family_key and identifier.birth_date and identifier.given_key):
         return []
-    names = {identifier.family_key, identifier.birth_name_key} - {""}
     others = (
         PatientIdentifier.objects.filter(
             kind=IdentifierKind.IPP,
             birth_date=identifier.birth_date,
             given_key=identifier.given_key,
         )
-        .filter(Q(family_key__in=names) | Q(birth_name_key__in=names))
-        .filter(Q(sex=identifier.sex) | Q(sex="") | Q(sex="O"))
-        .exclude(patient_id=identifier.patient_id)
         .exclude(institution_id=identifier.institution_id)
         .order_by("id")
     )
+    return _propose_candidates(
+        identifier=identifier,
+        others=others,
+        actor=actor,
+        correlation_id=correlation_id,
+        now=now,
+        sink=sink,
+    )
+
+
+def _propose_candidates(
+    *,
+    identifier: PatientIdentifier,
+    others: Iterable[PatientIdentifier],
+    actor: Actor,
+    correlation_id: uuid.UUID,
+    now: datetime,
+    sink: AuditSink,
+) -> list[LinkCandidate]:
+    """Candidate links from ``identifier`` to those of ``others`` whose traits match."""
     found: list[LinkCandidate] = []
-    for other in others[:50]:
-        found.extend(
-            _candidate_create(
-                a=identifier,
-                b=other,
-                matched_on=["family_name", "given_name", "birth_date", "sex"],
-                actor=actor,
-                correlation_id=correlation_id,
-                now=now,
-                sink=sink,
+    for other in others:
+        if _traits_match_for_candidate(identifier, other):
+            found.extend(
+                _candidate_create(
+                    a=identifier,
+                    b=other,
+                    matched_on=["family_name", "given_name", "birth_date", "sex"],
+                    actor=actor,
+                    correlation_id=correlation_id,
+                    now=now,
+                    sink=sink,
+                )
             )
-        )
     return found
 
 
@@ -525,28 +541,25 @@ def identities_create(
             .exclude(institution_id=institution.id)
             .order_by("id")
         )
-    result: dict[str, tuple[PatientIdentifier, list[LinkCandidate]]] = {}
-    for identifier in identifiers:
-        candidates: list[LinkCandidate] = []
-        for other in others:
-            if _traits_match_for_candidate(identifier, other):
-                candidates.extend(
-                    _candidate_create(
-                        a=identifier,
-                        b=other,
-                        matched_on=["family_name", "given_name", "birth_date", "sex"],
-                        actor=actor,
-                        correlation_id=correlation_id,
-                        now=now,
-                        sink=sink,
-                    )
-                )
-        result[identifier.value] = (identifier, candidates)
-    return result
+    return {
+        identifier.value: (
+            identifier,
+            _propose_candidates(
+                identifier=identifier,
+                others=others,
+                actor=actor,
+                correlation_id=correlation_id,
+                now=now,
+                sink=sink,
+            ),
+        )
+        for identifier in identifiers
+    }
 
 
 def _traits_match_for_candidate(identifier: PatientIdentifier, other: PatientIdentifier) -> bool:
-    """The rule of `_demographic_candidates`, for identifiers already in memory."""
+    """Same first given name and birth date, a shared family or birth name, compatible
+    sex, another patient of another institution."""
     names = {identifier.family_key, identifier.birth_name_key} - {""}
     return (
         other.birth_date == identifier.birth_date
