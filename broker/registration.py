@@ -75,6 +75,7 @@ class _Approved:
     identifier_id: int
     manifest: Manifest | None = None
     document: _Document | None = None
+    studies: set[str] = field(default_factory=set)
 
     def current(self) -> Manifest:
         manifest = self.manifest if self.manifest is not None else self.document.manifest  # type: ignore[union-attr]
@@ -256,6 +257,10 @@ def _register_batch(
     now: datetime,
     correlation_id: uuid.UUID,
 ) -> None:
+    # One registering transaction per source at a time: replacement reads the source's
+    # approved manifests, and "one approved manifest per study" must hold for every study a
+    # KOS references, which no single unique index can say for multi-study manifests.
+    Institution.objects.select_for_update().filter(pk=institution.pk).values_list("pk").first()
     valid = [d for d in batch if d.error is None and d.kos is not None]
     _check_existing(valid, institution)
     valid = [d for d in valid if d.error is None and d.result is None and d.duplicate_of is None]
@@ -396,7 +401,28 @@ def _approved_manifests(batch: list[_Document], institution: Institution) -> dic
         manifest_id__in=list(by_id)
     ).values_list("manifest_id", "study_instance_uid"):
         approved[study_uid] = by_id[manifest_id]
+        by_id[manifest_id].studies.add(study_uid)
     return approved
+
+
+def _partial_overlap(olds: list[_Approved], kos: ParsedKOS) -> Conflict | None:
+    """A manifest replaces those it covers entirely; one that would leave a study of an
+    older manifest without an approved manifest is refused."""
+    mine = {s.study_instance_uid for s in kos.studies}
+    for old in olds:
+        left = sorted(old.studies - mine)
+        if left:
+            where = (
+                f"manifest {old.manifest.sop_instance_uid}"
+                if old.manifest is not None
+                else "an earlier manifest of this batch"
+            )
+            return Conflict(
+                f"{where} also covers study {left[0]}, which this manifest does not: publish "
+                "a manifest of all its studies, or deprecate it first",
+                code="registry:manifest:partial-overlap",
+            )
+    return None
 
 
 def _mismatch(olds: list[_Approved], identifier: PatientIdentifier) -> Conflict | None:
@@ -522,6 +548,9 @@ def _resolve_identities_and_replacements(
             old = approved.get(study.study_instance_uid)
             if old is not None and old not in olds:
                 olds.append(old)
+        document.error = _partial_overlap(olds, document.kos)
+        if document.error is not None:
+            continue
         identifier = known.get(_identifier_key(document.primary))
         fast = (
             identifier is not None
@@ -584,7 +613,11 @@ def _resolve_identities_and_replacements(
                     )
                 )
         document.replaces = olds
-        mine = _Approved(identifier_id=document.identifier.id, document=document)
+        mine = _Approved(
+            identifier_id=document.identifier.id,
+            document=document,
+            studies={s.study_instance_uid for s in document.kos.studies},
+        )
         for study in document.kos.studies:
             approved[study.study_instance_uid] = mine
 

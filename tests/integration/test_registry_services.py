@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 
 import pytest
 
@@ -564,3 +565,35 @@ def test_two_new_local_ids_sharing_an_ins_in_one_batch_become_one_patient(region
     b = PatientIdentifier.objects.get(value="100002")
     assert a.patient_id == b.patient_id
     assert PatientIdentifier.objects.filter(value=INS_FULL).count() == 1
+
+
+def _two_study_kos(institution, first: int, second: int) -> bytes:
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from tests.dicom_factories import dataset_to_bytes
+
+    ds = pydicom.dcmread(io.BytesIO(kos_for(institution, "100001", study=first)))
+    other = pydicom.dcmread(io.BytesIO(kos_for(institution, "100001", study=second)))
+    ds.CurrentRequestedProcedureEvidenceSequence.extend(
+        other.CurrentRequestedProcedureEvidenceSequence
+    )
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    return dataset_to_bytes(ds)
+
+
+def test_a_manifest_replaces_only_manifests_it_covers_entirely(region):
+    both = register(region.chu, _two_study_kos(region.chu, 1, 2)).manifest
+    assert set(both.series.values_list("study_instance_uid", flat=True)) == {
+        study_uid(1),
+        study_uid(2),
+    }
+
+    with pytest.raises(Conflict) as refused:
+        register(region.chu, kos_for(region.chu, "100001", study=2))
+
+    assert refused.value.code == "registry:manifest:partial-overlap"
+    both.refresh_from_db()
+    assert both.status == ManifestStatus.APPROVED
+    # A manifest of both studies again replaces it.
+    assert register(region.chu, _two_study_kos(region.chu, 2, 1)).outcome == "replaced"
