@@ -83,6 +83,8 @@ class EventCode(StrEnum):
     PATIENT_CANDIDATE_CONFIRM = "identity:candidate:confirm"
     PATIENT_CANDIDATE_REJECT = "identity:candidate:reject"
     PATIENT_QUERY = "identity:patient:query"
+    IDENTIFIER_ADD = "identity:identifier:add"
+    IDENTIFIER_TRAITS = "identity:identifier:traits"
     # Institutions and their systems.
     INSTITUTION_CREATE = "registry:institution:create"
     INSTITUTION_UPDATE = "registry:institution:update"
@@ -108,6 +110,8 @@ EVENT_SPECS: dict[EventCode, EventSpec] = {
     EventCode.PATIENT_CANDIDATE_CONFIRM: EventSpec(PATIENT_RECORD, Action.UPDATE),
     EventCode.PATIENT_CANDIDATE_REJECT: EventSpec(PATIENT_RECORD, Action.UPDATE),
     EventCode.PATIENT_QUERY: EventSpec(QUERY, Action.EXECUTE),
+    EventCode.IDENTIFIER_ADD: EventSpec(PATIENT_RECORD, Action.UPDATE),
+    EventCode.IDENTIFIER_TRAITS: EventSpec(PATIENT_RECORD, Action.UPDATE),
     EventCode.INSTITUTION_CREATE: EventSpec(
         APPLICATION_ACTIVITY, Action.CREATE, SOFTWARE_CONFIGURATION
     ),

@@ -237,11 +237,24 @@ def identity_resolve_for_manifest(
                 code="identity:identifier:foreign-domain",
             )
         new_traits = _traits(traits)
-        if any(getattr(identifier, k) != v for k, v in new_traits.items()):
+        changed = sorted(k for k, v in new_traits.items() if getattr(identifier, k) != v)
+        if changed:
             for key, value in new_traits.items():
                 setattr(identifier, key, value)
             identifier.updated_at = now
             identifier.save(update_fields=[*new_traits.keys(), "updated_at"])
+            _emit(
+                sink,
+                code=EventCode.IDENTIFIER_TRAITS,
+                actor=actor,
+                now=now,
+                patient=patient_ref(identifier.patient),
+                correlation_id=correlation_id,
+                details={
+                    "identifier": {"issuer": identifier.issuer, "value": identifier.value},
+                    "changed": [k for k in changed if not k.endswith("_key")],
+                },
+            )
 
     linked = False
     candidates: list[LinkCandidate] = []
@@ -275,6 +288,15 @@ def identity_resolve_for_manifest(
                 actor=actor.username,
                 correlation_id=correlation_id,
                 at=now,
+            )
+            _emit(
+                sink,
+                code=EventCode.IDENTIFIER_ADD,
+                actor=actor,
+                now=now,
+                patient=patient_ref(identifier.patient),
+                correlation_id=correlation_id,
+                details={"identifier": {"issuer": ins.issuer, "value": ins.value}},
             )
             continue
         if ins.patient_id == identifier.patient_id:

@@ -597,3 +597,14 @@ def test_a_manifest_replaces_only_manifests_it_covers_entirely(region):
     assert both.status == ManifestStatus.APPROVED
     # A manifest of both studies again replaces it.
     assert register(region.chu, _two_study_kos(region.chu, 2, 1)).outcome == "replaced"
+
+
+def test_identity_changes_are_audited_new_ins_and_changed_traits(region):
+    register(region.chu, kos_for(region.chu, "100001", study=1))
+    register(region.chu, kos_for(region.chu, "100001", study=2, ins=INS))
+    register(region.chu, kos_for(region.chu, "100001", study=3, ins=INS, family="DUPONT-MARTIN"))
+
+    added = AuditEvent.objects.get(code=EventCode.IDENTIFIER_ADD)
+    assert added.details["identifier"]["value"] == INS_FULL
+    traits = AuditEvent.objects.filter(code=EventCode.IDENTIFIER_TRAITS).last()
+    assert "family_name" in traits.details["changed"]
