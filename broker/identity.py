@@ -139,6 +139,21 @@ def _move_identifiers(
     return moved
 
 
+def _creation_history(
+    identifier: PatientIdentifier, *, actor: Actor, correlation_id: uuid.UUID, now: datetime
+) -> IdentifierLinkHistory:
+    """The first line of an identifier's history (unsaved: saved alone or in bulk)."""
+    return IdentifierLinkHistory(
+        identifier=identifier,
+        from_patient=None,
+        to_patient_id=identifier.patient_id,
+        reason=IdentifierLinkHistory.Reason.CREATED,
+        actor=actor.username,
+        correlation_id=correlation_id,
+        at=now,
+    )
+
+
 def _new_patient(
     *,
     identifier_kwargs: dict[str, object],
@@ -151,15 +166,7 @@ def _new_patient(
     identifier = PatientIdentifier.objects.create(
         patient=patient, created_at=now, updated_at=now, **identifier_kwargs
     )
-    IdentifierLinkHistory.objects.create(
-        identifier=identifier,
-        from_patient=None,
-        to_patient=patient,
-        reason=IdentifierLinkHistory.Reason.CREATED,
-        actor=actor.username,
-        correlation_id=correlation_id,
-        at=now,
-    )
+    _creation_history(identifier, actor=actor, correlation_id=correlation_id, now=now).save()
     _emit(
         sink,
         code=EventCode.PATIENT_CREATE,
@@ -280,15 +287,7 @@ def identity_resolve_for_manifest(
                 updated_at=now,
                 **_traits(traits),
             )
-            IdentifierLinkHistory.objects.create(
-                identifier=ins,
-                from_patient=None,
-                to_patient_id=identifier.patient_id,
-                reason=IdentifierLinkHistory.Reason.CREATED,
-                actor=actor.username,
-                correlation_id=correlation_id,
-                at=now,
-            )
+            _creation_history(ins, actor=actor, correlation_id=correlation_id, now=now).save()
             _emit(
                 sink,
                 code=EventCode.IDENTIFIER_ADD,
@@ -520,15 +519,7 @@ def identities_create(
     )
     IdentifierLinkHistory.objects.bulk_create(
         [
-            IdentifierLinkHistory(
-                identifier=identifier,
-                from_patient=None,
-                to_patient=identifier.patient,
-                reason=IdentifierLinkHistory.Reason.CREATED,
-                actor=actor.username,
-                correlation_id=correlation_id,
-                at=now,
-            )
+            _creation_history(identifier, actor=actor, correlation_id=correlation_id, now=now)
             for identifier in [*identifiers, *national_rows]
         ]
     )
