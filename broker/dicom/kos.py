@@ -1798,11 +1798,12 @@ def build_kos(
     Raises KOSError when the description cannot make a manifest the broker itself would accept
     (the result is parsed back before it is returned).
     """
-    if sop_instance_uid is None or series_instance_uid is None:
-        derived_sop, derived_series = derive_kos_uids(study, uid_root=uid_root)
-        sop_instance_uid = sop_instance_uid or derived_sop
-        series_instance_uid = series_instance_uid or derived_series
     try:
+        if sop_instance_uid is None or series_instance_uid is None:
+            # A lone surrogate in a description cannot be hashed: refused like any bad value.
+            derived_sop, derived_series = derive_kos_uids(study, uid_root=uid_root)
+            sop_instance_uid = sop_instance_uid or derived_sop
+            series_instance_uid = series_instance_uid or derived_series
         if _plainly_typed(study, now, sop_instance_uid, series_instance_uid):
             # the bytes pydicom would write, without its per-element cost (see `_Draft`)
             draft, draft_meta = cast(

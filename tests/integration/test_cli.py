@@ -146,3 +146,13 @@ def test_seed_demo_loads_a_region_once_and_prints_the_accounts(db):
     again, _ = run("seed_demo")
     assert "already loaded" in again
     assert Manifest.objects.count() == 6
+
+
+def test_seed_demo_refuses_a_registry_of_a_real_region(db):
+    run("add_institution", "--finess", "440000057", "--name", "CH de Lannou", "--issuer", "L")
+
+    with pytest.raises(CommandError, match="only into an empty registry"):
+        run("seed_demo")
+
+    assert not Membership.objects.exists()
+    assert Institution.objects.count() == 1

@@ -1293,3 +1293,12 @@ def test_the_draft_writer_and_pydicom_agree_for_any_time(
         expected = build_kos(study, now=now)
 
     assert build_kos(study, now=now) == expected
+
+
+def test_a_description_with_a_lone_surrogate_is_refused_as_a_bad_value() -> None:
+    study = make_study_description(study_description="IRM \ud800 cérébrale")
+
+    with pytest.raises(KOSError) as refused:
+        build_kos(study, now=NOW)
+
+    assert refused.value.code == "kos:invalid-value"

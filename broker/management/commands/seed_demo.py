@@ -9,7 +9,7 @@ import datetime as dt
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 from django.utils import timezone
 
@@ -151,6 +151,14 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        demo = {spec["finess"] for spec in INSTITUTIONS}
+        others = Institution.objects.exclude(finess__in=demo)
+        if others.exists():
+            # Demo accounts with a published password never go into a real registry.
+            raise CommandError(
+                f"This registry holds {others.count()} institution(s) of a real region: "
+                "the demo region is loaded only into an empty registry"
+            )
         if Institution.objects.filter(finess=INSTITUTIONS[0]["finess"]).exists():
             self.stdout.write("The demo region is already loaded.")
         else:
