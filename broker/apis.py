@@ -127,6 +127,12 @@ class IdentifierOutput(serializers.ModelSerializer[PatientIdentifier]):
         ]
 
 
+PatientOutput = inline_serializer(
+    "Patient",
+    {"id": serializers.UUIDField(), "identifiers": IdentifierOutput(many=True)},
+)
+
+
 def _patient_output(patient: Any) -> dict[str, Any]:
     return {
         "id": str(patient.public_id),
@@ -218,6 +224,7 @@ class ManifestCollectionApi(APIView):
 
     @extend_schema(
         parameters=[FilterInput],
+        operation_id="v1_manifests_list",
         responses=inline_serializer(
             "ManifestPage",
             {
@@ -307,15 +314,17 @@ class ManifestDocumentApi(APIView):
 class ManifestDeprecateApi(APIView):
     parser_classes = [JSONParser]
 
-    class Input(serializers.Serializer[Any]):
+    class DeprecateInput(serializers.Serializer[Any]):
         reason = serializers.CharField(max_length=500)
 
-    @extend_schema(request=Input, responses=ManifestDetailOutput, summary="Deprecate a manifest")
+    @extend_schema(
+        request=DeprecateInput, responses=ManifestDetailOutput, summary="Deprecate a manifest"
+    )
     def post(self, request: Request, sop_instance_uid: str) -> Response:
         manifest = access_manifest_by_uid(request.user, sop_instance_uid)
         if not can_deprecate_manifest(request.user, manifest):
             raise NotFound(f"No manifest {sop_instance_uid}")
-        data = self.Input(data=request.data)
+        data = self.DeprecateInput(data=request.data)
         data.is_valid(raise_exception=True)
         manifest = services.manifest_deprecate(
             manifest=manifest,
@@ -331,16 +340,18 @@ class ManifestDeprecateApi(APIView):
 
 
 class PatientLookupApi(APIView):
-    class Input(serializers.Serializer[Any]):
+    class LookupInput(serializers.Serializer[Any]):
         issuer = serializers.CharField(max_length=64)
         value = serializers.CharField(max_length=64)
 
     @extend_schema(
-        parameters=[Input],
+        parameters=[LookupInput],
+        responses=PatientOutput,
+        operation_id="v1_patients_lookup",
         summary="Look up a regional patient by any identifier (local IPP + issuer, or INS + OID)",
     )
     def get(self, request: Request) -> Response:
-        params = self.Input(data=request.query_params)
+        params = self.LookupInput(data=request.query_params)
         params.is_valid(raise_exception=True)
         found = selectors.patient_by_identifier(**params.validated_data)
         patient = (
@@ -362,6 +373,7 @@ class PatientLookupApi(APIView):
 
 
 class PatientDetailApi(APIView):
+    @extend_schema(responses=PatientOutput, summary="A regional patient and all identifiers")
     def get(self, request: Request, public_id: uuid.UUID) -> Response:
         patient = access_patient(request.user, public_id)
         with transaction.atomic():
@@ -378,14 +390,18 @@ class PatientDetailApi(APIView):
 class IdentifierUnlinkApi(APIView):
     parser_classes = [JSONParser]
 
-    class Input(serializers.Serializer[Any]):
+    class UnlinkInput(serializers.Serializer[Any]):
         issuer = serializers.CharField(max_length=64)
         value = serializers.CharField(max_length=64)
         reason = serializers.CharField(max_length=500)
 
-    @extend_schema(request=Input, summary="Detach an identifier into a new regional patient")
+    @extend_schema(
+        request=UnlinkInput,
+        responses={201: PatientOutput},
+        summary="Detach an identifier into a new regional patient",
+    )
     def post(self, request: Request) -> Response:
-        data = self.Input(data=request.data)
+        data = self.UnlinkInput(data=request.data)
         data.is_valid(raise_exception=True)
         identifier = access_identifier_for_identity(
             request.user,
@@ -420,16 +436,18 @@ class CandidateListApi(APIView):
 class CandidateDecisionApi(APIView):
     parser_classes = [JSONParser]
 
-    class Input(serializers.Serializer[Any]):
+    class DecisionInput(serializers.Serializer[Any]):
         decision = serializers.ChoiceField(choices=["confirm", "reject"])
         comment = serializers.CharField(max_length=500, required=False, default="")
 
     @extend_schema(
-        request=Input, responses=CandidateOutput, summary="Confirm or reject a candidate link"
+        request=DecisionInput,
+        responses=CandidateOutput,
+        summary="Confirm or reject a candidate link",
     )
     def post(self, request: Request, candidate_id: int) -> Response:
         candidate = access_candidate(request.user, candidate_id)
-        data = self.Input(data=request.data)
+        data = self.DecisionInput(data=request.data)
         data.is_valid(raise_exception=True)
         candidate = identity.candidate_decide(
             candidate=candidate,
