@@ -311,8 +311,9 @@ def test_an_institution_admin_unlinks_an_identifier_of_their_institution(
     assert [i["value"] for i in response.json()["identifiers"]] == ["PM-555"]
 
 
-def test_candidates_are_reviewed_through_the_api(region, region_admin, outsider):
-    for institution, pid, study in [(region.staubin, "SA-0042", 4), (region.chu, "100777", 5)]:
+def publish_jean_leroy_at(places):
+    """Jean LEROY known at two hospitals under local IDs, no INS: a candidate link."""
+    for institution, pid, study in places:
         manifest_register(
             data=kos_for(
                 institution,
@@ -327,6 +328,10 @@ def test_candidates_are_reviewed_through_the_api(region, region_admin, outsider)
             actor=SYSTEM,
             now=NOW,
         )
+
+
+def test_candidates_are_reviewed_through_the_api(region, region_admin, outsider):
+    publish_jean_leroy_at([(region.staubin, "SA-0042", 4), (region.chu, "100777", 5)])
     assert client_for(outsider).get("/api/v1/identity/candidates").json() == []
     candidates = client_for(region_admin).get("/api/v1/identity/candidates").json()
     assert len(candidates) == 1
@@ -437,21 +442,7 @@ def test_an_empty_body_is_a_400_problem_and_audited(region):
 def test_an_institution_admin_sees_no_candidate_involving_another_hospitals_patient(
     region, institution_admin
 ):
-    for institution, pid, study in [(region.staubin, "SA-0042", 4), (region.portmael, "PM-77", 5)]:
-        manifest_register(
-            data=kos_for(
-                institution,
-                pid,
-                study=study,
-                family="LEROY",
-                given="Jean",
-                birth=dt.date(1950, 11, 2),
-                sex="M",
-            ),
-            institution=institution,
-            actor=SYSTEM,
-            now=NOW,
-        )
+    publish_jean_leroy_at([(region.staubin, "SA-0042", 4), (region.portmael, "PM-77", 5)])
     assert client_for(institution_admin).get("/api/v1/identity/candidates").json() == []
 
 
