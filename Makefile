@@ -1,4 +1,5 @@
-# Relais: `make run` serves the demo region on http://127.0.0.1:8000, `make test` runs the whole suite.
+# Relais: `make run` serves the demo region on http://127.0.0.1:8000 (and its DICOM server on
+# port 11112), `make test` runs the whole suite.
 # Both set everything up on a fresh Debian 12 machine (Python 3.11): system packages when run
 # as root (or with passwordless sudo), the virtualenv in .venv, the database migrations.
 
@@ -11,12 +12,15 @@ SYSTEM_PACKAGES := python3-venv orthanc orthanc-dicomweb dcmtk
 PYTEST_WORKERS ?= 2
 HOST ?= 127.0.0.1
 PORT ?= 8000
+DICOM_PORT ?= 11112
 
 .PHONY: run test lint system-deps migrate demo serve bench clean
 
 run: $(VENV)/.installed migrate demo
 	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
-	@echo "Relais: http://$(HOST):$(PORT)/  (API: /api/v1/, OpenAPI: /api/schema/)"
+	@echo "Relais: http://$(HOST):$(PORT)/  (API: /api/v1/, OpenAPI: /api/schema/), DICOM: RELAIS@127.0.0.1:$(DICOM_PORT)"
+	$(BIN)/python manage.py dicomserver --port $(DICOM_PORT) & dicom=$$!; \
+	trap 'kill $$dicom 2>/dev/null; wait $$dicom' EXIT INT TERM; \
 	$(BIN)/gunicorn broker.wsgi --bind $(HOST):$(PORT) --workers 2 --access-logfile -
 
 test: $(VENV)/.installed

@@ -91,6 +91,11 @@ class EventCode(StrEnum):
     API_KEY_CREATE = "security:api-key:create"
     API_KEY_REVOKE = "security:api-key:revoke"
     API_KEY_REFUSED = "security:api-key:refuse"
+    DICOM_ASSOCIATION_REFUSED = "security:dicom-association:refuse"
+    # Harvest of an archive's prior studies (a run, start to end; its manifests are
+    # audited one by one as registrations).
+    HARVEST_START = "registry:harvest:start"
+    HARVEST_FINISH = "registry:harvest:finish"
     # The audit trail itself.
     AUDIT_VERIFY = "audit:chain:verify"
     AUDIT_EXPORT = "audit:log:export"
@@ -125,6 +130,11 @@ EVENT_SPECS: dict[EventCode, EventSpec] = {
         SECURITY_ALERT, Action.DELETE, OBJECT_SECURITY_ATTRIBUTES_CHANGED
     ),
     EventCode.API_KEY_REFUSED: EventSpec(USER_AUTHENTICATION, Action.EXECUTE, NODE_AUTHENTICATION),
+    EventCode.DICOM_ASSOCIATION_REFUSED: EventSpec(
+        SECURITY_ALERT, Action.EXECUTE, NODE_AUTHENTICATION
+    ),
+    EventCode.HARVEST_START: EventSpec(IMPORT, Action.EXECUTE),
+    EventCode.HARVEST_FINISH: EventSpec(IMPORT, Action.EXECUTE),
     EventCode.AUDIT_VERIFY: EventSpec(AUDIT_LOG_USED, Action.READ),
     EventCode.AUDIT_EXPORT: EventSpec(AUDIT_LOG_USED, Action.READ),
 }

@@ -63,6 +63,17 @@ class Institution(models.Model):
         validators=[MinValueValidator(1), MaxValueValidator(65535)],
     )
     dicomweb_url = models.URLField(_("archive DICOMweb base URL"), blank=True, default="")
+    archive_transport = models.CharField(
+        _("archive transport"),
+        max_length=8,
+        blank=True,
+        default="",
+        choices=[("", _("automatic")), ("dicomweb", "DICOMweb"), ("dimse", "DIMSE")],
+        help_text=_(
+            "How the broker queries and retrieves from the archive; automatic: DICOMweb when a "
+            "URL is set, else DIMSE."
+        ),
+    )
     active = models.BooleanField(_("active"), default=True)
     created_at = models.DateTimeField(_("created at"))
     updated_at = models.DateTimeField(_("updated at"))
@@ -86,6 +97,10 @@ class Institution(models.Model):
                 condition=~Q(patient_id_issuer_oid=""),
                 name="broker_institution_issuer_oid_unique",
             ),
+            models.CheckConstraint(
+                name="broker_institution_transport_valid",
+                condition=Q(archive_transport__in=["", "dicomweb", "dimse"]),
+            ),
         ]
 
     def __str__(self) -> str:
@@ -94,6 +109,13 @@ class Institution(models.Model):
     @property
     def has_dimse(self) -> bool:
         return bool(self.ae_title and self.dicom_host and self.dicom_port)
+
+    @property
+    def transport(self) -> str:
+        """The archive transport in use: the one chosen, or DICOMweb when it has a URL."""
+        if self.archive_transport:
+            return self.archive_transport
+        return "dicomweb" if self.dicomweb_url else "dimse"
 
 
 class Role(models.TextChoices):
@@ -470,3 +492,71 @@ class ManifestInstance(models.Model):
 
     def __str__(self) -> str:
         return self.sop_instance_uid
+
+
+class IntakeItem(models.Model):
+    """A manifest received over DIMSE, validated, and waiting for its registration.
+
+    The C-STORE is answered once the item is committed here; a registrar registers the
+    queue in batches (``broker.intake``) and deletes each item in the transaction that
+    registers it, so that every received manifest is registered exactly once, even across
+    a crash.
+    """
+
+    institution = models.ForeignKey(Institution, on_delete=models.PROTECT, related_name="+")
+    received_at = models.DateTimeField()
+    sop_instance_uid = models.CharField(max_length=64)
+    sha256 = models.CharField(max_length=64)
+    data = models.BinaryField()
+    actor_username = models.CharField(max_length=150)
+    actor_address = models.CharField(max_length=255, blank=True, default="")
+    correlation_id = models.UUIDField()
+
+    class Meta:
+        ordering = ["id"]
+        verbose_name = _("manifest waiting for registration")
+
+    def __str__(self) -> str:
+        return f"{self.sop_instance_uid} from {self.actor_username}"
+
+
+class HarvestStatus(models.TextChoices):
+    RUNNING = "running", _("running")
+    COMPLETED = "completed", _("completed")
+    FAILED = "failed", _("failed")
+
+
+class HarvestCheckpoint(models.Model):
+    """Where the harvest of one archive, over one date range and transport, has got to.
+
+    Studies are harvested in (study date, study UID) order; the cursor is the last study
+    whose manifest is committed. A run that finds its checkpoint ``running`` (interrupted)
+    resumes after the cursor; one that finds it ``completed`` starts again from the top.
+    """
+
+    institution = models.ForeignKey(Institution, on_delete=models.PROTECT, related_name="+")
+    transport = models.CharField(max_length=8)
+    date_range = models.CharField(max_length=32, help_text=_("since..until, empty for open"))
+    status = models.CharField(max_length=16, choices=HarvestStatus.choices)
+    cursor_study_date = models.DateField(null=True, blank=True)
+    cursor_study_uid = models.CharField(max_length=64, blank=True, default="")
+    counts = models.JSONField(default=dict)
+    total = models.PositiveIntegerField(default=0)
+    started_at = models.DateTimeField()
+    updated_at = models.DateTimeField()
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["institution", "transport", "date_range"],
+                name="broker_harvest_checkpoint_unique",
+            ),
+            models.CheckConstraint(
+                name="broker_harvest_status_valid",
+                condition=Q(status__in=["running", "completed", "failed"]),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"harvest {self.transport} {self.date_range or '..'}: {self.status}"

@@ -150,6 +150,14 @@ def manifests_register(
     return [document.result for document in batch if document.result is not None]
 
 
+def manifest_check(*, data: bytes, institution: Institution) -> tuple[str, DomainError | None]:
+    """What registration would refuse on the document's face, without the database:
+    (its SOP Instance UID or "", the refusal or None). Registry conflicts (a UID reused,
+    a study of another patient) are found only when it is registered."""
+    document = _prepare(data, institution)
+    return (document.kos.sop_instance_uid if document.kos else ""), document.error
+
+
 def _retryable(exc: Exception) -> bool:
     """A unique key taken by a concurrent writer, a deadlock or a serialization failure."""
     if isinstance(exc, IntegrityError):
@@ -260,7 +268,11 @@ def _register_batch(
     # One registering transaction per source at a time: replacement reads the source's
     # approved manifests, and "one approved manifest per study" must hold for every study a
     # KOS references, which no single unique index can say for multi-study manifests.
-    Institution.objects.select_for_update().filter(pk=institution.pk).values_list("pk").first()
+    # FOR NO KEY UPDATE: it serialises registrations, yet lets rows that merely reference
+    # the institution (its received manifests, queued meanwhile) be inserted.
+    Institution.objects.select_for_update(no_key=True).filter(pk=institution.pk).values_list(
+        "pk"
+    ).first()
     valid = [d for d in batch if d.error is None and d.kos is not None]
     _check_existing(valid, institution)
     valid = [d for d in valid if d.error is None and d.result is None and d.duplicate_of is None]

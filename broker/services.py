@@ -41,6 +41,7 @@ INSTITUTION_FIELDS = (
     "dicom_host",
     "dicom_port",
     "dicomweb_url",
+    "archive_transport",
     "active",
 )
 

@@ -37,6 +37,17 @@ RELAIS_MAX_MANIFEST_BYTES: int = env.int(
 )
 RELAIS_DICOM_AE_TITLE: str = env.str("RELAIS_DICOM_AE_TITLE", "RELAIS")
 RELAIS_DICOM_PORT: int = env.int("RELAIS_DICOM_PORT", 11112, validate=Range(min=1, max=65535))
+# The address the DICOM server listens on: loopback by default, "0.0.0.0" to serve a network.
+RELAIS_DICOM_BIND: str = env.str("RELAIS_DICOM_BIND", "127.0.0.1")
+RELAIS_DICOM_MAX_ASSOCIATIONS: int = env.int(
+    "RELAIS_DICOM_MAX_ASSOCIATIONS", 32, validate=Range(min=1, max=1000)
+)
+RELAIS_DICOM_TIMEOUT: float = env.float("RELAIS_DICOM_TIMEOUT", 30.0, validate=Range(min=1))
+# DICOM over TLS (PS3.15 B.1): the server's certificate and key, and the CA that signs the
+# certificates of the archives allowed to associate (PEM files). All three, or none.
+RELAIS_DICOM_TLS_CERT: Path | None = env.path("RELAIS_DICOM_TLS_CERT", None)
+RELAIS_DICOM_TLS_KEY: Path | None = env.path("RELAIS_DICOM_TLS_KEY", None)
+RELAIS_DICOM_TLS_CA: Path | None = env.path("RELAIS_DICOM_TLS_CA", None)
 RELAIS_HTTPS: bool = env.bool("RELAIS_HTTPS", False)
 LOG_LEVEL: str = env.log_level("LOG_LEVEL", "INFO")
 
@@ -47,6 +58,14 @@ except EnvError as exc:  # pragma: no cover - exercised by tests/unit/test_setti
 
 if len(RELAIS_DICOM_AE_TITLE.strip()) == 0 or len(RELAIS_DICOM_AE_TITLE) > 16:
     raise ImproperlyConfigured("RELAIS_DICOM_AE_TITLE must be 1 to 16 characters")
+_tls_files = (RELAIS_DICOM_TLS_CERT, RELAIS_DICOM_TLS_KEY, RELAIS_DICOM_TLS_CA)
+if any(_tls_files) and not all(_tls_files):
+    raise ImproperlyConfigured(
+        "DICOM over TLS needs RELAIS_DICOM_TLS_CERT, RELAIS_DICOM_TLS_KEY and RELAIS_DICOM_TLS_CA"
+    )
+for _tls_file in filter(None, _tls_files):
+    if not _tls_file.is_file():
+        raise ImproperlyConfigured(f"DICOM TLS file not found: {_tls_file}")
 
 DATA_DIR.mkdir(parents=True, exist_ok=True)
 if not SECRET_KEY:
@@ -74,7 +93,9 @@ if _default_db["ENGINE"] == "django.db.backends.sqlite3":
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; "
         "PRAGMA foreign_keys=ON;",
     }
-    _default_db["TEST"] = {"NAME": None}
+    # Tests use a file too: threads of the DICOM server share it with the test, and an
+    # in-memory database's shared-cache locks fail at once instead of waiting.
+    _default_db["TEST"] = {"NAME": str(DATA_DIR / "test-relais.sqlite3")}
 elif _default_db["ENGINE"] == "django.db.backends.postgresql":
     # Server-side binding lets psycopg prepare the statements a process repeats (after
     # five uses), which spares PostgreSQL the planning of every registry query.

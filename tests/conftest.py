@@ -19,6 +19,8 @@ from audit.services import Actor
 from broker.models import Institution, Membership, Professional, Role
 from broker.services import api_key_create, institution_create
 
+pytest_plugins = ["tests.peers.fixtures"]
+
 NOW = dt.datetime(2026, 11, 28, 10, 0, tzinfo=dt.UTC)
 SYSTEM = Actor.system("tests")
 

@@ -1,0 +1,274 @@
+#!/usr/bin/env python
+"""KOS intake over DIMSE: DCMTK's storescu sends N manifests to ``manage.py dicomserver``.
+
+    .venv/bin/python benchmarks/dimse_intake.py [--manifests 1000] [--database-url URL]
+
+A fresh database (PostgreSQL: ``relais_bench_dimse`` on the server of ``--database-url``,
+dropped and re-created; SQLite: a file in a temporary folder), one institution, N distinct
+manifests (one patient each, 2 series x 10 instances), then in the same run:
+
+- the peer: the same files sent by the same storescu, in one association, to a real Orthanc
+  (which stores them: its own intake rate for these objects);
+- the broker: the same, to ``dicomserver`` (every manifest parsed, validated, its patient
+  resolved, registered and audited, one transaction per C-STORE, before the response).
+
+Prints manifests/s for both and the ratio; every manifest must be registered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+PYTHON = sys.executable
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--manifests", type=int, default=1000)
+    parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL", ""))
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--registrar", choices=["process", "thread"], default="process")
+    return parser.parse_args()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def prepare_database(database_url: str, workdir: Path) -> str:
+    if not database_url:
+        return f"sqlite:///{workdir / 'bench.sqlite3'}"
+    import psycopg
+
+    base = database_url.rsplit("/", 1)[0]
+    with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS relais_bench_dimse")
+        conn.execute("CREATE DATABASE relais_bench_dimse")
+    return f"{base}/relais_bench_dimse"
+
+
+def write_manifests(folder: Path, count: int) -> list[Path]:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "broker.settings")
+    from broker.dicom.kos import (
+        PatientInfo,
+        ReferencedInstance,
+        SeriesDescription,
+        StudyDescription,
+        build_kos,
+    )
+
+    folder.mkdir()
+    root = "1.2.826.0.1.3680043.10.778"
+    now = dt.datetime(2026, 11, 28, 10, 0, tzinfo=dt.UTC)
+    paths = []
+    for n in range(count):
+        study = f"{root}.{n}"
+        description = StudyDescription(
+            patient=PatientInfo(
+                patient_id=f"BENCH{n:06d}",
+                issuer="BENCH-HOSPITAL",
+                issuer_oid=None,
+                family_name=f"PATIENT{n}",
+                given_names="Bench",
+                birth_name=f"PATIENT{n}",
+                birth_date=dt.date(1950 + n % 50, 1 + n % 12, 1 + n % 28),
+                sex="F" if n % 2 else "M",
+            ),
+            study_instance_uid=study,
+            accession_number=f"A{n}",
+            study_date=dt.date(2025, 1, 1) + dt.timedelta(days=n % 365),
+            study_time=dt.time(9, 30),
+            study_description="Scanner thoracique",
+            series=tuple(
+                SeriesDescription(
+                    series_instance_uid=f"{study}.{s}",
+                    modality="CT",
+                    body_part="CHEST",
+                    instances=tuple(
+                        ReferencedInstance("1.2.840.10008.5.1.4.1.1.2", f"{study}.{s}.{i}")
+                        for i in range(10)
+                    ),
+                )
+                for s in range(2)
+            ),
+            retrieve_ae_title="BENCH_PACS",
+        )
+        path = folder / f"{n:06d}.dcm"
+        path.write_bytes(build_kos(description, now=now, uid_root=root))
+        paths.append(path)
+    return paths
+
+
+def storescu(port: int, called: str, files: list[Path]) -> float:
+    """Seconds storescu takes to send ``files`` in one association (fails on any error)."""
+    start = time.perf_counter()
+    result = subprocess.run(
+        [
+            "storescu",
+            "-aet",
+            "BENCH_PACS",
+            "-aec",
+            called,
+            "127.0.0.1",
+            str(port),
+            "+sd",
+            str(files[0].parent),
+            "--scan-pattern",
+            "*.dcm",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TCP_NODELAY": "1"},
+        check=False,
+    )
+    elapsed = time.perf_counter() - start
+    if result.returncode != 0 or "Error" in result.stderr:
+        raise SystemExit(f"storescu failed: {result.stdout[-2000:]}{result.stderr[-2000:]}")
+    return elapsed
+
+
+def wait_for_registered(database_url: str, expected: int, timeout: float = 600) -> float:
+    """Seconds until the registry holds ``expected`` manifests (polled every 10 ms)."""
+    if database_url.startswith("sqlite:///"):
+        import sqlite3
+
+        conn = sqlite3.connect(database_url.removeprefix("sqlite:///"))
+    else:
+        import psycopg
+
+        conn = psycopg.connect(database_url, autocommit=True)
+    start = time.perf_counter()
+    try:
+        while time.perf_counter() - start < timeout:
+            (count,) = conn.execute("SELECT count(*) FROM broker_manifest").fetchone()
+            if count >= expected:
+                return time.perf_counter() - start
+            time.sleep(0.01)
+    finally:
+        conn.close()
+    raise SystemExit(f"only {count} of {expected} manifests registered after {timeout} s")
+
+
+def wait_for_echo(port: int, called: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = subprocess.run(
+            ["echoscu", "-aet", "BENCH_PACS", "-aec", called, "127.0.0.1", str(port)],
+            capture_output=True,
+            env={**os.environ, "TCP_NODELAY": "1"},
+            check=False,
+        )
+        if result.returncode == 0:
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"nothing answers C-ECHO on port {port}")
+
+
+def main() -> None:
+    args = parse_args()
+    for tool in ("storescu", "echoscu", "/usr/sbin/Orthanc"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is missing: apt-get install dcmtk orthanc")
+    workdir = Path(tempfile.mkdtemp(prefix="relais-bench-dimse-"))
+    env = {
+        **os.environ,
+        "DATABASE_URL": prepare_database(args.database_url, workdir),
+        "RELAIS_DATA_DIR": str(workdir / "data"),
+        "LOG_LEVEL": "WARNING",
+    }
+    files = write_manifests(workdir / "kos", args.manifests)
+    manage = [PYTHON, str(ROOT / "manage.py")]
+    subprocess.run([*manage, "migrate", "--noinput", "-v", "0"], env=env, check=True)
+    subprocess.run(
+        [
+            *manage,
+            "add_institution",
+            "--finess",
+            "350000014",
+            "--name",
+            "Hôpital du banc",
+            "--issuer",
+            "BENCH-HOSPITAL",
+            "--ae-title",
+            "BENCH_PACS",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "4242",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+
+    from tests.peers.orthanc import start_orthanc
+
+    orthanc = start_orthanc(
+        workdir / "orthanc", aet="ORTHANC", modalities={"BENCH": ("BENCH_PACS", "127.0.0.1", 4242)}
+    )
+    try:
+        peer_seconds = storescu(orthanc.dicom_port, "ORTHANC", files)
+    finally:
+        orthanc.stop()
+
+    port = free_port()
+    server = subprocess.Popen(
+        [*manage, "dicomserver", "--port", str(port), "--registrar", args.registrar],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_echo(port, "RELAIS")
+        start = time.perf_counter()
+        intake_seconds = storescu(port, "RELAIS", files)
+        registered_seconds = (
+            wait_for_registered(env["DATABASE_URL"], args.manifests)
+            + (time.perf_counter() - start - intake_seconds)
+            + intake_seconds
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    results = {
+        "database": "PostgreSQL" if args.database_url else "SQLite",
+        "manifests": args.manifests,
+        "orthanc_per_s": args.manifests / peer_seconds,
+        "broker_intake_per_s": args.manifests / intake_seconds,
+        "broker_per_s": args.manifests / registered_seconds,
+    }
+    results["ratio"] = results["broker_per_s"] / results["orthanc_per_s"]
+    print(
+        f"| KOS intake over C-STORE ({results['database']}, {args.manifests} manifests, storescu, one association) | manifests/s |"
+    )
+    print("|---|---|")
+    print(f"| Orthanc (stores them) | {results['orthanc_per_s']:.0f} |")
+    print(
+        f"| Relais `dicomserver`, C-STORE answered (checked, queued) | {results['broker_intake_per_s']:.0f} |"
+    )
+    print(f"| Relais `dicomserver`, all registered | {results['broker_per_s']:.0f} |")
+    print(f"| ratio Relais / Orthanc | {results['ratio']:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

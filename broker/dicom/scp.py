@@ -1,0 +1,351 @@
+"""The broker's DICOM face: an SCP for C-ECHO and for the C-STORE of KOS manifests.
+
+A manifest received over DIMSE goes through the same registration service as one published
+over REST (`broker.registration`). Only the archives of registered, active institutions may
+associate: the calling AE title and the peer's address must match an institution's archive
+entry, and the called AE title must be the broker's. Any other association is rejected at
+association time (A-ASSOCIATE-RJ) and the rejection is audited.
+
+Storage of anything but a KOS is refused per instance with 0x0122 (SOP Class not
+supported) rather than at negotiation, so that a PACS sending a whole study gets a clear
+status for each image. Each association runs in its own thread (pynetdicom), with its own
+database connection, closed when the association ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import DatabaseError, close_old_connections, connection, transaction
+from django.utils import timezone
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.presentation import StoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from audit.events import EventCode, Outcome
+from audit.services import audit_record
+from audit.types import Actor, ActorKind
+from broker.dicom.kos import KOS_SOP_CLASS_UID
+from broker.dicom.network import NODELAY_HANDLERS
+from broker.errors import Conflict, DomainError, UnprocessableManifest
+from broker.intake import IntakeRegistrar, intake_receive
+from broker.models import Institution
+
+logger = logging.getLogger(__name__)
+
+# C-STORE statuses (PS3.4 Annex B.2.3, PS3.7 Annex C).
+STATUS_SUCCESS = 0x0000
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+STATUS_NOT_AUTHORIZED = 0x0124
+STATUS_DUPLICATE_SOP_INSTANCE = 0x0111
+STATUS_PROCESSING_FAILURE = 0x0110
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+# A-ASSOCIATE-RJ (PS3.8 9.3.4): result, source, reason.
+REJECTED_PERMANENT = 0x01
+SOURCE_SERVICE_USER = 0x01
+REASON_CALLING_AE_NOT_RECOGNISED = 0x03
+REASON_CALLED_AE_NOT_RECOGNISED = 0x07
+
+_ERROR_COMMENT_LENGTH = 64  # ErrorComment is LO
+
+
+@dataclass(frozen=True)
+class SCPConfig:
+    ae_title: str
+    bind: str
+    port: int
+    timeout: float = 30.0
+    max_associations: int = 32
+    tls: ssl.SSLContext | None = None
+
+
+@dataclass(frozen=True)
+class Peer:
+    """An association whose calling AE title and address matched an institution."""
+
+    institution: Institution
+    ae_title: str
+    address: str
+
+    def actor(self) -> Actor:
+        return Actor(
+            kind=ActorKind.INSTITUTION,
+            user_id=None,
+            username=f"dicom:{self.institution.finess}:{self.ae_title}",
+            institution=self.institution.finess,
+            role="institution_system",
+            address=self.address,
+        )
+
+
+class BrokerSCP:
+    """The handlers of the broker's application entity, and the peers it has admitted."""
+
+    def __init__(self, config: SCPConfig, registrar: IntakeRegistrar | None = None) -> None:
+        """``registrar``: one to run in this process; without, another process registers
+        what this server queues (``manage.py intake_registrar``)."""
+        self.config = config
+        self.registrar = registrar
+        self._peers: dict[int, Peer] = {}
+        self._lock = threading.Lock()
+        self.server: ThreadedAssociationServer | None = None
+
+    # ------------------------------------------------------------------ the AE
+
+    def application_entity(self) -> AE:
+        ae = AE(ae_title=self.config.ae_title)
+        ae.maximum_associations = self.config.max_associations
+        ae.acse_timeout = self.config.timeout
+        ae.dimse_timeout = self.config.timeout
+        ae.network_timeout = self.config.timeout
+        ae.add_supported_context(Verification)
+        ae.add_supported_context(KOS_SOP_CLASS_UID)
+        # Every other storage SOP class is accepted at negotiation and refused per instance
+        # (0x0122), within pynetdicom's limit of 128 presentation contexts.
+        for context in StoragePresentationContexts[:126]:
+            if context.abstract_syntax != KOS_SOP_CLASS_UID:
+                ae.add_supported_context(context.abstract_syntax)
+        return ae
+
+    def handlers(self) -> list[tuple[Any, Any]]:
+        return [
+            *NODELAY_HANDLERS,
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_C_ECHO, self.on_c_echo),
+            (evt.EVT_C_STORE, self.on_c_store),
+            (evt.EVT_RELEASED, self.on_ended),
+            (evt.EVT_ABORTED, self.on_ended),
+        ]
+
+    def start(self, *, block: bool) -> ThreadedAssociationServer | None:
+        """Serve on (bind, port); with ``block`` until interrupted, else in a thread."""
+        ae = self.application_entity()
+        if self.registrar is not None:
+            self.registrar.start()
+        self.server = ae.start_server(
+            (self.config.bind, self.config.port),
+            block=block,
+            evt_handlers=self.handlers(),
+            ssl_context=self.config.tls,
+        )
+        return self.server
+
+    # ------------------------------------------------------------------ handlers
+
+    def on_requested(self, event: Any) -> None:
+        """Admit only a registered institution's archive, calling the broker by its name."""
+        assoc = event.assoc
+        request = assoc.requestor.primitive  # the A-ASSOCIATE-RQ, not yet negotiated
+        calling = _ae_title(request.calling_ae_title)
+        called = _ae_title(request.called_ae_title)
+        address = str(assoc.requestor.address)
+        try:
+            close_old_connections()
+            if called != self.config.ae_title:
+                self._reject(
+                    assoc,
+                    REASON_CALLED_AE_NOT_RECOGNISED,
+                    "called-ae-unknown",
+                    f"called AE title {called!r} is not the broker's ({self.config.ae_title!r})",
+                    calling,
+                    called,
+                    address,
+                )
+                return
+            refusal, institution = _institution_for(calling, address)
+            if institution is None:
+                self._reject(
+                    assoc,
+                    REASON_CALLING_AE_NOT_RECOGNISED,
+                    refusal[0],
+                    refusal[1],
+                    calling,
+                    called,
+                    address,
+                )
+                return
+        except DatabaseError:
+            logger.exception(
+                "DICOM association from %s (%s): database unavailable", calling, address
+            )
+            assoc.acse.send_reject(0x02, 0x03, 0x01)  # transient, temporary congestion
+            assoc.kill()
+            _close_connection()
+            return
+        with self._lock:
+            self._peers[id(assoc)] = Peer(
+                institution=institution, ae_title=calling, address=address
+            )
+
+    def on_c_echo(self, event: Any) -> int:
+        return STATUS_SUCCESS
+
+    def on_c_store(self, event: Any) -> Dataset:
+        peer = self._peers.get(id(event.assoc))
+        if peer is None:  # cannot happen: the association was admitted
+            return _status(STATUS_NOT_AUTHORIZED, "association not admitted")
+        sop_class = str(event.request.AffectedSOPClassUID)
+        if sop_class != KOS_SOP_CLASS_UID:
+            return _status(
+                STATUS_SOP_CLASS_NOT_SUPPORTED,
+                "Relais stores Key Object Selection manifests only",
+            )
+        return self.register(peer, event.encoded_dataset(include_meta=True))
+
+    def on_ended(self, event: Any) -> None:
+        with self._lock:
+            self._peers.pop(id(event.assoc), None)
+        _close_connection()
+
+    # ------------------------------------------------------------------ work
+
+    def register(self, peer: Peer, data: bytes) -> Dataset:
+        """Check and queue one manifest received from ``peer``; the C-STORE response.
+
+        Success means checked and durably queued: the registrar registers it next
+        (`broker.intake`). A document refused on its face gets its status here.
+        """
+        try:
+            close_old_connections()
+            intake_receive(
+                data=data,
+                institution=peer.institution,
+                actor=peer.actor(),
+                now=timezone.now(),
+                correlation_id=uuid.uuid4(),
+            )
+        except DomainError as error:
+            return _refusal(error)
+        except DatabaseError:
+            logger.exception("C-STORE from %s: the registry is unavailable", peer.ae_title)
+            return _status(STATUS_OUT_OF_RESOURCES, "registry unavailable, retry later")
+        if self.registrar is not None:
+            self.registrar.notify()
+        return _status(STATUS_SUCCESS)
+
+    def shutdown(self) -> None:
+        """Stop accepting associations, then register what is queued."""
+        if self.server is not None:
+            self.server.shutdown()
+        if self.registrar is not None:
+            self.registrar.stop()
+
+    def _reject(
+        self,
+        assoc: Any,
+        reason: int,
+        code: str,
+        message: str,
+        calling: str,
+        called: str,
+        address: str,
+    ) -> None:
+        logger.warning("DICOM association refused: %s", message)
+        # Audited before the peer learns of the refusal: nothing it does next can precede it.
+        try:
+            with transaction.atomic():
+                audit_record(
+                    code=EventCode.DICOM_ASSOCIATION_REFUSED,
+                    actor=Actor(
+                        kind=ActorKind.ANONYMOUS,
+                        user_id=None,
+                        username=f"dicom:{calling}",
+                        address=address,
+                    ),
+                    now=timezone.now(),
+                    outcome=Outcome.MINOR_FAILURE,
+                    objects=[
+                        {"type": "dicom-association", "calling_ae": calling, "called_ae": called}
+                    ],
+                    details={
+                        "reason": code,
+                        "message": message,
+                        "tls": self.config.tls is not None,
+                    },
+                )
+        except DatabaseError:
+            logger.exception("the refusal of %s (%s) could not be audited", calling, address)
+        assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, reason)
+        # As pynetdicom does for its own rejections: wait until the DUL has sent the
+        # A-ASSOCIATE-RJ, or the socket closes under it.
+        assoc.kill()
+        _close_connection()
+
+
+def _institution_for(calling: str, address: str) -> tuple[tuple[str, str], Institution | None]:
+    """The institution whose archive is ``calling`` at ``address``, or why there is none."""
+    candidates = list(Institution.objects.filter(ae_title=calling)) if calling else []
+    if not candidates:
+        return ("calling-ae-unknown", f"calling AE title {calling!r} is not registered"), None
+    matching = [i for i in candidates if address in _addresses_of(i.dicom_host)]
+    if not matching:
+        return (
+            "address-mismatch",
+            f"calling AE title {calling!r} is registered for another address than {address}",
+        ), None
+    if len(matching) > 1:
+        return (
+            "ambiguous",
+            f"calling AE title {calling!r} at {address} matches several institutions",
+        ), None
+    institution = matching[0]
+    if not institution.active:
+        return ("institution-inactive", f"institution {institution.finess} is inactive"), None
+    return ("", ""), institution
+
+
+def _ae_title(value: str | bytes) -> str:
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+    return text.strip()
+
+
+def _addresses_of(host: str) -> set[str]:
+    """The IP addresses a registered host name stands for (itself, for an address)."""
+    if not host:
+        return set()
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return set()
+    addresses = {str(info[4][0]) for info in infos}
+    # An IPv4 peer may show as an IPv4-mapped IPv6 address on a dual-stack socket.
+    return addresses | {f"::ffff:{a}" for a in addresses if ":" not in a}
+
+
+def _refusal(error: DomainError) -> Dataset:
+    if isinstance(error, UnprocessableManifest):
+        status = (
+            STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS
+            if error.code in {"kos:wrong-sop-class", "kos:meta-mismatch"}
+            else STATUS_CANNOT_UNDERSTAND
+        )
+    elif isinstance(error, Conflict) and error.code == "registry:manifest:uid-reused":
+        status = STATUS_DUPLICATE_SOP_INSTANCE
+    else:
+        status = STATUS_PROCESSING_FAILURE
+    return _status(status, f"{error.code}: {error.detail}")
+
+
+def _status(status: int, comment: str = "") -> Dataset:
+    response = Dataset()
+    response.Status = status
+    if comment:
+        text = comment.encode("ascii", "replace").decode("ascii")
+        response.ErrorComment = text[:_ERROR_COMMENT_LENGTH]
+    return response
+
+
+def _close_connection() -> None:
+    """Each association thread has its own database connection: close it as it ends."""
+    connection.close()

@@ -1,0 +1,119 @@
+"""The intake queue of manifests received over DIMSE, and ``manage.py dicomserver`` itself
+(its registrar process), run as a real process against the test database."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.db import connection
+
+from audit.events import EventCode
+from audit.models import AuditEvent
+from audit.types import Actor, ActorKind
+from broker.errors import UnprocessableManifest
+from broker.intake import intake_drain, intake_receive
+from broker.models import IntakeItem, Manifest
+from tests.conftest import NOW, Region
+from tests.peers.dcmtk import run_tool
+from tests.peers.orthanc import free_port
+from tests.registry_helpers import kos_for
+
+ROOT = Path(__file__).resolve().parents[2]
+PACS = Actor(
+    kind=ActorKind.INSTITUTION,
+    user_id=None,
+    username="dicom:350000014:CHUB_PACS",
+    institution="350000014",
+    role="institution_system",
+    address="127.0.0.1",
+)
+
+
+@pytest.mark.django_db
+def test_a_manifest_refused_on_its_face_is_audited_and_never_queued(region: Region):
+    with pytest.raises(UnprocessableManifest):
+        intake_receive(data=b"not dicom", institution=region.chu, actor=PACS, now=NOW)
+    assert IntakeItem.objects.count() == 0
+    (event,) = AuditEvent.objects.filter(code=EventCode.MANIFEST_REJECT)
+    assert event.actor_username == PACS.username
+
+
+@pytest.mark.django_db
+def test_queued_manifests_are_registered_once_and_leave_the_queue(region: Region):
+    for n in range(3):
+        intake_receive(
+            data=kos_for(region.chu, f"IPP{n}", study=n),
+            institution=region.chu,
+            actor=PACS,
+            now=NOW,
+        )
+    # The same document twice: queued twice, registered once ("unchanged" the second time).
+    intake_receive(
+        data=kos_for(region.chu, "IPP0", study=0), institution=region.chu, actor=PACS, now=NOW
+    )
+    assert IntakeItem.objects.count() == 4
+    results = intake_drain(limit=2, now=NOW)
+    assert [r.outcome for r in results] == ["new", "new"]
+    assert IntakeItem.objects.count() == 2
+    results = intake_drain(now=NOW)
+    assert [r.outcome for r in results] == ["new", "unchanged"]
+    assert intake_drain(now=NOW) == []
+    assert Manifest.objects.count() == 3
+    registered = AuditEvent.objects.filter(code=EventCode.MANIFEST_REGISTER)
+    assert {e.actor_username for e in registered} == {PACS.username}
+
+
+def _database_url() -> str:
+    db = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{db['NAME']}"
+    user, host, port = db["USER"] or "postgres", db["HOST"] or "127.0.0.1", db["PORT"] or 5432
+    return f"postgres://{user}@{host}:{port}/{db['NAME']}"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_dicomserver_runs_its_registrar_process_and_stops_cleanly(region: Region, tmp_path):
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "manage.py"), "dicomserver", "--port", str(port)],
+        env={
+            **os.environ,
+            "DATABASE_URL": _database_url(),
+            "RELAIS_DATA_DIR": str(settings.DATA_DIR),
+            "LOG_LEVEL": "WARNING",
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        args = ["-aet", "CHUB_PACS", "-aec", "RELAIS", "127.0.0.1", port]
+        deadline = time.monotonic() + 30
+        while run_tool("echoscu", args).returncode != 0:
+            assert server.poll() is None, server.stderr.read() if server.stderr else ""
+            assert time.monotonic() < deadline, "dicomserver never answered C-ECHO"
+            time.sleep(0.2)
+        files = []
+        for n in range(3):
+            path = tmp_path / f"{n}.dcm"
+            path.write_bytes(kos_for(region.chu, f"IPP{n}", study=n))
+            files.append(path)
+        assert run_tool("storescu", [*args, *files]).returncode == 0
+        deadline = time.monotonic() + 30
+        while Manifest.objects.count() < 3:
+            assert time.monotonic() < deadline, "the registrar registered nothing"
+            time.sleep(0.05)
+        assert IntakeItem.objects.count() == 0
+    finally:
+        server.send_signal(signal.SIGTERM)
+        out, err = server.communicate(timeout=60)
+    assert server.returncode == 0, err
+    assert "Relais DICOM server RELAIS on 127.0.0.1" in out
+    assert "stopped" in out

@@ -1,0 +1,1 @@
+"""Real peers for the test suite: Orthanc archives loaded with synthetic studies."""
