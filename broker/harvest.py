@@ -1,0 +1,401 @@
+"""Harvest: the prior studies of an archive, made into manifests and registered.
+
+When a hospital joins the region, its archive is queried study by study (the study list,
+then each study's series and instances), a KOS is built for each study (`kos.build_kos`)
+and registered through the same service as any other manifest.
+
+- **Idempotent.** A manifest's SOP Instance UID is derived from the study's description
+  (`kos.derive_kos_uids`): a study already harvested unchanged is recognised by that UID
+  and left alone; a study that changed (series added or removed) gets a new manifest,
+  which replaces the old one.
+- **Resumable.** Studies go in (study date, study UID) order; each batch of manifests is
+  registered in the transaction that moves the checkpoint past it, so an interrupted run
+  (even ``kill -9``) resumes after the last committed study and never registers a study
+  twice.
+- **Gentle.** At most ``max_rate`` studies a second are described (each description is one
+  or two queries to the archive); descriptions are fetched ahead by ``workers`` threads
+  while the previous ones are registered.
+- **Pruning** (``prune``): once every study of the range has been seen, the source's approved
+  manifests of that range whose study is no longer in the archive are deprecated.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from django.db import transaction
+from django.utils import timezone
+
+from audit.events import EventCode, Outcome
+from audit.services import audit_record
+from audit.types import Actor
+from broker.dicom.archive import ArchiveClient, ArchiveError, StudySummary
+from broker.dicom.kos import KOSError, StudyDescription, build_kos, derive_kos_uids
+from broker.models import (
+    HarvestCheckpoint,
+    HarvestStatus,
+    Institution,
+    Manifest,
+    ManifestStatus,
+)
+from broker.registration import manifests_register
+from broker.services import manifest_deprecate
+
+OUTCOMES = ("new", "unchanged", "replaced", "failed", "deprecated")
+
+
+@dataclass
+class HarvestProgress:
+    """What a progress display needs, after each study."""
+
+    done: int
+    total: int
+    counts: Counter[str]
+
+
+@dataclass
+class HarvestSummary:
+    institution: str
+    transport: str
+    date_range: str
+    total: int
+    resumed_after: int  # studies already done by an interrupted run
+    counts: Counter[str]
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (study UID, reason)
+    seconds: float = 0.0
+
+
+class RateLimiter:
+    """At most ``rate`` acquisitions a second, shared by threads (None: no limit)."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.interval = 1.0 / rate if rate else 0.0
+        self._next = time.monotonic()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        if not self.interval:
+            return
+        with self._lock:
+            now = time.monotonic()
+            wait = self._next - now
+            self._next = max(now, self._next) + self.interval
+        if wait > 0:
+            time.sleep(wait)
+
+
+def date_range_key(since: dt.date | None, until: dt.date | None) -> str:
+    return f"{since.isoformat() if since else ''}..{until.isoformat() if until else ''}"
+
+
+def _order(study: StudySummary) -> tuple[dt.date, str]:
+    return (study.study_date or dt.date.min, study.study_instance_uid)
+
+
+def harvest_run(
+    *,
+    institution: Institution,
+    client_factory: Callable[[], ArchiveClient],
+    transport: str,
+    actor: Actor,
+    since: dt.date | None = None,
+    until: dt.date | None = None,
+    prune: bool = False,
+    max_rate: float | None = None,
+    restart: bool = False,
+    batch: int = 25,
+    workers: int = 2,
+    progress: Callable[[HarvestProgress], None] | None = None,
+) -> HarvestSummary:
+    """Harvest ``institution``'s archive over [since, until]; see the module docstring.
+
+    Raises `ArchiveError` when the archive cannot even list its studies; a study that
+    cannot be described or registered is counted as failed, with its reason, and the run
+    goes on.
+    """
+    if since and until and since > until:
+        raise ValueError(f"--since {since} is after --until {until}")
+    started = time.monotonic()
+    key = date_range_key(since, until)
+    checkpoint = _checkpoint(institution, transport, key, restart=restart)
+    correlation_id = uuid.uuid4()
+    resumed = checkpoint.cursor_study_uid != ""
+    _audit(
+        EventCode.HARVEST_START,
+        institution,
+        actor,
+        correlation_id,
+        details={"transport": transport, "range": key, "resumed": resumed, "prune": prune},
+    )
+    counts: Counter[str] = Counter({k: int(v) for k, v in checkpoint.counts.items()})
+    summary = HarvestSummary(
+        institution=institution.finess,
+        transport=transport,
+        date_range=key,
+        total=0,
+        resumed_after=0,
+        counts=counts,
+    )
+    try:
+        with client_factory() as lister:
+            studies = sorted(lister.find_studies(since=since, until=until), key=_order)
+        cursor = (checkpoint.cursor_study_date or dt.date.min, checkpoint.cursor_study_uid)
+        todo = [s for s in studies if not resumed or _order(s) > cursor]
+        summary.total = len(studies)
+        summary.resumed_after = len(studies) - len(todo)
+        done = summary.resumed_after
+        checkpoint.total = len(studies)
+        checkpoint.save(update_fields=["total"])
+        pending: list[tuple[StudySummary, bytes]] = []
+        for study, described in _described(todo, client_factory, max_rate, workers):
+            outcome = _prepare(institution, study, described, summary)
+            if isinstance(outcome, bytes):
+                pending.append((study, outcome))
+            else:
+                counts[outcome] += 1
+                _advance(checkpoint, study)
+            done += 1
+            if len(pending) >= batch or (not pending and done % batch == 0):
+                _register(institution, actor, correlation_id, pending, checkpoint, summary)
+                pending = []
+            if progress is not None:
+                progress(HarvestProgress(done=done, total=len(studies), counts=counts))
+        _register(institution, actor, correlation_id, pending, checkpoint, summary)
+        if prune:
+            counts["deprecated"] += _prune(
+                institution, {s.study_instance_uid for s in studies}, since, until, actor
+            )
+        checkpoint.status = HarvestStatus.COMPLETED
+        checkpoint.finished_at = timezone.now()
+        checkpoint.counts = dict(counts)
+        checkpoint.updated_at = checkpoint.finished_at
+        checkpoint.save()
+    except BaseException as exc:
+        # Interrupted (Ctrl-C) or the archive is gone: the checkpoint stays "running", so
+        # the next run resumes; what was committed stays.
+        summary.seconds = time.monotonic() - started
+        _audit(
+            EventCode.HARVEST_FINISH,
+            institution,
+            actor,
+            correlation_id,
+            outcome=Outcome.SERIOUS_FAILURE,
+            details={
+                "transport": transport,
+                "range": key,
+                "counts": dict(counts),
+                "error": f"{type(exc).__name__}: {exc}"[:500],
+            },
+        )
+        raise
+    summary.seconds = time.monotonic() - started
+    _audit(
+        EventCode.HARVEST_FINISH,
+        institution,
+        actor,
+        correlation_id,
+        outcome=Outcome.MINOR_FAILURE if counts["failed"] else Outcome.SUCCESS,
+        details={
+            "transport": transport,
+            "range": key,
+            "total": summary.total,
+            "counts": dict(counts),
+            "failures": [{"study": uid, "reason": why} for uid, why in summary.failures[:100]],
+        },
+    )
+    return summary
+
+
+def _checkpoint(
+    institution: Institution, transport: str, key: str, *, restart: bool
+) -> HarvestCheckpoint:
+    now = timezone.now()
+    with transaction.atomic():
+        checkpoint, created = HarvestCheckpoint.objects.select_for_update().get_or_create(
+            institution=institution,
+            transport=transport,
+            date_range=key,
+            defaults={"status": HarvestStatus.RUNNING, "started_at": now, "updated_at": now},
+        )
+        if created:
+            return checkpoint
+        if restart or checkpoint.status != HarvestStatus.RUNNING:
+            checkpoint.cursor_study_date = None
+            checkpoint.cursor_study_uid = ""
+            checkpoint.counts = {}
+            checkpoint.started_at = now
+            checkpoint.finished_at = None
+        checkpoint.status = HarvestStatus.RUNNING
+        checkpoint.updated_at = now
+        checkpoint.save()
+    return checkpoint
+
+
+def _described(
+    studies: list[StudySummary],
+    client_factory: Callable[[], ArchiveClient],
+    max_rate: float | None,
+    workers: int,
+) -> Iterator[tuple[StudySummary, StudyDescription | ArchiveError]]:
+    """Each study with its description (or the archive's error), in order, fetched ahead
+    by ``workers`` threads, each with its own client, at most ``max_rate`` a second."""
+    limiter = RateLimiter(max_rate)
+    local = threading.local()
+    clients: list[ArchiveClient] = []
+    clients_lock = threading.Lock()
+
+    def describe(study: StudySummary) -> StudyDescription | ArchiveError:
+        client = getattr(local, "client", None)
+        if client is None:
+            client = local.client = client_factory()
+            with clients_lock:
+                clients.append(client)
+        limiter.acquire()
+        try:
+            return client.describe_study(study.study_instance_uid)
+        except ArchiveError as exc:
+            return exc
+
+    window = max(1, workers) * 4
+    futures: list[Future[StudyDescription | ArchiveError] | None] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="harvest") as pool:
+        try:
+            next_index = 0
+            for index, study in enumerate(studies):
+                while next_index < len(studies) and next_index < index + window:
+                    futures.append(pool.submit(describe, studies[next_index]))
+                    next_index += 1
+                future = futures[index]
+                assert future is not None
+                futures[index] = None
+                yield study, future.result()
+        finally:
+            for left in futures:
+                if left is not None:
+                    left.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+            with clients_lock:
+                for client in clients:
+                    client.close()
+
+
+def _prepare(
+    institution: Institution,
+    study: StudySummary,
+    described: StudyDescription | ArchiveError,
+    summary: HarvestSummary,
+) -> bytes | str:
+    """The manifest to register for ``study``, or its outcome when there is none to."""
+    if isinstance(described, ArchiveError):
+        summary.failures.append((study.study_instance_uid, str(described)))
+        return "failed"
+    try:
+        sop_instance_uid, _ = derive_kos_uids(described)
+        if Manifest.objects.filter(
+            source_institution=institution, sop_instance_uid=sop_instance_uid
+        ).exists():
+            return "unchanged"
+        return build_kos(described, now=timezone.now())
+    except KOSError as exc:
+        summary.failures.append((study.study_instance_uid, f"{exc.code}: {exc.message}"))
+        return "failed"
+
+
+def _advance(checkpoint: HarvestCheckpoint, study: StudySummary) -> None:
+    """Move the cursor to ``study`` if it is further on (a batch may finish after studies
+    that came later but had nothing to register)."""
+    cursor = (checkpoint.cursor_study_date or dt.date.min, checkpoint.cursor_study_uid)
+    if _order(study) > cursor:
+        checkpoint.cursor_study_date = study.study_date
+        checkpoint.cursor_study_uid = study.study_instance_uid
+
+
+def _register(
+    institution: Institution,
+    actor: Actor,
+    correlation_id: uuid.UUID,
+    pending: list[tuple[StudySummary, bytes]],
+    checkpoint: HarvestCheckpoint,
+    summary: HarvestSummary,
+) -> None:
+    """Register a batch, and move the checkpoint past it, in one transaction."""
+    now = timezone.now()
+    with transaction.atomic():
+        if pending:
+            results = manifests_register(
+                documents=[data for _, data in pending],
+                institution=institution,
+                actor=actor,
+                now=now,
+                correlation_id=correlation_id,
+            )
+            for (study, _), result in zip(pending, results, strict=True):
+                if result.error is not None:
+                    summary.counts["failed"] += 1
+                    summary.failures.append(
+                        (study.study_instance_uid, f"{result.error.code}: {result.error.detail}")
+                    )
+                else:
+                    summary.counts[result.outcome] += 1
+                _advance(checkpoint, study)
+        checkpoint.counts = dict(summary.counts)
+        checkpoint.updated_at = now
+        checkpoint.save(
+            update_fields=["cursor_study_date", "cursor_study_uid", "counts", "updated_at"]
+        )
+
+
+def _prune(
+    institution: Institution,
+    present: set[str],
+    since: dt.date | None,
+    until: dt.date | None,
+    actor: Actor,
+) -> int:
+    """Deprecate the source's approved manifests of the range whose study has gone."""
+    manifests = Manifest.objects.filter(
+        source_institution=institution, status=ManifestStatus.APPROVED
+    )
+    if since is not None:
+        manifests = manifests.filter(study_date__gte=since)
+    if until is not None:
+        manifests = manifests.filter(study_date__lte=until)
+    gone = [
+        m for m in manifests.only("id", "study_instance_uid") if m.study_instance_uid not in present
+    ]
+    for manifest in gone:
+        manifest_deprecate(
+            manifest=manifest,
+            actor=actor,
+            now=timezone.now(),
+            reason="harvest: the study is no longer in the source archive",
+        )
+    return len(gone)
+
+
+def _audit(
+    code: EventCode,
+    institution: Institution,
+    actor: Actor,
+    correlation_id: uuid.UUID,
+    *,
+    details: dict[str, object],
+    outcome: Outcome = Outcome.SUCCESS,
+) -> None:
+    with transaction.atomic():
+        audit_record(
+            code=code,
+            actor=actor,
+            now=timezone.now(),
+            outcome=outcome,
+            correlation_id=correlation_id,
+            objects=[{"type": "institution", "finess": institution.finess}],
+            details={"institution": institution.finess, **details},
+        )

@@ -1,0 +1,334 @@
+"""Harvest of prior studies from real Orthanc archives, over DICOMweb and DIMSE."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.core.management import CommandError, call_command
+from django.db import connection
+
+from audit.events import EventCode
+from audit.models import AuditEvent
+from broker.archives import institution_archive
+from broker.harvest import HarvestProgress, RateLimiter, harvest_run
+from broker.models import (
+    HarvestCheckpoint,
+    HarvestStatus,
+    Institution,
+    Manifest,
+    ManifestStatus,
+    PatientIdentifier,
+)
+from broker.services import institution_update
+from tests.conftest import NOW, SYSTEM, Region
+from tests.peers.fixtures import BROKER_MODALITY
+from tests.peers.orthanc import OrthancArchive, free_port
+from tests.peers.studies import (
+    CHUB_AE,
+    DUPONT_CHUB_IPP,
+    DUPONT_PORTMAEL_IPP,
+    MARIE_DUPONT,
+    PAUL_MARTIN,
+    PORTMAEL_AE,
+    synthetic_study,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+BROKER = {BROKER_MODALITY: (BROKER_MODALITY, "127.0.0.1", 11112)}
+
+
+def _point(institution: Institution, archive: OrthancArchive) -> Institution:
+    """The institution's archive entry, at this Orthanc (both transports)."""
+    return institution_update(
+        institution=institution,
+        ae_title=archive.aet,
+        dicom_host="127.0.0.1",
+        dicom_port=archive.dicom_port,
+        dicomweb_url=archive.dicomweb_url,
+        actor=SYSTEM,
+        now=NOW,
+    )
+
+
+def _harvest(institution: Institution, transport: str, **options):
+    return harvest_run(
+        institution=institution,
+        client_factory=lambda: institution_archive(institution, transport),
+        transport=transport,
+        actor=SYSTEM,
+        **options,
+    )
+
+
+def _manifests(institution: Institution):
+    return Manifest.objects.filter(source_institution=institution, status=ManifestStatus.APPROVED)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("transport", ["dicomweb", "dimse"])
+def test_harvest_registers_one_manifest_per_study_then_changes_nothing(
+    region: Region, orthanc_region, transport
+):
+    chu = _point(region.chu, orthanc_region.archives[CHUB_AE])
+    expected = {s.study_instance_uid: s for s in orthanc_region.studies[CHUB_AE]}
+
+    first = _harvest(chu, transport)
+
+    assert first.total == len(expected)
+    assert first.counts["new"] == len(expected)
+    assert first.counts["failed"] == 0
+    manifests = {m.study_instance_uid: m for m in _manifests(chu)}
+    assert manifests.keys() == expected.keys()
+    for uid, manifest in manifests.items():
+        study = expected[uid]
+        assert manifest.instance_count == study.instance_count
+        assert manifest.series_count == len(study.series_uids)
+        assert manifest.accession_number == study.accession_number
+        assert manifest.study_date == study.study_date
+    checkpoint = HarvestCheckpoint.objects.get(institution=chu, transport=transport)
+    assert checkpoint.status == HarvestStatus.COMPLETED
+
+    registered = AuditEvent.objects.filter(code=EventCode.MANIFEST_REGISTER).count()
+    second = _harvest(chu, transport)
+    assert second.counts["unchanged"] == len(expected)
+    assert second.counts["new"] == second.counts["replaced"] == 0
+    assert AuditEvent.objects.filter(code=EventCode.MANIFEST_REGISTER).count() == registered
+    assert _manifests(chu).count() == len(expected)
+    finished = AuditEvent.objects.filter(code=EventCode.HARVEST_FINISH).order_by("sequence")
+    assert [e.details["counts"].get("unchanged", 0) for e in finished] == [0, len(expected)]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("transport", ["dicomweb", "dimse"])
+def test_the_ins_read_from_the_archive_links_the_patient_across_hospitals(
+    region: Region, orthanc_region, transport
+):
+    chu = _point(region.chu, orthanc_region.archives[CHUB_AE])
+    portmael = _point(region.portmael, orthanc_region.archives[PORTMAEL_AE])
+    _harvest(chu, transport)
+    _harvest(portmael, transport)
+    at_chu = PatientIdentifier.objects.get(issuer=chu.patient_id_issuer, value=DUPONT_CHUB_IPP)
+    at_pm = PatientIdentifier.objects.get(
+        issuer=portmael.patient_id_issuer, value=DUPONT_PORTMAEL_IPP
+    )
+    assert at_chu.patient_id == at_pm.patient_id
+    ins = PatientIdentifier.objects.get(value=MARIE_DUPONT.ins)
+    assert ins.patient_id == at_chu.patient_id
+    # A patient without INS stays on their own.
+    martin = PatientIdentifier.objects.get(issuer=chu.patient_id_issuer, value="CHU0007731")
+    assert martin.patient_id != at_chu.patient_id
+
+
+@pytest.mark.django_db
+def test_a_date_range_harvests_only_its_studies(region: Region, orthanc_region):
+    chu = _point(region.chu, orthanc_region.archives[CHUB_AE])
+    since, until = dt.date(2025, 1, 1), dt.date(2025, 12, 31)
+    expected = {
+        s.study_instance_uid
+        for s in orthanc_region.studies[CHUB_AE]
+        if since <= s.study_date <= until
+    }
+    summary = _harvest(chu, "dicomweb", since=since, until=until)
+    assert summary.counts["new"] == len(expected) == 2
+    assert {m.study_instance_uid for m in _manifests(chu)} == expected
+
+
+def _study(seed: str, *, series_count: int = 2, when: dt.date = dt.date(2025, 4, 1)):
+    return synthetic_study(
+        patient=PAUL_MARTIN,
+        patient_id="CHU0007731",
+        issuer="CHU-BELLECOMBE",
+        issuer_oid="1.2.250.1.999.350000014",
+        institution_name="CHU de Bellecombe",
+        modality="CT",
+        study_date=when,
+        study_time=dt.time(10, 0),
+        accession_number=f"ACC-{seed}",
+        description="TDM",
+        series_count=series_count,
+        instances_per_series=2,
+        body_part="CHEST",
+        seed=seed,
+    )
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("transport", ["dicomweb", "dimse"])
+def test_a_changed_study_is_replaced_and_a_gone_one_pruned(
+    region: Region, orthanc_factory, transport
+):
+    archive = orthanc_factory(CHUB_AE, modalities=BROKER)
+    kept, shrunk, gone = _study("kept"), _study("shrunk", series_count=3), _study("gone")
+    grown_before = _study("grown", series_count=1)
+    for study in (kept, shrunk, gone, grown_before):
+        archive.upload_many(study.instances)
+    chu = _point(region.chu, archive)
+    assert _harvest(chu, transport).counts["new"] == 4
+
+    archive.delete_series(shrunk.series_uids[2])
+    archive.upload_many(_study("grown", series_count=2).instances)  # a series added
+    archive.delete_study(gone.study_instance_uid)
+
+    summary = _harvest(chu, transport, prune=True)
+    assert summary.counts["replaced"] == 2
+    assert summary.counts["unchanged"] == 1
+    assert summary.counts["deprecated"] == 1
+    current = {m.study_instance_uid: m for m in _manifests(chu)}
+    assert set(current) == {
+        kept.study_instance_uid,
+        shrunk.study_instance_uid,
+        grown_before.study_instance_uid,
+    }
+    assert current[shrunk.study_instance_uid].series_count == 2
+    assert current[grown_before.study_instance_uid].series_count == 2
+    assert (
+        Manifest.objects.get(study_instance_uid=gone.study_instance_uid).status
+        == ManifestStatus.DEPRECATED
+    )
+    # One approved manifest per study, the replaced ones deprecated and linked.
+    assert Manifest.objects.filter(source_institution=chu).count() == 6
+
+
+@pytest.mark.django_db
+def test_an_interrupted_harvest_resumes_after_its_last_committed_study(
+    region: Region, orthanc_factory
+):
+    archive = orthanc_factory(CHUB_AE, modalities=BROKER)
+    studies = [_study(f"s{n}", when=dt.date(2025, 1, 1) + dt.timedelta(days=n)) for n in range(7)]
+    for study in studies:
+        archive.upload_many(study.instances)
+    chu = _point(region.chu, archive)
+
+    def interrupt(state: HarvestProgress) -> None:
+        if state.done == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _harvest(chu, "dicomweb", batch=2, progress=interrupt)
+    checkpoint = HarvestCheckpoint.objects.get(institution=chu)
+    assert checkpoint.status == HarvestStatus.RUNNING
+    committed = _manifests(chu).count()
+    assert committed == 4  # two batches of two; the fifth study's batch never committed
+    failed = AuditEvent.objects.filter(code=EventCode.HARVEST_FINISH).get()
+    assert failed.outcome == 8
+
+    summary = _harvest(chu, "dicomweb", batch=2)
+    assert summary.resumed_after == 4
+    assert summary.counts["new"] == 7
+    assert _manifests(chu).count() == 7
+    assert HarvestCheckpoint.objects.get(institution=chu).status == HarvestStatus.COMPLETED
+
+
+def _database_url() -> str:
+    db = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{db['NAME']}"
+    user, host, port = db["USER"] or "postgres", db["HOST"] or "127.0.0.1", db["PORT"] or 5432
+    return f"postgres://{user}@{host}:{port}/{db['NAME']}"
+
+
+def _harvest_command(*arguments: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "manage.py"), "harvest", *arguments],
+        env={
+            **os.environ,
+            "DATABASE_URL": _database_url(),
+            "RELAIS_DATA_DIR": str(settings.DATA_DIR),
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_kill_9_mid_harvest_then_a_rerun_gives_exactly_one_manifest_per_study(
+    region: Region, orthanc_factory
+):
+    archive = orthanc_factory(CHUB_AE, modalities=BROKER)
+    studies = [_study(f"k{n}", when=dt.date(2024, 1, 1) + dt.timedelta(days=n)) for n in range(30)]
+    for study in studies:
+        archive.upload_many(study.instances)
+    chu = _point(region.chu, archive)
+
+    process = _harvest_command("--institution", chu.finess, "--max-rate", "20", "--no-progress")
+    deadline = time.monotonic() + 60
+    while _manifests(chu).count() < 5:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    interrupted = _manifests(chu).count()
+    assert 5 <= interrupted < len(studies)
+    assert HarvestCheckpoint.objects.get(institution=chu).status == HarvestStatus.RUNNING
+
+    rerun = _harvest_command("--institution", chu.finess, "--no-progress")
+    out, err = rerun.communicate(timeout=120)
+    assert rerun.returncode == 0, err
+    assert "done by the interrupted run" in out
+    assert _manifests(chu).count() == len(studies)
+    for study in studies:
+        assert Manifest.objects.filter(study_instance_uid=study.study_instance_uid).count() == 1
+
+
+@pytest.mark.django_db
+def test_the_command_prints_a_summary_and_refuses_bad_input(region: Region, orthanc_region):
+    chu = _point(region.chu, orthanc_region.archives[CHUB_AE])
+    from io import StringIO
+
+    out = StringIO()
+    call_command("harvest", "--institution", chu.finess, "--no-progress", stdout=out)
+    text = out.getvalue()
+    assert "6 studies" in text
+    assert "new        6" in text
+    with pytest.raises(CommandError, match="no institution"):
+        call_command("harvest", "--institution", "999999999", "--no-progress")
+    with pytest.raises(CommandError, match="is after"):
+        call_command(
+            "harvest", "--institution", chu.finess, "--since", "2026-01-01", "--until", "2025-01-01"
+        )
+    institution_update(institution=chu, dicomweb_url="", actor=SYSTEM, now=NOW)
+    with pytest.raises(CommandError, match="no DICOMweb URL"):
+        call_command("harvest", "--institution", chu.finess, "--transport", "dicomweb")
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("transport", ["dicomweb", "dimse"])
+def test_an_unreachable_archive_stops_the_harvest_with_a_clear_error(region: Region, transport):
+    port = free_port()  # nothing listens there
+    chu = institution_update(
+        institution=region.chu,
+        dicom_port=port,
+        dicomweb_url=f"http://127.0.0.1:{port}/dicom-web",
+        actor=SYSTEM,
+        now=NOW,
+    )
+    with pytest.raises(CommandError, match="resumable"):
+        call_command(
+            "harvest", "--institution", chu.finess, "--transport", transport, "--no-progress"
+        )
+    assert Manifest.objects.count() == 0
+    finished = AuditEvent.objects.get(code=EventCode.HARVEST_FINISH)
+    assert finished.outcome == 8
+
+
+def test_the_rate_limiter_spaces_acquisitions():
+    limiter = RateLimiter(50)
+    start = time.monotonic()
+    for _ in range(11):
+        limiter.acquire()
+    assert time.monotonic() - start >= 0.19  # ten intervals of 20 ms
+    unlimited = RateLimiter(None)
+    start = time.monotonic()
+    for _ in range(1000):
+        unlimited.acquire()
+    assert time.monotonic() - start < 0.5
