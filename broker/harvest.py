@@ -153,21 +153,17 @@ def harvest_run(
         done = summary.resumed_after
         checkpoint.total = len(studies)
         checkpoint.save(update_fields=["total"])
-        pending: list[tuple[StudySummary, bytes]] = []
-        for study, described in _described(todo, client_factory, max_rate, workers):
-            outcome = _prepare(institution, study, described, summary)
-            if isinstance(outcome, bytes):
-                pending.append((study, outcome))
-            else:
-                counts[outcome] += 1
-                _advance(checkpoint, study)
-            done += 1
-            if len(pending) >= batch or (not pending and done % batch == 0):
-                _register(institution, actor, correlation_id, pending, checkpoint, summary)
-                pending = []
+        chunk: list[tuple[StudySummary, StudyDescription | ArchiveError]] = []
+        described_studies = _described(todo, client_factory, max_rate, workers)
+        for study, described in described_studies:
+            chunk.append((study, described))
+            if len(chunk) < batch and len(chunk) + done < len(studies):
+                continue
+            _harvest_chunk(institution, actor, correlation_id, chunk, checkpoint, summary)
+            done += len(chunk)
+            chunk = []
             if progress is not None:
                 progress(HarvestProgress(done=done, total=len(studies), counts=counts))
-        _register(institution, actor, correlation_id, pending, checkpoint, summary)
         if prune:
             counts["deprecated"] += _prune(
                 institution, {s.study_instance_uid for s in studies}, since, until, actor
@@ -286,47 +282,54 @@ def _described(
                     client.close()
 
 
-def _prepare(
-    institution: Institution,
-    study: StudySummary,
-    described: StudyDescription | ArchiveError,
-    summary: HarvestSummary,
-) -> bytes | str:
-    """The manifest to register for ``study``, or its outcome when there is none to."""
-    if isinstance(described, ArchiveError):
-        summary.failures.append((study.study_instance_uid, str(described)))
-        return "failed"
-    try:
-        sop_instance_uid, _ = derive_kos_uids(described)
-        if Manifest.objects.filter(
-            source_institution=institution, sop_instance_uid=sop_instance_uid
-        ).exists():
-            return "unchanged"
-        return build_kos(described, now=timezone.now())
-    except KOSError as exc:
-        summary.failures.append((study.study_instance_uid, f"{exc.code}: {exc.message}"))
-        return "failed"
-
-
-def _advance(checkpoint: HarvestCheckpoint, study: StudySummary) -> None:
-    """Move the cursor to ``study`` if it is further on (a batch may finish after studies
-    that came later but had nothing to register)."""
-    cursor = (checkpoint.cursor_study_date or dt.date.min, checkpoint.cursor_study_uid)
-    if _order(study) > cursor:
-        checkpoint.cursor_study_date = study.study_date
-        checkpoint.cursor_study_uid = study.study_instance_uid
-
-
-def _register(
+def _harvest_chunk(
     institution: Institution,
     actor: Actor,
     correlation_id: uuid.UUID,
-    pending: list[tuple[StudySummary, bytes]],
+    chunk: list[tuple[StudySummary, StudyDescription | ArchiveError]],
     checkpoint: HarvestCheckpoint,
     summary: HarvestSummary,
 ) -> None:
-    """Register a batch, and move the checkpoint past it, in one transaction."""
+    """Register the manifests of a run of studies, and move the checkpoint past its last
+    study, in one transaction. A study whose manifest (same derived UID) is already
+    registered is unchanged; one the archive could not describe, or that makes no valid
+    manifest, has failed."""
+    counts, failures = summary.counts, summary.failures
+    derived: dict[str, tuple[StudySummary, StudyDescription, str]] = {}
+    for study, described in chunk:
+        if isinstance(described, ArchiveError):
+            counts["failed"] += 1
+            failures.append((study.study_instance_uid, str(described)))
+            continue
+        try:
+            sop_instance_uid, series_instance_uid = derive_kos_uids(described)
+            derived[sop_instance_uid] = (study, described, series_instance_uid)
+        except KOSError as exc:
+            counts["failed"] += 1
+            failures.append((study.study_instance_uid, f"{exc.code}: {exc.message}"))
+    known = set(
+        Manifest.objects.filter(
+            source_institution=institution, sop_instance_uid__in=list(derived)
+        ).values_list("sop_instance_uid", flat=True)
+    )
     now = timezone.now()
+    pending: list[tuple[StudySummary, bytes]] = []
+    for sop_instance_uid, (study, described, series_instance_uid) in derived.items():
+        if sop_instance_uid in known:
+            counts["unchanged"] += 1
+            continue
+        try:
+            data = build_kos(
+                described,
+                now=now,
+                sop_instance_uid=sop_instance_uid,
+                series_instance_uid=series_instance_uid,
+            )
+            pending.append((study, data))
+        except KOSError as exc:
+            counts["failed"] += 1
+            failures.append((study.study_instance_uid, f"{exc.code}: {exc.message}"))
+    last = chunk[-1][0]
     with transaction.atomic():
         if pending:
             results = manifests_register(
@@ -338,14 +341,15 @@ def _register(
             )
             for (study, _), result in zip(pending, results, strict=True):
                 if result.error is not None:
-                    summary.counts["failed"] += 1
-                    summary.failures.append(
+                    counts["failed"] += 1
+                    failures.append(
                         (study.study_instance_uid, f"{result.error.code}: {result.error.detail}")
                     )
                 else:
-                    summary.counts[result.outcome] += 1
-                _advance(checkpoint, study)
-        checkpoint.counts = dict(summary.counts)
+                    counts[result.outcome] += 1
+        checkpoint.cursor_study_date = last.study_date
+        checkpoint.cursor_study_uid = last.study_instance_uid
+        checkpoint.counts = dict(counts)
         checkpoint.updated_at = now
         checkpoint.save(
             update_fields=["cursor_study_date", "cursor_study_uid", "counts", "updated_at"]

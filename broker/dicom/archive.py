@@ -1322,7 +1322,11 @@ class _Done:
 
 
 class DimseArchive:
-    """C-ECHO, C-FIND, C-GET and C-MOVE client of one archive (see the module docstring)."""
+    """C-ECHO, C-FIND, C-GET and C-MOVE client of one archive (see the module docstring).
+
+    Its C-FIND association stays open between queries until `close()`: a client belongs
+    to one thread at a time (a harvest gives each of its workers its own).
+    """
 
     transport: str = DIMSE
 
@@ -1336,6 +1340,9 @@ class DimseArchive:
         self._ae.dimse_timeout = endpoint.timeout
         self._ae.network_timeout = endpoint.timeout
         self._tls_args = (endpoint.tls, endpoint.host) if endpoint.tls is not None else None
+        # The C-FIND association, kept open between queries (a harvest describes study
+        # after study: one association for all, not a connection and a release each).
+        self._finder: tuple[Association, _Watch] | None = None
 
     def __enter__(self) -> Self:
         return self
@@ -1349,7 +1356,15 @@ class DimseArchive:
         self.close()
 
     def close(self) -> None:
-        """Nothing stays open between operations: one association per operation."""
+        """Release the C-FIND association kept open, if any (the others last one
+        operation each)."""
+        finder, self._finder = self._finder, None
+        if finder is not None:
+            assoc, _ = finder
+            with contextlib.suppress(Exception):
+                if assoc.is_established:
+                    assoc.release()
+            _join(assoc)
 
     # ---------------------------------------------------------------- operations
 
@@ -1372,7 +1387,7 @@ class DimseArchive:
             query.StudyDate = date_range
         if (patient := _check_patient_id(patient_id)) is not None:
             query.PatientID = patient
-        with self._association([build_context(_FIND_MODEL)], "C-FIND") as (assoc, watch):
+        with self._find_association() as (assoc, watch):
             matches = self._find(assoc, watch, query)
         return _sort_studies(self._study_summary(match) for match in matches)
 
@@ -1390,7 +1405,7 @@ class DimseArchive:
         study_query.IssuerOfPatientIDQualifiersSequence = []
         study_query.OtherPatientIDsSequence = []
         image_query = _query("IMAGE", StudyInstanceUID=study_uid, **dict.fromkeys(_IMAGE_KEYS, ""))
-        with self._association([build_context(_FIND_MODEL)], "C-FIND") as (assoc, watch):
+        with self._find_association() as (assoc, watch):
             studies = self._find(assoc, watch, study_query)
             if not studies:
                 self._fail(ArchiveNotFound, f"study {study_uid} not found (no C-FIND match)")
@@ -1656,6 +1671,30 @@ class DimseArchive:
         finally:
             _join(assoc)
 
+    @contextlib.contextmanager
+    def _find_association(self) -> Iterator[tuple[Association, _Watch]]:
+        """The kept C-FIND association (opened if need be); dropped on any trouble."""
+        if self._finder is not None and not self._finder[0].is_established:
+            _join(self._finder[0])
+            self._finder = None
+        if self._finder is None:
+            self._finder = self._associate([build_context(_FIND_MODEL)], "C-FIND")
+        assoc, watch = self._finder
+        try:
+            yield assoc, watch
+        except ArchiveError as exc:
+            # the archive answered (a failure status, no match...): the association is sound
+            if isinstance(exc, ArchiveTimeout) or not assoc.is_established:
+                self._finder = None
+                _abort(assoc)
+                _join(assoc)
+            raise
+        except BaseException:
+            self._finder = None
+            _abort(assoc)
+            _join(assoc)
+            raise
+
     def _associate(
         self,
         contexts: list[PresentationContext],
@@ -1732,6 +1771,7 @@ class DimseArchive:
         started = time.monotonic()
         matches: list[Dataset] = []
         final: Dataset | None = None
+        _quiesce(assoc)
         try:
             for status, identifier in assoc.send_c_find(query, _FIND_MODEL):
                 if status and code_to_category(int(status.Status)) == "Pending":
@@ -1917,6 +1957,25 @@ def _query(level: str, **keys: object) -> Dataset:
     for keyword, value in keys.items():
         setattr(query, keyword, value)
     return query
+
+
+def _quiesce(assoc: Association) -> None:
+    """Park the association's reactor thread before a request on a reused association.
+
+    pynetdicom 3.0 pauses its reactor when a request is sent and lets it run again when the
+    last response is read; its pause test (``_is_paused``) can be true while the reactor
+    has already passed its checkpoint, and that reactor then takes the next request's
+    first response from the queue ("Received unexpected C-FIND service message": a query
+    loses its answers). Parked here, with no request outstanding, it can take nothing.
+    """
+    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
+    if checkpoint is None or assoc.ident is None:  # not started yet, or another version
+        return
+    checkpoint.clear()
+    time.sleep(0.0012)  # one loop of the reactor: it reaches its checkpoint and parks
+    deadline = time.monotonic() + 0.5
+    while not getattr(assoc, "_is_paused", True) and time.monotonic() < deadline:
+        time.sleep(0.0001)
 
 
 def _join(assoc: Association) -> None:
