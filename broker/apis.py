@@ -476,6 +476,9 @@ class InstitutionInput(serializers.Serializer[Any]):
         min_value=1, max_value=65535, required=False, allow_null=True, default=None
     )
     dicomweb_url = serializers.URLField(required=False, default="", allow_blank=True)
+    archive_transport = serializers.ChoiceField(
+        choices=["", "dicomweb", "dimse"], required=False, default="", allow_blank=True
+    )
     active = serializers.BooleanField(required=False, default=True)
 
 

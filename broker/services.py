@@ -70,6 +70,7 @@ def institution_create(
     dicom_host: str = "",
     dicom_port: int | None = None,
     dicomweb_url: str = "",
+    archive_transport: str = "",
     active: bool = True,
 ) -> Institution:
     """Onboard an institution (same service for the CLI and the administrators' API)."""
@@ -82,6 +83,7 @@ def institution_create(
         dicom_host=dicom_host.strip(),
         dicom_port=dicom_port,
         dicomweb_url=dicomweb_url.strip(),
+        archive_transport=archive_transport,
         active=active,
         created_at=now,
         updated_at=now,
@@ -115,6 +117,16 @@ def _check_endpoints(institution: Institution) -> None:
     if any(dimse) and not all(dimse):
         raise InvalidInput(
             "A DICOM endpoint needs an AE title, a host and a port together",
+            code="registry:institution:incomplete-endpoint",
+        )
+    if institution.archive_transport == "dicomweb" and not institution.dicomweb_url:
+        raise InvalidInput(
+            "The DICOMweb transport needs the archive's DICOMweb URL",
+            code="registry:institution:incomplete-endpoint",
+        )
+    if institution.archive_transport == "dimse" and not institution.has_dimse:
+        raise InvalidInput(
+            "The DIMSE transport needs the archive's AE title, host and port",
             code="registry:institution:incomplete-endpoint",
         )
 

@@ -332,3 +332,23 @@ def test_the_rate_limiter_spaces_acquisitions():
     for _ in range(1000):
         unlimited.acquire()
     assert time.monotonic() - start < 0.5
+
+
+@pytest.mark.django_db
+def test_an_institution_chooses_only_a_transport_it_has(region: Region):
+    from broker.errors import InvalidInput
+
+    assert region.chu.transport == "dimse"
+    assert region.staubin.transport == "dicomweb"
+    with pytest.raises(InvalidInput, match="DIMSE transport needs"):
+        institution_update(
+            institution=region.staubin, archive_transport="dimse", actor=SYSTEM, now=NOW
+        )
+    chu = institution_update(
+        institution=region.chu,
+        dicomweb_url="http://127.0.0.1:8042/dicom-web",
+        archive_transport="dimse",
+        actor=SYSTEM,
+        now=NOW,
+    )
+    assert chu.transport == "dimse"

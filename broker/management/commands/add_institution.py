@@ -22,6 +22,12 @@ class Command(BaseCommand):
         parser.add_argument("--host", default="", help="archive DICOM host")
         parser.add_argument("--port", type=int, default=None, help="archive DICOM port")
         parser.add_argument("--dicomweb-url", default="")
+        parser.add_argument(
+            "--transport",
+            choices=["dicomweb", "dimse"],
+            default="",
+            help="how to query the archive (default: DICOMweb when it has a URL, else DIMSE)",
+        )
         parser.add_argument("--inactive", action="store_true")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -35,6 +41,7 @@ class Command(BaseCommand):
                 dicom_host=options["host"],
                 dicom_port=options["port"],
                 dicomweb_url=options["dicomweb_url"],
+                archive_transport=options["transport"],
                 active=not options["inactive"],
                 actor=cli_actor("add_institution"),
                 now=timezone.now(),
