@@ -129,10 +129,9 @@ def peer_dimse(archive, workers: int, date_range: str) -> float:  # type: ignore
     import threading
 
     from pydicom.dataset import Dataset
-    from pynetdicom import AE
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND  # type: ignore[attr-defined]
 
-    from broker.dicom.archive import _IMAGE_KEYS, _PATIENT_KEYS, _STUDY_KEYS, _quiesce
+    from broker.dicom.archive import _AE, _IMAGE_KEYS, _PATIENT_KEYS, _STUDY_KEYS, _quiesce
     from broker.dicom.network import NODELAY_HANDLERS
 
     def query(level: str, **keys: str) -> Dataset:
@@ -143,7 +142,7 @@ def peer_dimse(archive, workers: int, date_range: str) -> float:  # type: ignore
         return ds
 
     def associate():  # type: ignore[no-untyped-def]
-        ae = AE(ae_title="RELAIS")
+        ae = _AE(ae_title="RELAIS")  # pynetdicom's AE, its reactor parkable (see _quiesce)
         ae.add_requested_context(FIND)
         return ae.associate(
             "127.0.0.1", archive.dicom_port, ae_title=archive.aet, evt_handlers=NODELAY_HANDLERS

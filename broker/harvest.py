@@ -21,7 +21,11 @@ and registered through the same service as any other manifest.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import logging
+import os
+import socket
 import threading
 import time
 import uuid
@@ -29,6 +33,8 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
 
 from django.db import transaction
 from django.utils import timezone
@@ -36,8 +42,16 @@ from django.utils import timezone
 from audit.events import EventCode, Outcome
 from audit.services import audit_record
 from audit.types import Actor
-from broker.dicom.archive import ArchiveClient, ArchiveError, StudySummary
+from broker.dicom.archive import (
+    ArchiveClient,
+    ArchiveError,
+    ArchiveProtocolError,
+    ArchiveTimeout,
+    ArchiveUnreachable,
+    StudySummary,
+)
 from broker.dicom.kos import KOSError, StudyDescription, build_kos, derive_kos_uids
+from broker.errors import Conflict
 from broker.models import (
     HarvestCheckpoint,
     HarvestStatus,
@@ -47,6 +61,8 @@ from broker.models import (
 )
 from broker.registration import manifests_register
 from broker.services import manifest_deprecate
+
+logger = logging.getLogger(__name__)
 
 OUTCOMES = ("new", "unchanged", "replaced", "failed", "deprecated")
 
@@ -144,52 +160,76 @@ def harvest_run(
         counts=counts,
     )
     try:
+        listed_at = timezone.now()
         with client_factory() as lister:
             studies = sorted(lister.find_studies(since=since, until=until), key=_order)
         cursor = (checkpoint.cursor_study_date or dt.date.min, checkpoint.cursor_study_uid)
-        todo = [s for s in studies if not resumed or _order(s) > cursor]
+        # Resuming: after the cursor, and any study before it that has no manifest from
+        # this source yet (one that appeared in the archive since, with an older date).
+        known = _studies_with_manifests(institution) if resumed else set()
+        todo = [
+            s
+            for s in studies
+            if not resumed or _order(s) > cursor or s.study_instance_uid not in known
+        ]
         summary.total = len(studies)
         summary.resumed_after = len(studies) - len(todo)
         done = summary.resumed_after
         checkpoint.total = len(studies)
         checkpoint.save(update_fields=["total"])
         chunk: list[tuple[StudySummary, StudyDescription | ArchiveError]] = []
-        described_studies = _described(todo, client_factory, max_rate, workers)
-        for study, described in described_studies:
-            chunk.append((study, described))
-            if len(chunk) < batch and len(chunk) + done < len(studies):
-                continue
+        with contextlib.closing(_described(todo, client_factory, max_rate, workers)) as stream:
+            for study, described in stream:
+                if isinstance(described, ArchiveUnreachable | ArchiveTimeout):
+                    # The archive is gone: stop here (resumable), rather than fail every
+                    # remaining study and call the run complete.
+                    raise described
+                chunk.append((study, described))
+                if len(chunk) < batch and len(chunk) + done < len(studies):
+                    continue
+                _harvest_chunk(institution, actor, correlation_id, chunk, checkpoint, summary)
+                done += len(chunk)
+                chunk = []
+                if progress is not None:
+                    progress(HarvestProgress(done=done, total=len(studies), counts=counts))
+        if chunk:
             _harvest_chunk(institution, actor, correlation_id, chunk, checkpoint, summary)
-            done += len(chunk)
-            chunk = []
-            if progress is not None:
-                progress(HarvestProgress(done=done, total=len(studies), counts=counts))
         if prune:
             counts["deprecated"] += _prune(
-                institution, {s.study_instance_uid for s in studies}, since, until, actor
+                institution,
+                {s.study_instance_uid for s in studies},
+                since,
+                until,
+                actor,
+                listed_at=listed_at,
             )
         checkpoint.status = HarvestStatus.COMPLETED
         checkpoint.finished_at = timezone.now()
         checkpoint.counts = dict(counts)
         checkpoint.updated_at = checkpoint.finished_at
+        checkpoint.owner = ""
         checkpoint.save()
     except BaseException as exc:
         # Interrupted (Ctrl-C) or the archive is gone: the checkpoint stays "running", so
         # the next run resumes; what was committed stays.
         summary.seconds = time.monotonic() - started
-        _audit(
-            EventCode.HARVEST_FINISH,
-            institution,
-            actor,
-            correlation_id,
-            outcome=Outcome.SERIOUS_FAILURE,
-            details={
-                "transport": transport,
-                "range": key,
-                "counts": dict(counts),
-                "error": f"{type(exc).__name__}: {exc}"[:500],
-            },
-        )
+        try:
+            _audit(
+                EventCode.HARVEST_FINISH,
+                institution,
+                actor,
+                correlation_id,
+                outcome=Outcome.SERIOUS_FAILURE,
+                details={
+                    "transport": transport,
+                    "range": key,
+                    "counts": dict(checkpoint.counts),  # what committed
+                    "error": f"{type(exc).__name__}: {exc}"[:500],
+                },
+            )
+            _release(checkpoint)
+        except Exception:  # the registry itself may be what failed: keep the first error
+            logger.exception("harvest: the interruption could not be audited")
         raise
     summary.seconds = time.monotonic() - started
     _audit(
@@ -209,19 +249,57 @@ def harvest_run(
     return summary
 
 
+class HarvestBusy(Exception):
+    """Another harvest is running over the same checkpoint."""
+
+
+_STALE_LEASE = dt.timedelta(minutes=10)
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_alive(owner: str, updated_at: datetime, now: datetime) -> bool:
+    """Whether the run that holds a checkpoint may still be going on."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return now - updated_at < _STALE_LEASE  # another node: trust a recent heartbeat
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"harvest" in cmdline or int(pid) == os.getpid()
+
+
 def _checkpoint(
     institution: Institution, transport: str, key: str, *, restart: bool
 ) -> HarvestCheckpoint:
     now = timezone.now()
+    me = _owner()
     with transaction.atomic():
         checkpoint, created = HarvestCheckpoint.objects.select_for_update().get_or_create(
             institution=institution,
             transport=transport,
             date_range=key,
-            defaults={"status": HarvestStatus.RUNNING, "started_at": now, "updated_at": now},
+            defaults={
+                "status": HarvestStatus.RUNNING,
+                "started_at": now,
+                "updated_at": now,
+                "owner": me,
+            },
         )
         if created:
             return checkpoint
+        if (
+            checkpoint.status == HarvestStatus.RUNNING
+            and checkpoint.owner not in ("", me)
+            and _owner_alive(checkpoint.owner, checkpoint.updated_at, now)
+        ):
+            raise HarvestBusy(
+                f"another harvest of {institution.finess} ({transport}, {key}) is running: "
+                f"{checkpoint.owner}, last progress at {checkpoint.updated_at:%Y-%m-%d %H:%M:%S}"
+            )
         if restart or checkpoint.status != HarvestStatus.RUNNING:
             checkpoint.cursor_study_date = None
             checkpoint.cursor_study_uid = ""
@@ -229,9 +307,15 @@ def _checkpoint(
             checkpoint.started_at = now
             checkpoint.finished_at = None
         checkpoint.status = HarvestStatus.RUNNING
+        checkpoint.owner = me
         checkpoint.updated_at = now
         checkpoint.save()
     return checkpoint
+
+
+def _release(checkpoint: HarvestCheckpoint) -> None:
+    """The run is over (completed, or stopped and resumable): nobody holds it."""
+    HarvestCheckpoint.objects.filter(pk=checkpoint.pk, owner=_owner()).update(owner="")
 
 
 def _described(
@@ -258,6 +342,12 @@ def _described(
             return client.describe_study(study.study_instance_uid)
         except ArchiveError as exc:
             return exc
+        except Exception as exc:  # a UID the client refuses (legacy data), a bad answer...
+            return ArchiveProtocolError(
+                f"study {study.study_instance_uid!r}: {type(exc).__name__}: {exc}",
+                transport=client.transport,
+                retryable=False,
+            )
 
     window = max(1, workers) * 4
     futures: list[Future[StudyDescription | ArchiveError] | None] = []
@@ -282,6 +372,18 @@ def _described(
                     client.close()
 
 
+def _candidate_uids(derived: str, count: int) -> list[str]:
+    """The SOP Instance UIDs a study's manifest may carry, for one description: the derived
+    UID, then variants of it for when that UID is taken by a deprecated manifest (a study
+    pruned and back, or changed and changed back)."""
+    return [derived] + [
+        f"2.25.{uuid.uuid5(_UID_VARIANTS, f'{derived}#{n}').int}" for n in range(1, count + 1)
+    ]
+
+
+_UID_VARIANTS = uuid.UUID("6f1c2b0e-3d55-4c8e-9a51-8d3c0b7e2a41")
+
+
 def _harvest_chunk(
     institution: Institution,
     actor: Actor,
@@ -291,44 +393,49 @@ def _harvest_chunk(
     summary: HarvestSummary,
 ) -> None:
     """Register the manifests of a run of studies, and move the checkpoint past its last
-    study, in one transaction. A study whose manifest (same derived UID) is already
-    registered is unchanged; one the archive could not describe, or that makes no valid
-    manifest, has failed."""
+    study, in one transaction.
+
+    A study whose approved manifest from this source is the one its description gives
+    (same derived UID) is unchanged; otherwise it gets a new manifest, under the first UID
+    of `_candidate_uids` no manifest of the source has used. A study the archive could not
+    describe, or that makes no valid manifest, has failed.
+    """
     counts, failures = summary.counts, summary.failures
-    derived: dict[str, tuple[StudySummary, StudyDescription, str]] = {}
+    described_ok: list[tuple[StudySummary, StudyDescription]] = []
     for study, described in chunk:
         if isinstance(described, ArchiveError):
             counts["failed"] += 1
             failures.append((study.study_instance_uid, str(described)))
-            continue
-        try:
-            sop_instance_uid, series_instance_uid = derive_kos_uids(described)
-            derived[sop_instance_uid] = (study, described, series_instance_uid)
-        except KOSError as exc:
-            counts["failed"] += 1
-            failures.append((study.study_instance_uid, f"{exc.code}: {exc.message}"))
-    known = set(
-        Manifest.objects.filter(
-            source_institution=institution, sop_instance_uid__in=list(derived)
-        ).values_list("sop_instance_uid", flat=True)
-    )
+        else:
+            described_ok.append((study, described))
+    existing: dict[str, dict[str, str]] = {}  # study UID -> {SOP instance UID: status}
+    for study_uid, sop_uid, status in Manifest.objects.filter(
+        source_institution=institution,
+        study_instance_uid__in=[d.study_instance_uid for _, d in described_ok],
+    ).values_list("study_instance_uid", "sop_instance_uid", "status"):
+        existing.setdefault(study_uid, {})[sop_uid] = status
     now = timezone.now()
     pending: list[tuple[StudySummary, bytes]] = []
-    for sop_instance_uid, (study, described, series_instance_uid) in derived.items():
-        if sop_instance_uid in known:
-            counts["unchanged"] += 1
-            continue
+    for study, described in described_ok:
         try:
+            derived, series_instance_uid = derive_kos_uids(described)
+            used = existing.get(described.study_instance_uid, {})
+            candidates = _candidate_uids(derived, len(used))
+            if any(used.get(uid) == ManifestStatus.APPROVED for uid in candidates):
+                counts["unchanged"] += 1
+                continue
+            sop_instance_uid = next(uid for uid in candidates if uid not in used)
             data = build_kos(
                 described,
                 now=now,
                 sop_instance_uid=sop_instance_uid,
                 series_instance_uid=series_instance_uid,
             )
-            pending.append((study, data))
         except KOSError as exc:
             counts["failed"] += 1
             failures.append((study.study_instance_uid, f"{exc.code}: {exc.message}"))
+            continue
+        pending.append((study, data))
     last = chunk[-1][0]
     with transaction.atomic():
         if pending:
@@ -347,13 +454,23 @@ def _harvest_chunk(
                     )
                 else:
                     counts[result.outcome] += 1
-        checkpoint.cursor_study_date = last.study_date
-        checkpoint.cursor_study_uid = last.study_instance_uid
+        cursor = (checkpoint.cursor_study_date or dt.date.min, checkpoint.cursor_study_uid)
+        if _order(last) > cursor:  # a resumed run's late studies come before the cursor
+            checkpoint.cursor_study_date = last.study_date
+            checkpoint.cursor_study_uid = last.study_instance_uid
         checkpoint.counts = dict(counts)
         checkpoint.updated_at = now
         checkpoint.save(
             update_fields=["cursor_study_date", "cursor_study_uid", "counts", "updated_at"]
         )
+
+
+def _studies_with_manifests(institution: Institution) -> set[str]:
+    return set(
+        Manifest.objects.filter(source_institution=institution).values_list(
+            "study_instance_uid", flat=True
+        )
+    )
 
 
 def _prune(
@@ -362,10 +479,18 @@ def _prune(
     since: dt.date | None,
     until: dt.date | None,
     actor: Actor,
+    *,
+    listed_at: datetime,
 ) -> int:
-    """Deprecate the source's approved manifests of the range whose study has gone."""
+    """Deprecate the source's approved manifests of the range whose study has gone.
+
+    Only manifests registered before the archive was listed: one registered meanwhile (a
+    study stored in the PACS during the harvest) is not in the listing, yet not gone.
+    """
     manifests = Manifest.objects.filter(
-        source_institution=institution, status=ManifestStatus.APPROVED
+        source_institution=institution,
+        status=ManifestStatus.APPROVED,
+        registered_at__lt=listed_at,
     )
     if since is not None:
         manifests = manifests.filter(study_date__gte=since)
@@ -374,14 +499,19 @@ def _prune(
     gone = [
         m for m in manifests.only("id", "study_instance_uid") if m.study_instance_uid not in present
     ]
+    deprecated = 0
     for manifest in gone:
-        manifest_deprecate(
-            manifest=manifest,
-            actor=actor,
-            now=timezone.now(),
-            reason="harvest: the study is no longer in the source archive",
-        )
-    return len(gone)
+        try:
+            manifest_deprecate(
+                manifest=manifest,
+                actor=actor,
+                now=timezone.now(),
+                reason="harvest: the study is no longer in the source archive",
+            )
+            deprecated += 1
+        except Conflict:  # replaced or deprecated meanwhile: nothing left to prune
+            continue
+    return deprecated
 
 
 def _audit(

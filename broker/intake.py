@@ -24,10 +24,14 @@ import threading
 import uuid
 from datetime import datetime
 from itertools import groupby
+from operator import attrgetter
 
-from django.db import DatabaseError, close_old_connections, connection, transaction
+from django.db import close_old_connections, connection, transaction
+from django.db.models import Min
 from django.utils import timezone
 
+from audit.events import EventCode, Outcome
+from audit.services import audit_record
 from audit.types import Actor, ActorKind
 from broker.models import Institution, IntakeItem
 from broker.registration import (
@@ -76,40 +80,127 @@ def intake_receive(
     )
 
 
+MAX_ATTEMPTS = 3
+
+
 def intake_drain(
     *, limit: int = DEFAULT_BATCH, now: datetime | None = None
 ) -> list[RegistrationResult]:
-    """Register up to ``limit`` queued manifests, oldest first, in one transaction."""
+    """Register up to ``limit`` queued manifests of one institution, oldest first, in one
+    transaction that also deletes them from the queue.
+
+    One institution at a time, held (PostgreSQL: its row locked, ``SKIP LOCKED``) until
+    the commit: two registrars never register one institution's manifests out of order.
+    """
     with transaction.atomic():
+        institution = _next_institution()
+        if institution is None:
+            return []
         items = list(
-            IntakeItem.objects.select_for_update(skip_locked=True, of=("self",))
-            .select_related("institution")
-            .order_by("id")[:limit]
+            IntakeItem.objects.filter(institution=institution, failed_at__isnull=True).order_by(
+                "id"
+            )[:limit]
         )
-        results: list[RegistrationResult] = []
-        for _, run in groupby(items, key=lambda i: (i.institution_id, i.actor_username)):
-            batch = list(run)
-            results += manifests_register(
-                documents=[bytes(item.data) for item in batch],
-                institution=batch[0].institution,
-                actor=_actor(batch[0]),
-                now=now or timezone.now(),
-                correlation_id=batch[0].correlation_id,
+        return _register_items(institution, items, now or timezone.now())
+
+
+def intake_retry_oldest(*, now: datetime | None = None) -> str:
+    """Register the oldest waiting manifest alone (after a batch failed): if that fails
+    too, count the attempt against it, and after `MAX_ATTEMPTS` set it aside (``failed_at``,
+    audited) so that it no longer holds up the queue: "registered", "failed" or "empty"."""
+    item = IntakeItem.objects.filter(failed_at__isnull=True).order_by("id").first()
+    if item is None:
+        return "empty"
+    now = now or timezone.now()
+    try:
+        with transaction.atomic():
+            locked = (
+                IntakeItem.objects.select_for_update(skip_locked=True)
+                .filter(pk=item.pk, failed_at__isnull=True)
+                .first()
             )
-        IntakeItem.objects.filter(id__in=[item.id for item in items]).delete()
+            if locked is not None:
+                _register_items(item.institution, [locked], now)
+        return "registered"
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"[:2000]
+        logger.exception("intake: manifest %s could not be registered", item.sop_instance_uid)
+    attempts = item.attempts + 1
+    failed = attempts >= MAX_ATTEMPTS
+    with transaction.atomic():
+        IntakeItem.objects.filter(pk=item.pk).update(
+            attempts=attempts, last_error=error, failed_at=now if failed else None
+        )
+        if failed:
+            _audit_set_aside(item, error, now)
+    return "failed"
+
+
+def _next_institution() -> Institution | None:
+    """The institution with the oldest waiting manifest that no other registrar holds."""
+    waiting = (
+        IntakeItem.objects.filter(failed_at__isnull=True)
+        .values("institution_id")
+        .annotate(first=Min("id"))
+        .order_by("first")
+        .values_list("institution_id", flat=True)
+    )
+    for institution_id in waiting:
+        held = (
+            Institution.objects.select_for_update(no_key=True, skip_locked=True)
+            .filter(pk=institution_id)
+            .first()
+        )
+        if held is not None:
+            return held
+    return None
+
+
+def _register_items(
+    institution: Institution, items: list[IntakeItem], now: datetime
+) -> list[RegistrationResult]:
+    results: list[RegistrationResult] = []
+    key = attrgetter("actor_username", "actor_address", "correlation_id")
+    for _, run in groupby(items, key=key):
+        batch = list(run)
+        results += manifests_register(
+            documents=[bytes(item.data) for item in batch],
+            institution=institution,
+            actor=_actor(batch[0], institution),
+            now=now,
+            correlation_id=batch[0].correlation_id,
+        )
+    IntakeItem.objects.filter(id__in=[item.id for item in items]).delete()
     return results
 
 
+def _audit_set_aside(item: IntakeItem, error: str, now: datetime) -> None:
+    audit_record(
+        code=EventCode.MANIFEST_REJECT,
+        actor=_actor(item, item.institution),
+        now=now,
+        outcome=Outcome.SERIOUS_FAILURE,
+        correlation_id=item.correlation_id,
+        objects=[{"type": "document", "sha256": item.sha256, "size": len(item.data)}],
+        details={
+            "error": "registry:intake:set-aside",
+            "message": f"registration failed {MAX_ATTEMPTS} times: {error}",
+            "institution": item.institution.finess,
+            "manifest": item.sop_instance_uid,
+        },
+    )
+
+
 def intake_pending() -> int:
-    return IntakeItem.objects.count()
+    return IntakeItem.objects.filter(failed_at__isnull=True).count()
 
 
-def _actor(item: IntakeItem) -> Actor:
+def _actor(item: IntakeItem, institution: Institution) -> Actor:
     return Actor(
         kind=ActorKind.INSTITUTION,
         user_id=None,
         username=item.actor_username,
-        institution=item.institution.finess,
+        institution=institution.finess,
         role="institution_system",
         address=item.actor_address,
     )
@@ -170,18 +261,28 @@ class IntakeRegistrar:
             self._thread.join(timeout)
 
     def _drain_all(self) -> None:
-        failures = 0
+        """Register until the queue is empty, or until `stop()`."""
+        isolating = False
         while True:
             try:
                 close_old_connections()
+                if isolating:
+                    # A batch failed: one manifest at a time until one goes through, so that
+                    # a manifest that cannot be registered is found, counted, set aside.
+                    outcome = intake_retry_oldest()
+                    isolating = outcome == "failed"
+                    if isolating and self._stopping.wait(0.5):
+                        return
+                    continue
                 if not intake_drain(limit=self.batch):
                     if not self._wake.is_set():
                         self._idle.set()
                     return
-                failures = 0
-            except DatabaseError:
-                failures += 1
-                logger.exception("intake: the registry is unavailable (attempt %d)", failures)
+            except Exception:
+                logger.exception("intake: the queue could not be registered")
                 connection.close()
-                if self._stopping.wait(min(30.0, 0.5 * 2**failures)):
+                isolating = True
+                if self._stopping.wait(1.0):
                     return
+            if self._stopping.is_set():
+                return

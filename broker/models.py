@@ -510,7 +510,12 @@ class IntakeItem(models.Model):
     data = models.BinaryField()
     actor_username = models.CharField(max_length=150)
     actor_address = models.CharField(max_length=255, blank=True, default="")
-    correlation_id = models.UUIDField()
+    correlation_id = models.UUIDField(help_text=_("the association that received it"))
+    attempts = models.PositiveSmallIntegerField(default=0)
+    last_error = models.TextField(blank=True, default="")
+    failed_at = models.DateTimeField(
+        null=True, blank=True, help_text=_("set aside after repeated failures: for an operator")
+    )
 
     class Meta:
         ordering = ["id"]
@@ -542,6 +547,9 @@ class HarvestCheckpoint(models.Model):
     cursor_study_uid = models.CharField(max_length=64, blank=True, default="")
     counts = models.JSONField(default=dict)
     total = models.PositiveIntegerField(default=0)
+    owner = models.CharField(
+        max_length=255, blank=True, default="", help_text=_("host:pid of the run holding it")
+    )
     started_at = models.DateTimeField()
     updated_at = models.DateTimeField()
     finished_at = models.DateTimeField(null=True, blank=True)

@@ -849,6 +849,7 @@ class DicomWebArchive:
         self, path: str, params: list[tuple[str, str]], what: str
     ) -> Iterator[dict[str, Any]]:
         offset = 0
+        first_of_previous: dict[str, Any] | None = None
         while True:
             page = self._get_json(
                 path,
@@ -857,9 +858,15 @@ class DicomWebArchive:
             )
             if not isinstance(page, list) or not all(isinstance(item, dict) for item in page):
                 self._fail(ArchiveProtocolError, f"{what} of {path}: the answer is not a list")
-            yield from page
-            if len(page) < self.page_size:
+            if not page:
                 return
+            if offset and page[0] == first_of_previous:
+                # an archive that ignores `offset` would hand the same page forever
+                self._fail(ArchiveProtocolError, f"{what} of {path}: paging is not honoured")
+            first_of_previous = page[0]
+            yield from page
+            # A short page is not the end: an archive may cap `limit` below what was asked
+            # (a harvest that stopped there would take the rest for gone). Only an empty one is.
             offset += len(page)
 
     def _get_json(self, path: str, params: list[tuple[str, str]], what: str) -> Any:
@@ -1546,7 +1553,13 @@ class DimseArchive:
                 except queue.Full:
                     continue
                 return 0x0000
-            return 0xA700  # Refused: out of resources (the consumer is gone)
+            # The consumer is gone and aborts the association. Answer only once it is
+            # down: a response sent into the aborted association makes pynetdicom's DUL
+            # thread die on an invalid event (Evt9 in Sta13), leaving its socket open.
+            deadline = time.monotonic() + self.endpoint.timeout
+            while event.assoc.dul.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            return 0xA700  # Refused: out of resources
 
         assoc, watch = self._associate(
             [build_context(_GET_MODEL), *contexts],
@@ -1603,6 +1616,9 @@ class DimseArchive:
                         arrived.get_nowait()
             worker.join(timeout=self.endpoint.timeout + 1)
             _join(assoc)
+            if not finished and assoc.dul.socket is not None:
+                with contextlib.suppress(Exception):
+                    assoc.dul.socket.close()
 
     def _c_get_outcome(self, done: _Done, what: str, received: int, expected: int) -> None:
         if done.error is not None:
@@ -1771,8 +1787,8 @@ class DimseArchive:
         started = time.monotonic()
         matches: list[Dataset] = []
         final: Dataset | None = None
-        _quiesce(assoc)
         try:
+            _quiesce(assoc)
             for status, identifier in assoc.send_c_find(query, _FIND_MODEL):
                 if status and code_to_category(int(status.Status)) == "Pending":
                     if identifier is not None:
@@ -1947,6 +1963,8 @@ class _AE(AE):
     ) -> AssociationSocket:
         sock = _AssociationSocket(assoc, address=address)
         sock.tls_args = tls_args
+        # before the association's threads start (see _quiesce)
+        assoc._reactor_checkpoint = _Checkpoint()
         return sock
 
 
@@ -1959,22 +1977,56 @@ def _query(level: str, **keys: object) -> Dataset:
     return query
 
 
+class _Checkpoint(threading.Event):
+    """pynetdicom's reactor checkpoint, telling when the reactor is parked on it.
+
+    Each `clear()` opens a new generation; a waiter that blocks on the cleared flag records
+    the generation it blocked in (under the event's own lock). A reactor seen parked in the
+    current generation cannot go on until the checkpoint is set again; one parked in an
+    older generation may already have been woken by a `set()` and be about to run.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generation = 0
+        self.parked_in: int | None = None
+        self.set()
+
+    def clear(self) -> None:
+        with self._cond:  # type: ignore[attr-defined]
+            self.generation += 1
+            self._flag = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._cond:  # type: ignore[attr-defined]
+            if self._flag:
+                return True
+            self.parked_in = self.generation
+            try:
+                return bool(self._cond.wait(timeout))  # type: ignore[attr-defined]
+            finally:
+                self.parked_in = None
+
+
 def _quiesce(assoc: Association) -> None:
     """Park the association's reactor thread before a request on a reused association.
 
     pynetdicom 3.0 pauses its reactor when a request is sent and lets it run again when the
-    last response is read; its pause test (``_is_paused``) can be true while the reactor
-    has already passed its checkpoint, and that reactor then takes the next request's
-    first response from the queue ("Received unexpected C-FIND service message": a query
-    loses its answers). Parked here, with no request outstanding, it can take nothing.
+    last response is read; its own pause test (``_is_paused``) can be true while the
+    reactor has already passed its checkpoint, and that reactor then takes the next
+    request's first response off the queue ("Received unexpected C-FIND service message":
+    a query silently loses a match; pynetdicom issue 875). With `_Checkpoint` installed
+    (`_AE`), wait until the reactor is really parked; it can then take nothing.
     """
     checkpoint = getattr(assoc, "_reactor_checkpoint", None)
-    if checkpoint is None or assoc.ident is None:  # not started yet, or another version
+    if not isinstance(checkpoint, _Checkpoint) or not assoc.is_alive():
         return
     checkpoint.clear()
-    time.sleep(0.0012)  # one loop of the reactor: it reaches its checkpoint and parks
-    deadline = time.monotonic() + 0.5
-    while not getattr(assoc, "_is_paused", True) and time.monotonic() < deadline:
+    generation = checkpoint.generation
+    deadline = time.monotonic() + 2.0
+    while checkpoint.parked_in != generation:
+        if not assoc.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the association's reactor did not pause")
         time.sleep(0.0001)
 
 

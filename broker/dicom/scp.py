@@ -14,12 +14,13 @@ database connection, closed when the association ends.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import logging
 import socket
 import ssl
-import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from django.db import DatabaseError, close_old_connections, connection, transaction
@@ -45,7 +46,6 @@ logger = logging.getLogger(__name__)
 STATUS_SUCCESS = 0x0000
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 STATUS_NOT_AUTHORIZED = 0x0124
-STATUS_DUPLICATE_SOP_INSTANCE = 0x0111
 STATUS_PROCESSING_FAILURE = 0x0110
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
@@ -53,7 +53,9 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): result, source, reason.
 REJECTED_PERMANENT = 0x01
+REJECTED_TRANSIENT = 0x02
 SOURCE_SERVICE_USER = 0x01
+SOURCE_PRESENTATION = 0x03  # reasons: 0x01 temporary congestion, 0x02 local limit exceeded
 REASON_CALLING_AE_NOT_RECOGNISED = 0x03
 REASON_CALLED_AE_NOT_RECOGNISED = 0x07
 
@@ -77,6 +79,8 @@ class Peer:
     institution: Institution
     ae_title: str
     address: str
+    # The association's: every manifest it brings is audited under it, received or refused.
+    correlation_id: uuid.UUID = field(default_factory=uuid.uuid4)
 
     def actor(self) -> Actor:
         return Actor(
@@ -97,22 +101,20 @@ class BrokerSCP:
         what this server queues (``manage.py intake_registrar``)."""
         self.config = config
         self.registrar = registrar
-        self._peers: dict[int, Peer] = {}
-        self._lock = threading.Lock()
         self.server: ThreadedAssociationServer | None = None
 
     # ------------------------------------------------------------------ the AE
 
     def application_entity(self) -> AE:
-        ae = AE(ae_title=self.config.ae_title)
+        ae = _BrokerAE(ae_title=self.config.ae_title)
         ae.maximum_associations = self.config.max_associations
         ae.acse_timeout = self.config.timeout
         ae.dimse_timeout = self.config.timeout
         ae.network_timeout = self.config.timeout
         ae.add_supported_context(Verification)
         ae.add_supported_context(KOS_SOP_CLASS_UID)
-        # Every other storage SOP class is accepted at negotiation and refused per instance
-        # (0x0122), within pynetdicom's limit of 128 presentation contexts.
+        # The other storage SOP classes pynetdicom lists (120 of them) are accepted at
+        # negotiation and refused per instance (0x0122); any other is refused at negotiation.
         for context in StoragePresentationContexts[:126]:
             if context.abstract_syntax != KOS_SOP_CLASS_UID:
                 ae.add_supported_context(context.abstract_syntax)
@@ -121,7 +123,9 @@ class BrokerSCP:
     def handlers(self) -> list[tuple[Any, Any]]:
         return [
             *NODELAY_HANDLERS,
+            (evt.EVT_CONN_OPEN, self.on_connection),
             (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_REJECTED, self.on_ended),
             (evt.EVT_C_ECHO, self.on_c_echo),
             (evt.EVT_C_STORE, self.on_c_store),
             (evt.EVT_RELEASED, self.on_ended),
@@ -143,14 +147,44 @@ class BrokerSCP:
 
     # ------------------------------------------------------------------ handlers
 
-    def on_requested(self, event: Any) -> None:
-        """Admit only a registered institution's archive, calling the broker by its name."""
-        assoc = event.assoc
-        request = assoc.requestor.primitive  # the A-ASSOCIATE-RQ, not yet negotiated
-        calling = _ae_title(request.calling_ae_title)
-        called = _ae_title(request.called_ae_title)
-        address = str(assoc.requestor.address)
+    def on_connection(self, event: Any) -> None:
+        """DICOM over TLS: the handshake, here in the connection's own thread, with a
+        timeout (pynetdicom would do it in its accept loop, where one silent client stops
+        the server). A failed handshake is audited and the connection closed."""
+        sock = getattr(event.assoc.dul.socket, "socket", None)
+        if not isinstance(sock, ssl.SSLSocket):
+            return
+        address = str(event.address[0]) if event.address else ""
         try:
+            sock.settimeout(self.config.timeout)
+            sock.do_handshake()
+            sock.settimeout(None)
+        except (OSError, ValueError) as exc:
+            logger.warning("DICOM TLS handshake with %s failed: %s", address, exc)
+            self._audit_refusal("tls-handshake", f"TLS handshake failed: {exc}", "", "", address)
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            _close_connection()
+
+    def on_requested(self, event: Any) -> None:
+        """Admit only a registered institution's archive, calling the broker by its name.
+
+        Whatever goes wrong here ends in a rejection: pynetdicom would accept an association
+        whose handler raised.
+        """
+        assoc = event.assoc
+        calling = called = address = ""
+        try:
+            request = assoc.requestor.primitive  # the A-ASSOCIATE-RQ, not yet negotiated
+            calling = _ae_title(request.calling_ae_title)
+            called = _ae_title(request.called_ae_title)
+            address = str(assoc.requestor.address)
+            if self._busy():
+                # Before any database work: a flood of requests holds no connection.
+                logger.warning("DICOM association from %s (%s): too many", calling, address)
+                assoc.acse.send_reject(REJECTED_TRANSIENT, SOURCE_PRESENTATION, 0x02)
+                assoc.kill()
+                return
             close_old_connections()
             if called != self.config.ae_title:
                 self._reject(
@@ -165,35 +199,38 @@ class BrokerSCP:
                 return
             refusal, institution = _institution_for(calling, address)
             if institution is None:
-                self._reject(
-                    assoc,
-                    REASON_CALLING_AE_NOT_RECOGNISED,
-                    refusal[0],
-                    refusal[1],
-                    calling,
-                    called,
-                    address,
-                )
+                if refusal[0] == "host-unresolved":
+                    self._reject_transient(assoc, refusal, calling, called, address)
+                else:
+                    self._reject(
+                        assoc,
+                        REASON_CALLING_AE_NOT_RECOGNISED,
+                        refusal[0],
+                        refusal[1],
+                        calling,
+                        called,
+                        address,
+                    )
                 return
-        except DatabaseError:
-            logger.exception(
-                "DICOM association from %s (%s): database unavailable", calling, address
+            assoc.relais_peer = Peer(institution=institution, ae_title=calling, address=address)
+        except Exception as exc:
+            logger.exception("DICOM association from %s (%s): admission failed", calling, address)
+            self._reject_transient(
+                assoc, ("admission-error", f"{type(exc).__name__}: {exc}"), calling, called, address
             )
-            assoc.acse.send_reject(0x02, 0x03, 0x01)  # transient, temporary congestion
-            assoc.kill()
-            _close_connection()
-            return
-        with self._lock:
-            self._peers[id(assoc)] = Peer(
-                institution=institution, ae_title=calling, address=address
-            )
+
+    def _busy(self) -> bool:
+        server = self.server
+        return server is not None and (
+            len(server.active_associations) > self.config.max_associations
+        )
 
     def on_c_echo(self, event: Any) -> int:
         return STATUS_SUCCESS
 
     def on_c_store(self, event: Any) -> Dataset:
-        peer = self._peers.get(id(event.assoc))
-        if peer is None:  # cannot happen: the association was admitted
+        peer = getattr(event.assoc, "relais_peer", None)
+        if not isinstance(peer, Peer):  # cannot happen: the association was admitted
             return _status(STATUS_NOT_AUTHORIZED, "association not admitted")
         sop_class = str(event.request.AffectedSOPClassUID)
         if sop_class != KOS_SOP_CLASS_UID:
@@ -204,8 +241,7 @@ class BrokerSCP:
         return self.register(peer, event.encoded_dataset(include_meta=True))
 
     def on_ended(self, event: Any) -> None:
-        with self._lock:
-            self._peers.pop(id(event.assoc), None)
+        event.assoc.relais_peer = None
         _close_connection()
 
     # ------------------------------------------------------------------ work
@@ -223,7 +259,7 @@ class BrokerSCP:
                 institution=peer.institution,
                 actor=peer.actor(),
                 now=timezone.now(),
-                correlation_id=uuid.uuid4(),
+                correlation_id=peer.correlation_id,
             )
         except DomainError as error:
             return _refusal(error)
@@ -235,7 +271,7 @@ class BrokerSCP:
         return _status(STATUS_SUCCESS)
 
     def shutdown(self) -> None:
-        """Stop accepting associations, then register what is queued."""
+        """Stop accepting associations, then the registrar (if it runs here)."""
         if self.server is not None:
             self.server.shutdown()
         if self.registrar is not None:
@@ -253,14 +289,35 @@ class BrokerSCP:
     ) -> None:
         logger.warning("DICOM association refused: %s", message)
         # Audited before the peer learns of the refusal: nothing it does next can precede it.
+        self._audit_refusal(code, message, calling, called, address)
+        _close_connection()  # not held while the peer takes its time to hang up
+        assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, reason)
+        # As pynetdicom does for its own rejections: wait until the DUL has sent the
+        # A-ASSOCIATE-RJ, or the socket closes under it.
+        assoc.kill()
+
+    def _reject_transient(
+        self, assoc: Any, refusal: tuple[str, str], calling: str, called: str, address: str
+    ) -> None:
+        """The broker cannot decide now (database, name resolution): try again later."""
+        self._audit_refusal(refusal[0], refusal[1], calling, called, address)
+        _close_connection()
+        with contextlib.suppress(Exception):
+            assoc.acse.send_reject(REJECTED_TRANSIENT, SOURCE_PRESENTATION, 0x01)
+            assoc.kill()
+
+    def _audit_refusal(
+        self, code: str, message: str, calling: str, called: str, address: str
+    ) -> None:
         try:
+            close_old_connections()
             with transaction.atomic():
                 audit_record(
                     code=EventCode.DICOM_ASSOCIATION_REFUSED,
                     actor=Actor(
                         kind=ActorKind.ANONYMOUS,
                         user_id=None,
-                        username=f"dicom:{calling}",
+                        username=f"dicom:{calling}" if calling else "dicom",
                         address=address,
                     ),
                     now=timezone.now(),
@@ -270,25 +327,31 @@ class BrokerSCP:
                     ],
                     details={
                         "reason": code,
-                        "message": message,
+                        "message": message[:500],
                         "tls": self.config.tls is not None,
                     },
                 )
-        except DatabaseError:
+        except Exception:
             logger.exception("the refusal of %s (%s) could not be audited", calling, address)
-        assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, reason)
-        # As pynetdicom does for its own rejections: wait until the DUL has sent the
-        # A-ASSOCIATE-RJ, or the socket closes under it.
-        assoc.kill()
-        _close_connection()
 
 
 def _institution_for(calling: str, address: str) -> tuple[tuple[str, str], Institution | None]:
     """The institution whose archive is ``calling`` at ``address``, or why there is none."""
-    candidates = list(Institution.objects.filter(ae_title=calling)) if calling else []
+    candidates = list(Institution.objects.filter(ae_title=calling, active=True)) if calling else []
     if not candidates:
+        if calling and Institution.objects.filter(ae_title=calling).exists():
+            return ("institution-inactive", f"the institution of {calling!r} is inactive"), None
         return ("calling-ae-unknown", f"calling AE title {calling!r} is not registered"), None
-    matching = [i for i in candidates if address in _addresses_of(i.dicom_host)]
+    matching = []
+    for institution in candidates:
+        addresses = _addresses_of(institution.dicom_host)
+        if addresses is None:
+            return (
+                "host-unresolved",
+                f"the host of {calling!r} ({institution.dicom_host!r}) cannot be resolved now",
+            ), None
+        if _same_address(address, addresses):
+            matching.append(institution)
     if not matching:
         return (
             "address-mismatch",
@@ -299,10 +362,7 @@ def _institution_for(calling: str, address: str) -> tuple[tuple[str, str], Insti
             "ambiguous",
             f"calling AE title {calling!r} at {address} matches several institutions",
         ), None
-    institution = matching[0]
-    if not institution.active:
-        return ("institution-inactive", f"institution {institution.finess} is inactive"), None
-    return ("", ""), institution
+    return ("", ""), matching[0]
 
 
 def _ae_title(value: str | bytes) -> str:
@@ -310,17 +370,52 @@ def _ae_title(value: str | bytes) -> str:
     return text.strip()
 
 
-def _addresses_of(host: str) -> set[str]:
-    """The IP addresses a registered host name stands for (itself, for an address)."""
+def _addresses_of(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address] | None:
+    """The IP addresses a registered host stands for; None when it cannot be resolved now."""
     if not host:
         return set()
     try:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except OSError:
-        return set()
-    addresses = {str(info[4][0]) for info in infos}
-    # An IPv4 peer may show as an IPv4-mapped IPv6 address on a dual-stack socket.
-    return addresses | {f"::ffff:{a}" for a in addresses if ":" not in a}
+    except (OSError, UnicodeError):
+        return None
+    return {_unmapped(str(info[4][0])) for info in infos}
+
+
+def _same_address(
+    address: str, addresses: set[ipaddress.IPv4Address | ipaddress.IPv6Address]
+) -> bool:
+    try:
+        return _unmapped(address) in addresses
+    except ValueError:
+        return False
+
+
+def _unmapped(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address, an IPv4-mapped IPv6 one as the IPv4 it maps (dual-stack sockets)."""
+    address = ipaddress.ip_address(text.split("%", 1)[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+class _DeferredHandshakeServer(ThreadedAssociationServer):
+    """pynetdicom's server, but a TLS connection's handshake waits for its own thread
+    (`BrokerSCP.on_connection`) instead of blocking the accept loop."""
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(
+                client, server_side=True, do_handshake_on_connect=False
+            )
+        return client, address
+
+
+class _BrokerAE(AE):
+    def make_server(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["server_class"] = _DeferredHandshakeServer
+        return super().make_server(*args, **kwargs)
 
 
 def _refusal(error: DomainError) -> Dataset:
@@ -330,8 +425,8 @@ def _refusal(error: DomainError) -> Dataset:
             if error.code in {"kos:wrong-sop-class", "kos:meta-mismatch"}
             else STATUS_CANNOT_UNDERSTAND
         )
-    elif isinstance(error, Conflict) and error.code == "registry:manifest:uid-reused":
-        status = STATUS_DUPLICATE_SOP_INSTANCE
+    elif isinstance(error, Conflict) and error.code == "registry:institution:inactive":
+        status = STATUS_NOT_AUTHORIZED
     else:
         status = STATUS_PROCESSING_FAILURE
     return _status(status, f"{error.code}: {error.detail}")

@@ -4,6 +4,7 @@ the admission of archives, DICOM over TLS, and TCP_NODELAY on every socket."""
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,3 +290,25 @@ def test_tls_refuses_plain_connections_and_unknown_certificates(tls_broker, tmp_
     )
     assert foreign.returncode != 0
     assert not AuditEvent.objects.filter(code=EventCode.MANIFEST_REGISTER).exists()
+    # The server audits a failed handshake in the connection's thread, maybe after the
+    # client has given up: wait for it.
+    deadline = time.monotonic() + 10
+    while [e.details["reason"] for e in _refusals()].count("tls-handshake") < 2:
+        assert time.monotonic() < deadline, [e.details for e in _refusals()]
+        time.sleep(0.05)
+
+
+def test_a_silent_tcp_client_does_not_stop_a_tls_server_for_others(tls_broker):
+    """The TLS handshake happens in each connection's thread, not in the accept loop."""
+    running, ca = tls_broker
+    client = ca.issue("chub-pacs")
+    with socket.create_connection(("127.0.0.1", running.port)):  # connects, says nothing
+        result = run_tool(
+            "echoscu",
+            [
+                "+tls", client.private_key, client.certificate, "+cf", ca.certificate,
+                "-to", "5", "-aet", "CHUB_PACS", "-aec", "RELAIS", "127.0.0.1", running.port,
+            ],
+            timeout=30,
+        )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr

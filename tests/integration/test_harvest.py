@@ -178,7 +178,7 @@ def test_a_changed_study_is_replaced_and_a_gone_one_pruned(
     archive.delete_study(gone.study_instance_uid)
 
     summary = _harvest(chu, transport, prune=True)
-    assert summary.counts["replaced"] == 2
+    assert summary.counts["replaced"] == 2, (summary.counts, summary.failures)
     assert summary.counts["unchanged"] == 1
     assert summary.counts["deprecated"] == 1
     current = {m.study_instance_uid: m for m in _manifests(chu)}
@@ -195,6 +195,16 @@ def test_a_changed_study_is_replaced_and_a_gone_one_pruned(
     )
     # One approved manifest per study, the replaced ones deprecated and linked.
     assert Manifest.objects.filter(source_institution=chu).count() == 6
+
+    # The pruned study comes back as it was: it gets an approved manifest again (its first
+    # manifest's UID is taken by the deprecated one), and then stays unchanged.
+    archive.upload_many(gone.instances)
+    back = _harvest(chu, transport)
+    assert back.counts["new"] == 1
+    assert back.counts["unchanged"] == 3
+    assert _manifests(chu).filter(study_instance_uid=gone.study_instance_uid).count() == 1
+    again = _harvest(chu, transport)
+    assert again.counts["unchanged"] == 4, (again.counts, again.failures)
 
 
 @pytest.mark.django_db
@@ -220,11 +230,40 @@ def test_an_interrupted_harvest_resumes_after_its_last_committed_study(
     failed = AuditEvent.objects.filter(code=EventCode.HARVEST_FINISH).get()
     assert failed.outcome == 8
 
+    # Meanwhile a study dated before the cursor appeared in the archive: resumed, it is
+    # harvested too.
+    late = _study("late", when=dt.date(2024, 6, 1))
+    archive.upload_many(late.instances)
+
     summary = _harvest(chu, "dicomweb", batch=2)
     assert summary.resumed_after == 4
-    assert summary.counts["new"] == 7
-    assert _manifests(chu).count() == 7
+    assert summary.counts["new"] == 8
+    assert _manifests(chu).count() == 8
     assert HarvestCheckpoint.objects.get(institution=chu).status == HarvestStatus.COMPLETED
+
+
+@pytest.mark.django_db
+def test_two_harvests_of_one_archive_never_run_at_once(region: Region, orthanc_region):
+    from django.utils import timezone
+
+    from broker.harvest import HarvestBusy
+
+    chu = _point(region.chu, orthanc_region.archives[CHUB_AE])
+    HarvestCheckpoint.objects.create(
+        institution=chu,
+        transport="dicomweb",
+        date_range="..",
+        status=HarvestStatus.RUNNING,
+        owner="another-node:4242",
+        started_at=timezone.now(),
+        updated_at=timezone.now(),
+    )
+    with pytest.raises(HarvestBusy, match="another-node:4242"):
+        _harvest(chu, "dicomweb")
+    # A run on another node that has not moved for a long while is taken for dead.
+    HarvestCheckpoint.objects.update(updated_at=timezone.now() - dt.timedelta(hours=1))
+    assert _harvest(chu, "dicomweb").counts["new"] == 6
+    assert HarvestCheckpoint.objects.get().owner == ""
 
 
 def _database_url() -> str:

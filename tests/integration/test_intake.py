@@ -70,6 +70,44 @@ def test_queued_manifests_are_registered_once_and_leave_the_queue(region: Region
     assert {e.actor_username for e in registered} == {PACS.username}
 
 
+@pytest.mark.django_db
+def test_a_manifest_that_cannot_be_registered_is_set_aside_and_the_queue_goes_on(
+    region: Region, monkeypatch
+):
+    from broker import intake
+
+    poison = intake_receive(
+        data=kos_for(region.chu, "IPP1", study=1), institution=region.chu, actor=PACS, now=NOW
+    )
+    intake_receive(
+        data=kos_for(region.chu, "IPP2", study=2), institution=region.chu, actor=PACS, now=NOW
+    )
+    real = intake.manifests_register
+
+    def failing(*, documents, **kwargs):
+        if bytes(poison.data) in documents:
+            raise RuntimeError("registry bug")
+        return real(documents=documents, **kwargs)
+
+    monkeypatch.setattr(intake, "manifests_register", failing)
+    with pytest.raises(RuntimeError):
+        intake_drain(now=NOW)  # the batch holding it fails as a whole: nothing changes
+    assert IntakeItem.objects.count() == 2
+    assert [intake.intake_retry_oldest(now=NOW) for _ in range(3)] == ["failed"] * 3
+    poison.refresh_from_db()
+    assert poison.failed_at is not None
+    assert poison.attempts == 3
+    assert "registry bug" in poison.last_error
+    (set_aside,) = AuditEvent.objects.filter(
+        code=EventCode.MANIFEST_REJECT, details__error="registry:intake:set-aside"
+    )
+    assert set_aside.correlation_id == poison.correlation_id
+    # The rest of the queue is not held up by it.
+    assert [r.outcome for r in intake_drain(now=NOW)] == ["new"]
+    assert intake.intake_pending() == 0
+    assert Manifest.objects.count() == 1
+
+
 def _database_url() -> str:
     db = connection.settings_dict
     if connection.vendor == "sqlite":

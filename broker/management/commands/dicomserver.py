@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 from django.conf import settings
@@ -15,6 +16,8 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from broker.dicom.network import TLSFiles, tls_server_context
 from broker.dicom.scp import BrokerSCP, SCPConfig
 from broker.intake import IntakeRegistrar
+
+logger = logging.getLogger(__name__)
 
 
 class Command(BaseCommand):
@@ -52,13 +55,7 @@ class Command(BaseCommand):
         )
         if not 1 <= config.port <= 65535:
             raise CommandError(f"--port {config.port}: a port is 1 to 65535")
-        registrar = None
-        if options["registrar"] == "process":
-            # Registering is CPU-bound: in this process it would hold the GIL while the
-            # associations wait to answer.
-            registrar = subprocess.Popen(  # noqa: S603 - our own manage.py
-                [sys.executable, str(settings.BASE_DIR / "manage.py"), "intake_registrar"]
-            )
+        registrar = _Registrar() if options["registrar"] == "process" else None
         scp = BrokerSCP(
             config, registrar=IntakeRegistrar() if options["registrar"] == "thread" else None
         )
@@ -66,7 +63,7 @@ class Command(BaseCommand):
             server = scp.start(block=False)
         except OSError as exc:
             if registrar is not None:
-                registrar.terminate()
+                registrar.stop()
             raise CommandError(f"cannot listen on {config.bind}:{config.port}: {exc}") from exc
         assert server is not None
         self.stdout.write(
@@ -77,11 +74,12 @@ class Command(BaseCommand):
         stopping = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stopping.set())
-        stopping.wait()
+        while not stopping.wait(1.0):
+            if registrar is not None:
+                registrar.watch()
         scp.shutdown()
         if registrar is not None:
-            registrar.terminate()
-            registrar.wait(timeout=60)
+            registrar.stop()
         self.stdout.write("Relais DICOM server stopped")
 
 
@@ -98,3 +96,44 @@ def _tls_context() -> Any:
         )
     except (OSError, ValueError) as exc:
         raise CommandError(f"DICOM TLS: {exc}") from exc
+
+
+class _Registrar:
+    """The ``intake_registrar`` child process, restarted (with a growing delay) if it dies:
+    registering is CPU-bound, and in this process it would hold the GIL while the
+    associations wait to answer."""
+
+    def __init__(self) -> None:
+        self._delay = 1.0
+        self._restart_at = 0.0
+        self._process: subprocess.Popen[bytes] | None = self._start()
+
+    @staticmethod
+    def _start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(  # noqa: S603 - our own manage.py
+            [sys.executable, str(settings.BASE_DIR / "manage.py"), "intake_registrar"]
+        )
+
+    def watch(self) -> None:
+        if self._process is None:
+            if time.monotonic() >= self._restart_at:
+                self._process = self._start()
+            return
+        code = self._process.poll()
+        if code is None:
+            self._delay = 1.0
+            return
+        logger.error("intake_registrar exited (%s): restarting it in %.0f s", code, self._delay)
+        self._process = None
+        self._restart_at = time.monotonic() + self._delay
+        self._delay = min(60.0, self._delay * 2)
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()

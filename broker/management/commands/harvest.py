@@ -11,7 +11,7 @@ from tqdm import tqdm
 from broker.archives import institution_archive
 from broker.cli import cli_actor
 from broker.dicom.archive import ArchiveError
-from broker.harvest import OUTCOMES, HarvestProgress, harvest_run
+from broker.harvest import OUTCOMES, HarvestBusy, HarvestProgress, harvest_run
 from broker.models import Institution
 
 
@@ -109,6 +109,8 @@ class Command(BaseCommand):
             )
         except ArchiveError as exc:
             raise CommandError(f"harvest stopped (resumable): {exc}") from exc
+        except HarvestBusy as exc:
+            raise CommandError(str(exc)) from exc
         except KeyboardInterrupt:
             raise CommandError("harvest interrupted: run it again to resume") from None
         finally:
