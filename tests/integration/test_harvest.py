@@ -310,10 +310,12 @@ def test_kill_9_mid_harvest_then_a_rerun_gives_exactly_one_manifest_per_study(
     assert 5 <= interrupted < len(studies)
     assert HarvestCheckpoint.objects.get(institution=chu).status == HarvestStatus.RUNNING
 
-    rerun = _harvest_command("--institution", chu.finess, "--no-progress")
+    rerun = _harvest_command("--institution", chu.finess)
     out, err = rerun.communicate(timeout=120)
     assert rerun.returncode == 0, err
     assert "done by the interrupted run" in out
+    assert "30/30" in err  # the progress bar: done/total, rate and ETA
+    assert "study/s" in err
     assert _manifests(chu).count() == len(studies)
     for study in studies:
         assert Manifest.objects.filter(study_instance_uid=study.study_instance_uid).count() == 1

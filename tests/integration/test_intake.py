@@ -108,6 +108,15 @@ def test_a_manifest_that_cannot_be_registered_is_set_aside_and_the_queue_goes_on
     assert Manifest.objects.count() == 1
 
 
+def _children_running(parent: int, command: str) -> list[int]:
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return [
+        int(pid)
+        for pid in children
+        if command.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+
+
 def _database_url() -> str:
     db = connection.settings_dict
     if connection.vendor == "sqlite":
@@ -143,10 +152,18 @@ def test_dicomserver_runs_its_registrar_process_and_stops_cleanly(region: Region
             path = tmp_path / f"{n}.dcm"
             path.write_bytes(kos_for(region.chu, f"IPP{n}", study=n))
             files.append(path)
-        assert run_tool("storescu", [*args, *files]).returncode == 0
+        assert run_tool("storescu", [*args, *files[:2]]).returncode == 0
+        deadline = time.monotonic() + 30
+        while Manifest.objects.count() < 2:
+            assert time.monotonic() < deadline, "the registrar registered nothing"
+            time.sleep(0.05)
+        # The registrar dies: dicomserver starts another, and the queue is registered.
+        (registrar,) = _children_running(server.pid, "intake_registrar")
+        os.kill(registrar, signal.SIGKILL)
+        assert run_tool("storescu", [*args, files[2]]).returncode == 0
         deadline = time.monotonic() + 30
         while Manifest.objects.count() < 3:
-            assert time.monotonic() < deadline, "the registrar registered nothing"
+            assert time.monotonic() < deadline, "no registrar took over"
             time.sleep(0.05)
         assert IntakeItem.objects.count() == 0
     finally:
