@@ -8,7 +8,11 @@ registrar registers the queue in batches through the same service as the REST AP
 received manifest is registered exactly once, crash or not. A refusal found only at
 registration (a SOP Instance UID reused for other content, a study already registered
 for another patient) is audited as a ``registry:manifest:reject`` event with the
-correlation ID of its receipt.
+correlation ID of the association that brought it. A manifest whose registration keeps
+failing (a bug, bad data the checks missed) is retried alone and, after `MAX_ATTEMPTS`,
+set aside (``failed_at``, audited) for an operator, so that it never holds up the queue.
+An institution deactivated while its manifests wait has them refused at registration
+(audited), like any publication of an inactive institution.
 
 Why not register inside the C-STORE: one registration transaction costs several
 milliseconds (parse, identity, audit chain), a batch of fifty costs little more per
