@@ -13,6 +13,7 @@ PURE_MODULES = [
     "broker/dicom/kos.py",
     "broker/dicom/archive.py",
     "broker/dicom/network.py",
+    "consent/policy.py",
     "audit/chain.py",
     "audit/types.py",
     "audit/events.py",
