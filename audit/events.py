@@ -96,6 +96,10 @@ class EventCode(StrEnum):
     # audited one by one as registrations).
     HARVEST_START = "registry:harvest:start"
     HARVEST_FINISH = "registry:harvest:finish"
+    # Consent: patients' directives and their evaluation.
+    CONSENT_RECORD = "consent:directive:record"
+    CONSENT_WITHDRAW = "consent:directive:withdraw"
+    CONSENT_EVALUATE = "consent:policy:evaluate"
     # The audit trail itself.
     AUDIT_VERIFY = "audit:chain:verify"
     AUDIT_EXPORT = "audit:log:export"
@@ -135,6 +139,9 @@ EVENT_SPECS: dict[EventCode, EventSpec] = {
     ),
     EventCode.HARVEST_START: EventSpec(IMPORT, Action.EXECUTE),
     EventCode.HARVEST_FINISH: EventSpec(IMPORT, Action.EXECUTE),
+    EventCode.CONSENT_RECORD: EventSpec(PATIENT_RECORD, Action.CREATE),
+    EventCode.CONSENT_WITHDRAW: EventSpec(PATIENT_RECORD, Action.UPDATE),
+    EventCode.CONSENT_EVALUATE: EventSpec(PATIENT_RECORD, Action.EXECUTE),
     EventCode.AUDIT_VERIFY: EventSpec(AUDIT_LOG_USED, Action.READ),
     EventCode.AUDIT_EXPORT: EventSpec(AUDIT_LOG_USED, Action.READ),
 }

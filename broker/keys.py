@@ -76,3 +76,14 @@ def load_or_create_signing_key(data_dir: Path) -> Path:
     if not path.exists():
         raise RuntimeError(f"{current} names key {kid!r} but {path} is missing")
     return path
+
+
+def load_or_create_evidence_key(data_dir: Path) -> Path:
+    """The AES-256-GCM key that encrypts consent evidence at rest: ``<data_dir>/evidence.key``
+    (32 random bytes). Returns its path; the key is read when evidence is stored or read."""
+    path = data_dir / "evidence.key"
+    if not path.exists():
+        _create_once(path, secrets.token_bytes(32))
+    if len(path.read_bytes()) != 32:
+        raise RuntimeError(f"{path} does not hold a 32-byte key")
+    return path

@@ -11,9 +11,13 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 from environs import Env, EnvError
-from marshmallow.validate import Range
+from marshmallow.validate import OneOf, Range
 
-from broker.keys import load_or_create_secret_key, load_or_create_signing_key
+from broker.keys import (
+    load_or_create_evidence_key,
+    load_or_create_secret_key,
+    load_or_create_signing_key,
+)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -49,6 +53,14 @@ RELAIS_DICOM_TLS_CERT: Path | None = env.path("RELAIS_DICOM_TLS_CERT", None)
 RELAIS_DICOM_TLS_KEY: Path | None = env.path("RELAIS_DICOM_TLS_KEY", None)
 RELAIS_DICOM_TLS_CA: Path | None = env.path("RELAIS_DICOM_TLS_CA", None)
 RELAIS_HTTPS: bool = env.bool("RELAIS_HTTPS", False)
+# Consent: the model outside the care team ("opt-in": a recorded consent is needed; "opt-out":
+# permitted unless opposed), the largest evidence document accepted.
+RELAIS_CONSENT_OUTSIDE_CARE_TEAM: str = env.str(
+    "RELAIS_CONSENT_OUTSIDE_CARE_TEAM", "opt-in", validate=OneOf(["opt-in", "opt-out"])
+)
+RELAIS_CONSENT_EVIDENCE_MAX_BYTES: int = env.int(
+    "RELAIS_CONSENT_EVIDENCE_MAX_BYTES", 5 * 1024 * 1024, validate=Range(min=1024)
+)
 LOG_LEVEL: str = env.log_level("LOG_LEVEL", "INFO")
 
 try:
@@ -73,6 +85,7 @@ if not SECRET_KEY:
 elif len(SECRET_KEY) < 50:
     raise ImproperlyConfigured("SECRET_KEY must be at least 50 characters (or unset: generated)")
 RELAIS_SIGNING_KEY_PATH: Path = load_or_create_signing_key(DATA_DIR)
+RELAIS_EVIDENCE_KEY_PATH: Path = load_or_create_evidence_key(DATA_DIR)
 
 if _DATABASE_URL:
     try:

@@ -1,0 +1,256 @@
+"""Recording and withdrawing patients' directives: one service per change, audited.
+
+Who may record: an admissions clerk or a doctor (a clinical role) of an institution where
+the patient is known (an IPP of that institution), on the patient's behalf. The directive
+is recorded under that IPP, so it belongs to the regional patient of that identifier.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+
+from audit.events import EventCode
+from audit.services import audit_record
+from audit.types import Actor
+from broker.errors import Conflict, InvalidInput, PermissionDenied
+from broker.identity import patient_ref
+from broker.models import (
+    CLINICAL_ROLES,
+    IdentifierKind,
+    Institution,
+    Membership,
+    Patient,
+    PatientIdentifier,
+    Role,
+)
+from consent import policy
+from consent.evidence import EvidenceRefused, seal
+from consent.models import Directive, DirectiveVersion, Evidence
+from consent.signals import consent_restricted
+
+RECORDER_ROLES = frozenset({Role.ADMISSIONS_CLERK, *CLINICAL_ROLES})
+
+
+def directive_record(
+    *,
+    patient: Patient,
+    institution: Institution,
+    recorder: Any,
+    kind: str,
+    scope: str,
+    value: str = "",
+    purposes: Iterable[str] = (),
+    valid_from: dt.datetime | None = None,
+    valid_until: dt.datetime | None = None,
+    evidence: bytes | None = None,
+    note: str = "",
+    actor: Actor,
+    now: dt.datetime,
+) -> DirectiveVersion:
+    """Record a new directive of ``patient`` at ``institution`` (its version 1)."""
+    identifier = _recording_identifier(patient, institution, recorder)
+    values = _checked(kind, scope, value.strip(), purposes, valid_from, valid_until)
+    sealed = _sealed(evidence)
+    with transaction.atomic():
+        directive = Directive.objects.create(identifier=identifier, kind=kind, created_at=now)
+        version = DirectiveVersion.objects.create(
+            directive=directive,
+            version=1,
+            **values,
+            **_recorded(recorder, institution, now, sealed, note),
+        )
+        _audit(EventCode.CONSENT_RECORD, version, patient, actor, now)
+        if kind in (policy.DirectiveKind.OPPOSITION, policy.DirectiveKind.MASK):
+            _restricted_on_commit(patient, version)
+    return version
+
+
+def directive_withdraw(
+    *,
+    directive: Directive,
+    institution: Institution,
+    recorder: Any,
+    evidence: bytes | None = None,
+    note: str = "",
+    actor: Actor,
+    now: dt.datetime,
+) -> DirectiveVersion:
+    """Withdraw a directive: a new version, withdrawn, in force at once."""
+    patient = directive.identifier.patient
+    _recording_identifier(patient, institution, recorder)
+    sealed = _sealed(evidence)
+    with transaction.atomic():
+        locked = Directive.objects.select_for_update().get(pk=directive.pk)
+        latest = locked.versions.order_by("-version").first()
+        assert latest is not None
+        if latest.withdrawn:
+            raise Conflict(
+                f"Directive {locked.pk} is already withdrawn",
+                code="consent:directive:already-withdrawn",
+            )
+        version = DirectiveVersion.objects.create(
+            directive=locked,
+            version=latest.version + 1,
+            scope=latest.scope,
+            value=latest.value,
+            purposes=latest.purposes,
+            valid_from=latest.valid_from,
+            valid_until=latest.valid_until,
+            withdrawn=True,
+            **_recorded(recorder, institution, now, sealed, note),
+        )
+        _audit(EventCode.CONSENT_WITHDRAW, version, patient, actor, now)
+        if locked.kind == policy.DirectiveKind.CONSENT:
+            _restricted_on_commit(patient, version)
+    return version
+
+
+def _recording_identifier(
+    patient: Patient, institution: Institution, recorder: Any
+) -> PatientIdentifier:
+    allowed = Membership.objects.filter(
+        professional__user=recorder,
+        institution=institution,
+        role__in=RECORDER_ROLES,
+        active=True,
+    ).exists()
+    if not allowed:
+        raise PermissionDenied(
+            "Directives are recorded by an admissions clerk or a doctor of the institution",
+            code="consent:recorder:not-allowed",
+        )
+    identifier = (
+        PatientIdentifier.objects.filter(
+            patient=patient, institution=institution, kind=IdentifierKind.IPP
+        )
+        .order_by("id")
+        .first()
+    )
+    if identifier is None:
+        raise PermissionDenied(
+            f"The patient is not known at {institution.name}: record the directive where the "
+            "patient is known",
+            code="consent:patient:unknown-here",
+        )
+    return identifier
+
+
+def _checked(
+    kind: str,
+    scope: str,
+    value: str,
+    purposes: Iterable[str],
+    valid_from: dt.datetime | None,
+    valid_until: dt.datetime | None,
+) -> dict[str, Any]:
+    try:
+        kind_ = policy.DirectiveKind(kind)
+        scope_ = policy.Scope(scope)
+        purposes_ = sorted({policy.Purpose(p) for p in purposes})
+    except ValueError as exc:
+        raise InvalidInput(str(exc), code="consent:directive:invalid") from exc
+    if scope_ not in policy.SCOPES_OF[kind_]:
+        raise InvalidInput(
+            f"A {kind_.value} cannot have the scope {scope_.value}",
+            code="consent:directive:invalid",
+        )
+    if (scope_ is policy.Scope.ALL) != (value == ""):
+        raise InvalidInput(
+            "The scope 'all' takes no value; any other scope needs one",
+            code="consent:directive:invalid",
+        )
+    if scope_ is policy.Scope.INSTITUTION and not Institution.objects.filter(finess=value).exists():
+        raise InvalidInput(f"No institution with FINESS {value}", code="consent:directive:invalid")
+    if purposes_ and kind_ is not policy.DirectiveKind.CONSENT:
+        raise InvalidInput("Only a consent has purposes", code="consent:directive:invalid")
+    for moment in (valid_from, valid_until):
+        if moment is not None and moment.tzinfo is None:
+            raise InvalidInput("Dates need a time zone", code="consent:directive:invalid")
+    if valid_from is not None and valid_until is not None and valid_from >= valid_until:
+        raise InvalidInput(
+            "valid_from must come before valid_until", code="consent:directive:dates-reversed"
+        )
+    return {
+        "scope": scope_.value,
+        "value": value,
+        "purposes": [p.value for p in purposes_],
+        "valid_from": valid_from,
+        "valid_until": valid_until,
+    }
+
+
+def _sealed(evidence: bytes | None) -> Any:
+    if evidence is None:
+        return None
+    try:
+        return seal(
+            evidence,
+            key_path=settings.RELAIS_EVIDENCE_KEY_PATH,
+            max_bytes=settings.RELAIS_CONSENT_EVIDENCE_MAX_BYTES,
+        )
+    except EvidenceRefused as exc:
+        raise InvalidInput(str(exc), code="consent:evidence:refused") from exc
+
+
+def _recorded(
+    recorder: Any, institution: Institution, now: dt.datetime, sealed: Any, note: str
+) -> dict[str, Any]:
+    evidence = None
+    if sealed is not None:
+        evidence = Evidence.objects.create(
+            sha256=sealed.sha256,
+            content_type=sealed.content_type,
+            size=sealed.size,
+            nonce=sealed.nonce,
+            ciphertext=sealed.ciphertext,
+            created_at=now,
+        )
+    return {
+        "recorded_by": recorder.get_username(),
+        "recorded_by_user_id": recorder.pk,
+        "recorded_at_institution": institution,
+        "recorded_at": now,
+        "evidence": evidence,
+        "note": note,
+    }
+
+
+def _audit(
+    code: EventCode, version: DirectiveVersion, patient: Patient, actor: Actor, now: dt.datetime
+) -> None:
+    audit_record(
+        code=code,
+        actor=actor,
+        now=now,
+        patient=patient_ref(patient),
+        objects=[{"type": "consent-directive", "id": version.directive_id}],
+        details={
+            "directive": version.directive_id,
+            "version": version.version,
+            "kind": version.directive.kind,
+            "scope": version.scope,
+            "value": version.value,
+            "purposes": version.purposes,
+            "valid_from": version.valid_from.isoformat() if version.valid_from else None,
+            "valid_until": version.valid_until.isoformat() if version.valid_until else None,
+            "withdrawn": version.withdrawn,
+            "institution": version.recorded_at_institution.finess,
+            "evidence_sha256": version.evidence.sha256 if version.evidence else None,
+        },
+    )
+
+
+def _restricted_on_commit(patient: Patient, version: DirectiveVersion) -> None:
+    transaction.on_commit(
+        lambda: consent_restricted.send(
+            sender=Directive,
+            patient_id=patient.pk,
+            directive_id=version.directive_id,
+            version=version.version,
+        )
+    )
