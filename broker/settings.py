@@ -58,6 +58,12 @@ RELAIS_HTTPS: bool = env.bool("RELAIS_HTTPS", False)
 RELAIS_CONSENT_OUTSIDE_CARE_TEAM: str = env.str(
     "RELAIS_CONSENT_OUTSIDE_CARE_TEAM", "opt-in", validate=OneOf(["opt-in", "opt-out"])
 )
+# The consent policies of the affinity domain, named by OID as IHE BPPC does (export).
+RELAIS_CONSENT_POLICY_OIDS: dict[str, str] = {
+    "opposition": env.str("RELAIS_CONSENT_OID_OPPOSITION", "1.2.250.1.999.1.1.1"),
+    "consent": env.str("RELAIS_CONSENT_OID_CONSENT", "1.2.250.1.999.1.1.2"),
+    "mask": env.str("RELAIS_CONSENT_OID_MASK", "1.2.250.1.999.1.1.3"),
+}
 RELAIS_CONSENT_EVIDENCE_MAX_BYTES: int = env.int(
     "RELAIS_CONSENT_EVIDENCE_MAX_BYTES", 5 * 1024 * 1024, validate=Range(min=1024)
 )
@@ -215,6 +221,9 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Regional broker of imaging manifests (IHE XDS-I.b style).",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    "ENUM_NAME_OVERRIDES": {
+        "ConsentPurposeEnum": ["treatment", "avis", "teleradiology", "emergency"],
+    },
 }
 
 LOGGING = {

@@ -7,6 +7,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView
 
 from broker import apis, views
+from consent import apis as consent_apis
 
 api_v1 = [
     path("manifests", apis.ManifestCollectionApi.as_view(), name="manifests"),
@@ -23,6 +24,26 @@ api_v1 = [
     ),
     path("patients", apis.PatientLookupApi.as_view(), name="patient-lookup"),
     path("patients/<uuid:public_id>", apis.PatientDetailApi.as_view(), name="patient"),
+    path(
+        "patients/<uuid:public_id>/directives",
+        consent_apis.DirectiveCollectionApi.as_view(),
+        name="directives",
+    ),
+    path(
+        "patients/<uuid:public_id>/directives/<int:directive_id>/withdraw",
+        consent_apis.DirectiveWithdrawApi.as_view(),
+        name="directive-withdraw",
+    ),
+    path(
+        "patients/<uuid:public_id>/consent/evaluate",
+        consent_apis.ConsentEvaluateApi.as_view(),
+        name="consent-evaluate",
+    ),
+    path(
+        "patients/<uuid:public_id>/consent",
+        consent_apis.ConsentExportApi.as_view(),
+        name="consent-export",
+    ),
     path("identity/unlink", apis.IdentifierUnlinkApi.as_view(), name="identity-unlink"),
     path("identity/candidates", apis.CandidateListApi.as_view(), name="identity-candidates"),
     path(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-VIEW_MODULES = ["broker/apis.py", "broker/views.py"]
+VIEW_MODULES = ["broker/apis.py", "broker/views.py", "consent/apis.py"]
 PURE_MODULES = [
     "broker/dicom/kos.py",
     "broker/dicom/archive.py",
