@@ -99,6 +99,7 @@ class EventCode(StrEnum):
     # Consent: patients' directives and their evaluation.
     CONSENT_RECORD = "consent:directive:record"
     CONSENT_WITHDRAW = "consent:directive:withdraw"
+    CONSENT_AMEND = "consent:directive:amend"
     CONSENT_EVALUATE = "consent:policy:evaluate"
     # The audit trail itself.
     AUDIT_VERIFY = "audit:chain:verify"
@@ -141,6 +142,7 @@ EVENT_SPECS: dict[EventCode, EventSpec] = {
     EventCode.HARVEST_FINISH: EventSpec(IMPORT, Action.EXECUTE),
     EventCode.CONSENT_RECORD: EventSpec(PATIENT_RECORD, Action.CREATE),
     EventCode.CONSENT_WITHDRAW: EventSpec(PATIENT_RECORD, Action.UPDATE),
+    EventCode.CONSENT_AMEND: EventSpec(PATIENT_RECORD, Action.UPDATE),
     EventCode.CONSENT_EVALUATE: EventSpec(PATIENT_RECORD, Action.EXECUTE),
     EventCode.AUDIT_VERIFY: EventSpec(AUDIT_LOG_USED, Action.READ),
     EventCode.AUDIT_EXPORT: EventSpec(AUDIT_LOG_USED, Action.READ),

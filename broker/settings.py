@@ -223,6 +223,7 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "ENUM_NAME_OVERRIDES": {
         "ConsentPurposeEnum": ["treatment", "avis", "teleradiology", "emergency"],
+        "ConsentScopeEnum": ["all", "institution", "professional", "study"],
     },
 }
 

@@ -35,6 +35,11 @@ api_v1 = [
         name="directive-withdraw",
     ),
     path(
+        "patients/<uuid:public_id>/directives/<int:directive_id>/amend",
+        consent_apis.DirectiveAmendApi.as_view(),
+        name="directive-amend",
+    ),
+    path(
         "patients/<uuid:public_id>/consent/evaluate",
         consent_apis.ConsentEvaluateApi.as_view(),
         name="consent-evaluate",

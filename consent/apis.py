@@ -195,6 +195,48 @@ class DirectiveWithdrawApi(APIView):
         return Response(VersionOutput(version).data, status=status.HTTP_201_CREATED)
 
 
+class DirectiveAmendApi(APIView):
+    parser_classes = [JSONParser, MultiPartParser]
+
+    class AmendInput(serializers.Serializer[Any]):
+        institution = serializers.CharField(max_length=9)
+        scope = serializers.ChoiceField(choices=[s.value for s in policy.Scope])
+        value = serializers.CharField(max_length=64, required=False, default="", allow_blank=True)
+        purposes = serializers.ListField(
+            child=serializers.ChoiceField(choices=[p.value for p in policy.Purpose]),
+            required=False,
+            default=list,
+        )
+        valid_from = serializers.DateTimeField(required=False, allow_null=True, default=None)
+        valid_until = serializers.DateTimeField(required=False, allow_null=True, default=None)
+        note = serializers.CharField(max_length=2000, required=False, default="", allow_blank=True)
+        evidence = serializers.FileField(required=False)
+
+    @extend_schema(
+        request={"application/json": AmendInput, "multipart/form-data": AmendInput},
+        responses={201: VersionOutput},
+        summary="Change a directive's scope, purposes or dates (a new version)",
+    )
+    def post(self, request: Request, public_id: uuid.UUID, directive_id: int) -> Response:
+        patient = access_patient_directives(request.user, public_id)
+        directive = access_directive(patient, directive_id)
+        data = self.AmendInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        values = dict(data.validated_data)
+        values.pop("evidence", None)
+        institution = access_recording_institution(values.pop("institution"))
+        version = services.directive_amend(
+            directive=directive,
+            institution=institution,
+            recorder=request.user,
+            evidence=_evidence(request),
+            actor=actor_for(request),
+            now=timezone.now(),
+            **values,
+        )
+        return Response(VersionOutput(version).data, status=status.HTTP_201_CREATED)
+
+
 class ConsentEvaluateApi(APIView):
     parser_classes = [JSONParser]
 

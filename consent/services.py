@@ -110,6 +110,50 @@ def directive_withdraw(
     return version
 
 
+def directive_amend(
+    *,
+    directive: Directive,
+    institution: Institution,
+    recorder: Any,
+    scope: str,
+    value: str = "",
+    purposes: Iterable[str] = (),
+    valid_from: dt.datetime | None = None,
+    valid_until: dt.datetime | None = None,
+    evidence: bytes | None = None,
+    note: str = "",
+    actor: Actor,
+    now: dt.datetime,
+) -> DirectiveVersion:
+    """Change a directive (its scope, purposes or dates): a new version, the old ones kept.
+
+    A withdrawn directive is not amended: record a new one.
+    """
+    patient = directive.identifier.patient
+    _recording_identifier(patient, institution, recorder)
+    values = _checked(directive.kind, scope, value.strip(), purposes, valid_from, valid_until)
+    sealed = _sealed(evidence)
+    with transaction.atomic():
+        locked = Directive.objects.select_for_update().get(pk=directive.pk)
+        latest = locked.versions.order_by("-version").first()
+        assert latest is not None
+        if latest.withdrawn:
+            raise Conflict(
+                f"Directive {locked.pk} is withdrawn: record a new one",
+                code="consent:directive:already-withdrawn",
+            )
+        version = DirectiveVersion.objects.create(
+            directive=locked,
+            version=latest.version + 1,
+            **values,
+            **_recorded(recorder, institution, now, sealed, note),
+        )
+        _audit(EventCode.CONSENT_AMEND, version, patient, actor, now)
+        # Any change may narrow what was allowed: the sharing service re-checks.
+        _restricted_on_commit(patient, version)
+    return version
+
+
 def _recording_identifier(
     patient: Patient, institution: Institution, recorder: Any
 ) -> PatientIdentifier:

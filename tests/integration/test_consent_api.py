@@ -58,6 +58,20 @@ def test_a_clerk_records_lists_and_withdraws_a_directive(region, patient, chu_cl
     assert created.json()["version"] == 1
     directive = created.json()["directive"]
 
+    amended = client.post(
+        url(patient, f"directives/{directive}/amend"),
+        {
+            "institution": region.chu.finess,
+            "scope": "institution",
+            "value": region.staubin.finess,
+            "purposes": ["avis", "treatment"],
+            "valid_until": "2028-11-28T00:00:00Z",
+        },
+        format="json",
+    )
+    assert amended.status_code == 201, amended.json()
+    assert amended.json()["version"] == 2
+
     withdrawn = client.post(
         url(patient, f"directives/{directive}/withdraw"),
         {"institution": region.chu.finess, "note": "retrait oral"},
@@ -66,8 +80,18 @@ def test_a_clerk_records_lists_and_withdraws_a_directive(region, patient, chu_cl
     assert withdrawn.status_code == 201
     (listed,) = client.get(url(patient)).json()["results"]
     assert listed["current"]["withdrawn"] is True
-    assert [v["version"] for v in listed["history"]] == [1, 2]
+    assert [v["version"] for v in listed["history"]] == [1, 2, 3]
     assert listed["history"][0]["purposes"] == ["avis"]
+    assert listed["history"][1]["purposes"] == ["avis", "treatment"]
+    assert listed["current"]["valid_until"].startswith("2028-11-28")
+    assert AuditEvent.objects.filter(code=EventCode.CONSENT_AMEND).count() == 1
+    # A withdrawn directive is not amended any more.
+    again = client.post(
+        url(patient, f"directives/{directive}/amend"),
+        {"institution": region.chu.finess, "scope": "all"},
+        format="json",
+    )
+    assert again.status_code == 409
 
 
 def test_evidence_is_uploaded_as_a_file_and_checked(region, patient, chu_clerk):
