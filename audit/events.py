@@ -101,6 +101,7 @@ class EventCode(StrEnum):
     CONSENT_WITHDRAW = "consent:directive:withdraw"
     CONSENT_AMEND = "consent:directive:amend"
     CONSENT_EVALUATE = "consent:policy:evaluate"
+    CONSENT_READ = "consent:directive:read"
     # The audit trail itself.
     AUDIT_VERIFY = "audit:chain:verify"
     AUDIT_EXPORT = "audit:log:export"
@@ -144,6 +145,7 @@ EVENT_SPECS: dict[EventCode, EventSpec] = {
     EventCode.CONSENT_WITHDRAW: EventSpec(PATIENT_RECORD, Action.UPDATE),
     EventCode.CONSENT_AMEND: EventSpec(PATIENT_RECORD, Action.UPDATE),
     EventCode.CONSENT_EVALUATE: EventSpec(PATIENT_RECORD, Action.EXECUTE),
+    EventCode.CONSENT_READ: EventSpec(PATIENT_RECORD, Action.READ),
     EventCode.AUDIT_VERIFY: EventSpec(AUDIT_LOG_USED, Action.READ),
     EventCode.AUDIT_EXPORT: EventSpec(AUDIT_LOG_USED, Action.READ),
 }

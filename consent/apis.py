@@ -103,6 +103,17 @@ def _directives_output(patient: Any) -> list[dict[str, Any]]:
     ]
 
 
+def _audit_read(request: Request, patient: Any, what: str) -> None:
+    with transaction.atomic():
+        audit_record(
+            code=EventCode.CONSENT_READ,
+            actor=actor_for(request),
+            now=timezone.now(),
+            patient=patient_ref(patient),
+            details={"read": what},
+        )
+
+
 def _evidence(request: Request) -> bytes | None:
     upload = request.FILES.get("evidence")
     if upload is None:
@@ -139,6 +150,7 @@ class DirectiveCollectionApi(APIView):
     )
     def get(self, request: Request, public_id: uuid.UUID) -> Response:
         patient = access_patient_directives(request.user, public_id)
+        _audit_read(request, patient, "list")
         return Response({"results": _directives_output(patient)})
 
     @extend_schema(
@@ -278,6 +290,7 @@ class ConsentEvaluateApi(APIView):
             purpose=policy.Purpose(values["purpose"]),
             studies=studies,
             now=values["at"] or now,
+            as_recorded_at=values["at"],
         )
         body = {
             "permit": decision.permit,
@@ -316,6 +329,7 @@ class ConsentExportApi(APIView):
     )
     def get(self, request: Request, public_id: uuid.UUID) -> Response:
         patient = access_patient_for_diagnosis(request.user, public_id)
+        _audit_read(request, patient, "export")
         return Response(
             {
                 "patient": str(patient.public_id),

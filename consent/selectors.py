@@ -22,12 +22,14 @@ def directive_versions(*, patient: Patient) -> QuerySet[DirectiveVersion]:
     )
 
 
-def policy_directives(*, patient: Patient) -> list[policy.Directive]:
-    """The patient's directives at their latest version, as `consent.policy` reads them."""
+def policy_directives(*, patient: Patient, as_of: datetime | None = None) -> list[policy.Directive]:
+    """The patient's directives at their latest version (as recorded by ``as_of``, when
+    given: what was known then), as `consent.policy` reads them."""
     latest: dict[int, DirectiveVersion] = {}
-    for version in DirectiveVersion.objects.filter(
-        directive__identifier__patient=patient
-    ).select_related("directive"):
+    versions = DirectiveVersion.objects.filter(directive__identifier__patient=patient)
+    if as_of is not None:
+        versions = versions.filter(recorded_at__lte=as_of)
+    for version in versions.select_related("directive"):
         current = latest.get(version.directive_id)
         if current is None or version.version > current.version:
             latest[version.directive_id] = version
@@ -60,11 +62,13 @@ def consent_evaluate(
     purpose: policy.Purpose,
     studies: tuple[policy.StudyRef, ...],
     now: datetime,
+    as_recorded_at: datetime | None = None,
 ) -> policy.Decision:
     """The regional policy's decision for this access to ``patient``'s studies, on the
-    directives as committed when it is called (the region's model from the settings)."""
+    directives as committed when it is called (or as they had been recorded by
+    ``as_recorded_at``: a DPO's look at a past decision), the region's model from settings."""
     return policy.evaluate(
-        policy_directives(patient=patient),
+        policy_directives(patient=patient, as_of=as_recorded_at),
         policy.AccessQuery(requester, relationship, purpose, studies, now),
         policy.PolicySettings(outside_care_team=settings.RELAIS_CONSENT_OUTSIDE_CARE_TEAM),
     )

@@ -23,14 +23,17 @@ from broker.models import (
     CLINICAL_ROLES,
     IdentifierKind,
     Institution,
+    Manifest,
     Membership,
     Patient,
     PatientIdentifier,
+    Professional,
     Role,
 )
 from consent import policy
 from consent.evidence import EvidenceRefused, seal
 from consent.models import Directive, DirectiveVersion, Evidence
+from consent.selectors import consent_evaluate
 from consent.signals import consent_restricted
 
 RECORDER_ROLES = frozenset({Role.ADMISSIONS_CLERK, *CLINICAL_ROLES})
@@ -54,9 +57,13 @@ def directive_record(
 ) -> DirectiveVersion:
     """Record a new directive of ``patient`` at ``institution`` (its version 1)."""
     identifier = _recording_identifier(patient, institution, recorder)
-    values = _checked(kind, scope, value.strip(), purposes, valid_from, valid_until)
+    values = _checked(
+        kind, scope, value.strip(), purposes, valid_from, valid_until, patient=patient
+    )
     sealed = _sealed(evidence)
+    _require_grounds(evidence, note, widening=kind == policy.DirectiveKind.CONSENT)
     with transaction.atomic():
+        _lock_patient(patient)
         directive = Directive.objects.create(identifier=identifier, kind=kind, created_at=now)
         version = DirectiveVersion.objects.create(
             directive=directive,
@@ -83,8 +90,11 @@ def directive_withdraw(
     """Withdraw a directive: a new version, withdrawn, in force at once."""
     patient = directive.identifier.patient
     _recording_identifier(patient, institution, recorder)
+    # Withdrawing an opposition or a mask widens sharing: say on what grounds.
+    _require_grounds(evidence, note, widening=directive.kind != policy.DirectiveKind.CONSENT)
     sealed = _sealed(evidence)
     with transaction.atomic():
+        _lock_patient(patient)
         locked = Directive.objects.select_for_update().get(pk=directive.pk)
         latest = locked.versions.order_by("-version").first()
         assert latest is not None
@@ -131,9 +141,13 @@ def directive_amend(
     """
     patient = directive.identifier.patient
     _recording_identifier(patient, institution, recorder)
-    values = _checked(directive.kind, scope, value.strip(), purposes, valid_from, valid_until)
+    values = _checked(
+        directive.kind, scope, value.strip(), purposes, valid_from, valid_until, patient=patient
+    )
+    _require_grounds(evidence, note, widening=True)
     sealed = _sealed(evidence)
     with transaction.atomic():
+        _lock_patient(patient)
         locked = Directive.objects.select_for_update().get(pk=directive.pk)
         latest = locked.versions.order_by("-version").first()
         assert latest is not None
@@ -191,6 +205,8 @@ def _checked(
     purposes: Iterable[str],
     valid_from: dt.datetime | None,
     valid_until: dt.datetime | None,
+    *,
+    patient: Patient,
 ) -> dict[str, Any]:
     try:
         kind_ = policy.DirectiveKind(kind)
@@ -210,6 +226,20 @@ def _checked(
         )
     if scope_ is policy.Scope.INSTITUTION and not Institution.objects.filter(finess=value).exists():
         raise InvalidInput(f"No institution with FINESS {value}", code="consent:directive:invalid")
+    if scope_ is policy.Scope.PROFESSIONAL and not Professional.objects.filter(rpps=value).exists():
+        raise InvalidInput(
+            f"No professional with RPPS {value}: a directive names a professional by RPPS",
+            code="consent:directive:invalid",
+        )
+    if (
+        scope_ is policy.Scope.STUDY
+        and not Manifest.objects.filter(
+            study_instance_uid=value, source_identifier__patient=patient
+        ).exists()
+    ):
+        raise InvalidInput(
+            f"The patient has no registered study {value}", code="consent:directive:invalid"
+        )
     if purposes_ and kind_ is not policy.DirectiveKind.CONSENT:
         raise InvalidInput("Only a consent has purposes", code="consent:directive:invalid")
     for moment in (valid_from, valid_until):
@@ -226,6 +256,52 @@ def _checked(
         "valid_from": valid_from,
         "valid_until": valid_until,
     }
+
+
+def consent_decide_for_issuance(
+    *,
+    patient: Patient,
+    requester: policy.Requester,
+    relationship: policy.Relationship,
+    purpose: policy.Purpose,
+    studies: tuple[policy.StudyRef, ...],
+    now: dt.datetime,
+) -> policy.Decision:
+    """The consent decision for issuing access (a retrieval token) to ``patient``'s studies.
+
+    Call it inside the transaction that issues the token: it holds the patient's row until
+    that transaction ends, as every change of the patient's directives does. So a
+    withdrawal or an opposition either commits first (and this decision sees it) or waits
+    for the token to be committed (and then its ``consent_restricted`` signal revokes it).
+    """
+    if not transaction.get_connection().in_atomic_block:
+        raise RuntimeError("consent_decide_for_issuance runs inside the issuing transaction")
+    _lock_patient(patient)
+    return consent_evaluate(
+        patient=patient,
+        requester=requester,
+        relationship=relationship,
+        purpose=purpose,
+        studies=studies,
+        now=now,
+    )
+
+
+def _lock_patient(patient: Patient) -> None:
+    """Directive changes and token decisions of one patient, one at a time (PostgreSQL:
+    the patient's row; SQLite serialises writers anyway)."""
+    Patient.objects.select_for_update(no_key=True).filter(pk=patient.pk).values_list("pk").first()
+
+
+def _require_grounds(evidence: bytes | None, note: str, *, widening: bool) -> None:
+    """A change that widens sharing (a consent, an opposition or mask withdrawn, a change of
+    scope or dates) needs evidence, or a note of how the patient expressed it."""
+    if widening and evidence is None and not note.strip():
+        raise InvalidInput(
+            "A change that widens sharing needs the evidence (a signed form) or a note of how "
+            "the patient expressed it",
+            code="consent:directive:no-grounds",
+        )
 
 
 def _sealed(evidence: bytes | None) -> Any:

@@ -24,7 +24,7 @@ from consent.services import directive_record, directive_withdraw
 from consent.signals import consent_restricted
 from tests.conftest import NOW, SYSTEM, Region, make_user
 from tests.dicom_factories import NIR
-from tests.registry_helpers import kos_for
+from tests.registry_helpers import kos_for, study_uid
 
 pytestmark = pytest.mark.django_db
 
@@ -116,6 +116,7 @@ def test_a_withdrawal_is_a_new_version_and_the_first_is_kept(region, dupont, chu
         kind="consent",
         scope="institution",
         value=region.staubin.finess,
+        note="consentement oral, en consultation",
     )
     second = directive_withdraw(
         directive=first.directive, institution=region.chu, recorder=chu_clerk, actor=SYSTEM, now=NOW
@@ -186,7 +187,7 @@ def test_directives_follow_the_patient_through_links_and_stay_with_their_identif
 ):
     at_chu = record(dupont, region.chu, chu_clerk)  # under CHU1
     at_pm = record(
-        dupont, region.portmael, referring_doctor, kind="mask", scope="study", value="1.2.3"
+        dupont, region.portmael, referring_doctor, kind="mask", scope="study", value=study_uid(2)
     )  # under PM1
     # Linked: the patient's directives, wherever recorded, hold for her everywhere.
     assert {d.id for d in policy_directives(patient=dupont)} == {
@@ -214,10 +215,18 @@ def _outside(patient, now=NOW):
     )
 
 
-def test_the_evaluation_reads_the_directives_as_committed(region, dupont, chu_clerk):
+def test_the_evaluation_reads_the_directives_as_committed_or_as_recorded_then(
+    region, dupont, chu_clerk
+):
     assert not _outside(dupont).permit  # outside the care team: no consent yet
     granted = record(
-        dupont, region.chu, chu_clerk, kind="consent", scope="institution", value="290000012"
+        dupont,
+        region.chu,
+        chu_clerk,
+        kind="consent",
+        scope="institution",
+        value="290000012",
+        note="formulaire signé en consultation",
     )
     decision = _outside(dupont)
     assert decision.permit
@@ -225,42 +234,166 @@ def test_the_evaluation_reads_the_directives_as_committed(region, dupont, chu_cl
         granted.directive_id,
         1,
     )
+    later = NOW + dt.timedelta(days=10)
     directive_withdraw(
         directive=granted.directive,
         institution=region.chu,
         recorder=chu_clerk,
         actor=SYSTEM,
+        now=later,
+    )
+    assert not _outside(dupont, now=later).permit
+    # A DPO looking back at a decision of the day after: the consent as it stood then.
+    then = NOW + dt.timedelta(days=1)
+    looked_back = consent_evaluate(
+        patient=dupont,
+        requester=policy.Requester("10000000009", "290000012"),
+        relationship=policy.Relationship.NONE,
+        purpose=policy.Purpose.AVIS,
+        studies=(policy.StudyRef("1.2.3", "350000014"),),
+        now=then,
+        as_recorded_at=then,
+    )
+    assert looked_back.permit
+    assert looked_back.reasons[0].directive_version == 1
+
+
+def test_a_change_that_widens_sharing_needs_its_grounds(region, dupont, chu_clerk):
+    with pytest.raises(InvalidInput) as consent_without_grounds:
+        record(dupont, region.chu, chu_clerk, kind="consent", scope="all")
+    assert consent_without_grounds.value.code == "consent:directive:no-grounds"
+    opposed = record(dupont, region.chu, chu_clerk)  # restricting needs no form
+    with pytest.raises(InvalidInput):
+        directive_withdraw(
+            directive=opposed.directive,
+            institution=region.chu,
+            recorder=chu_clerk,
+            actor=SYSTEM,
+            now=NOW,
+        )
+    assert directive_withdraw(
+        directive=opposed.directive,
+        institution=region.chu,
+        recorder=chu_clerk,
+        evidence=PDF,
+        actor=SYSTEM,
+        now=NOW,
+    ).withdrawn
+
+
+def test_a_directive_names_a_known_professional_and_a_registered_study(region, dupont, chu_clerk):
+    from broker.models import Professional
+
+    with pytest.raises(InvalidInput, match="RPPS"):
+        record(dupont, region.chu, chu_clerk, scope="professional", value="10000000001")
+    Professional.objects.filter(user=chu_clerk).update(rpps="10000000001")
+    assert record(dupont, region.chu, chu_clerk, scope="professional", value="10000000001")
+    with pytest.raises(InvalidInput, match="no registered study"):
+        record(dupont, region.chu, chu_clerk, kind="mask", scope="study", value="1.2.999")
+    assert record(dupont, region.chu, chu_clerk, kind="mask", scope="study", value=study_uid(1))
+
+
+def test_withdrawing_a_consent_signals_a_restriction_withdrawing_an_opposition_does_not(
+    region, dupont, chu_clerk, django_capture_on_commit_callbacks
+):
+    received = []
+    consent_restricted.connect(lambda **kw: received.append(kw), weak=False, dispatch_uid="w")
+    try:
+        granted = record(dupont, region.chu, chu_clerk, kind="consent", scope="all", note="oral")
+        opposed = record(dupont, region.chu, chu_clerk)
+        received.clear()
+        for directive in (granted.directive, opposed.directive):
+            with django_capture_on_commit_callbacks(execute=True):
+                directive_withdraw(
+                    directive=directive,
+                    institution=region.chu,
+                    recorder=chu_clerk,
+                    note="à la demande de la patiente",
+                    actor=SYSTEM,
+                    now=NOW,
+                )
+    finally:
+        consent_restricted.disconnect(dispatch_uid="w")
+    assert [(r["directive_id"], r["version"]) for r in received] == [(granted.directive_id, 2)]
+
+
+def test_a_directive_recorded_before_a_link_holds_for_the_linked_patient(
+    region, chu_clerk, referring_doctor
+):
+    """Recorded under Port-Maël's IPP for a patient known only there; her CHU record is
+    then linked by her INS: the opposition holds when the CHU's doctors ask."""
+    manifest_register(
+        data=kos_for(region.portmael, "PM7", study=7, ins=NIR),
+        institution=region.portmael,
+        actor=SYSTEM,
         now=NOW,
     )
-    assert not _outside(dupont).permit
+    alone = PatientIdentifier.objects.get(value="PM7").patient
+    record(alone, region.portmael, referring_doctor)
+    manifest_register(
+        data=kos_for(region.chu, "CHU7", study=8, ins=NIR),
+        institution=region.chu,
+        actor=SYSTEM,
+        now=NOW,
+    )
+    linked = PatientIdentifier.objects.get(value="CHU7").patient
+    assert linked == PatientIdentifier.objects.get(value="PM7").patient
+    decision = consent_evaluate(
+        patient=linked,
+        requester=policy.Requester("10000000002", region.chu.finess),
+        relationship=policy.Relationship.CARE_TEAM,
+        purpose=policy.Purpose.TREATMENT,
+        studies=(policy.StudyRef(study_uid(8), region.chu.finess),),
+        now=NOW,
+    )
+    assert not decision.permit
+    assert decision.rule is policy.Rule.OPPOSITION
 
 
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
-def test_no_permit_is_evaluated_after_a_withdrawal_has_committed(region, dupont, chu_clerk):
-    """Threads evaluate while one withdraws: every evaluation begun after the withdrawal's
-    commit denies."""
+def test_a_withdrawal_waits_for_a_token_being_issued_and_then_restricts_it(
+    region, dupont, chu_clerk
+):
+    """A issues a token: it decides (permit) and holds its transaction open; B withdraws the
+    consent meanwhile; C decides after. B must wait for A's commit (so its restriction signal
+    reaches a token that exists), and C must see the withdrawal."""
     import threading
     import time
 
-    from django.db import connection
+    from django.db import connection, transaction
 
-    granted = record(dupont, region.chu, chu_clerk, kind="consent", scope="all")
-    committed_at: list[float] = []
-    results: list[tuple[float, bool]] = []
-    stop = threading.Event()
+    from consent.services import consent_decide_for_issuance
 
-    def evaluate_in_a_loop() -> None:
+    granted = record(dupont, region.chu, chu_clerk, kind="consent", scope="all", note="oral")
+    timeline: list[tuple[str, float]] = []
+    decisions: dict[str, bool] = {}
+    signalled: list[float] = []
+
+    def on_restriction(**kwargs):
+        signalled.append(time.monotonic())
+
+    def issue(name: str, delay: float, hold: float) -> None:
         try:
-            while not stop.is_set():
-                started = time.monotonic()
-                results.append((started, _outside(dupont).permit))
+            time.sleep(delay)
+            with transaction.atomic():
+                decision = consent_decide_for_issuance(
+                    patient=dupont,
+                    requester=policy.Requester("10000000009", "290000012"),
+                    relationship=policy.Relationship.NONE,
+                    purpose=policy.Purpose.AVIS,
+                    studies=(policy.StudyRef("1.2.3", "350000014"),),
+                    now=NOW,
+                )
+                decisions[name] = decision.permit
+                time.sleep(hold)  # the token is written here
+            timeline.append((f"{name} committed", time.monotonic()))
         finally:
             connection.close()
 
     def withdraw() -> None:
         try:
-            time.sleep(0.05)
+            time.sleep(0.1)
             directive_withdraw(
                 directive=granted.directive,
                 institution=region.chu,
@@ -268,23 +401,25 @@ def test_no_permit_is_evaluated_after_a_withdrawal_has_committed(region, dupont,
                 actor=SYSTEM,
                 now=NOW,
             )
-            committed_at.append(time.monotonic())
+            timeline.append(("withdrawal committed", time.monotonic()))
         finally:
             connection.close()
 
-    threads = [threading.Thread(target=evaluate_in_a_loop) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    withdrawer = threading.Thread(target=withdraw)
-    withdrawer.start()
-    withdrawer.join()
-    time.sleep(0.1)
-    stop.set()
-    for thread in threads:
-        thread.join()
-    (commit,) = committed_at
-    before = [permit for started, permit in results if started < commit]
-    after = [permit for started, permit in results if started > commit]
-    assert any(before), "some evaluations ran, and permitted, before the withdrawal"
-    assert after, "some evaluations ran after it"
-    assert not any(after)
+    consent_restricted.connect(on_restriction, weak=False, dispatch_uid="race")
+    try:
+        threads = [
+            threading.Thread(target=issue, args=("A", 0, 0.5)),
+            threading.Thread(target=withdraw),
+            threading.Thread(target=issue, args=("C", 0.25, 0)),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        consent_restricted.disconnect(dispatch_uid="race")
+    order = [name for name, _ in sorted(timeline, key=lambda item: item[1])]
+    assert decisions == {"A": True, "C": False}
+    assert order.index("A committed") < order.index("withdrawal committed")
+    (restricted_at,) = signalled
+    assert restricted_at >= dict(timeline)["A committed"]

@@ -51,6 +51,7 @@ def test_a_clerk_records_lists_and_withdraws_a_directive(region, patient, chu_cl
             "value": region.staubin.finess,
             "purposes": ["avis"],
             "valid_until": "2027-11-28T00:00:00Z",
+            "note": "formulaire signé, scanné",
         },
         format="json",
     )
@@ -66,6 +67,7 @@ def test_a_clerk_records_lists_and_withdraws_a_directive(region, patient, chu_cl
             "value": region.staubin.finess,
             "purposes": ["avis", "treatment"],
             "valid_until": "2028-11-28T00:00:00Z",
+            "note": "étendu au traitement, à sa demande",
         },
         format="json",
     )
@@ -88,7 +90,7 @@ def test_a_clerk_records_lists_and_withdraws_a_directive(region, patient, chu_cl
     # A withdrawn directive is not amended any more.
     again = client.post(
         url(patient, f"directives/{directive}/amend"),
-        {"institution": region.chu.finess, "scope": "all"},
+        {"institution": region.chu.finess, "scope": "all", "note": "x"},
         format="json",
     )
     assert again.status_code == 409
@@ -180,6 +182,8 @@ def test_the_dpo_diagnoses_a_decision_and_exports_the_consent_state(
     assert refused.status_code == 404
 
     export = client_for(dpo).get(url(patient, "consent"))
+    reads = AuditEvent.objects.filter(code=EventCode.CONSENT_READ)
+    assert [e.details["read"] for e in reads] == ["export"]
     assert export.status_code == 200
     state = export.json()
     assert state["outside_care_team"] == "opt-in"
