@@ -85,12 +85,16 @@ class DecisionOutput(serializers.Serializer[Any]):
     studies = serializers.ListField(child=serializers.CharField())
 
 
+class ExportedDirectiveOutput(DirectiveOutput):
+    policy_oid = serializers.CharField(help_text="the affinity domain's OID of its policy")
+
+
 class ExportOutput(serializers.Serializer[Any]):
     patient = serializers.UUIDField()
     exported_at = serializers.DateTimeField()
     outside_care_team = serializers.CharField()
     policies = serializers.DictField(child=serializers.CharField())
-    directives = DirectiveOutput(many=True)
+    directives = ExportedDirectiveOutput(many=True)
 
 
 def _directives_output(patient: Any) -> list[dict[str, Any]]:
@@ -336,6 +340,9 @@ class ConsentExportApi(APIView):
                 "exported_at": timezone.now(),
                 "outside_care_team": settings.RELAIS_CONSENT_OUTSIDE_CARE_TEAM,
                 "policies": settings.RELAIS_CONSENT_POLICY_OIDS,
-                "directives": _directives_output(patient),
+                "directives": [
+                    {**d, "policy_oid": settings.RELAIS_CONSENT_POLICY_OIDS[d["current"]["kind"]]}
+                    for d in _directives_output(patient)
+                ],
             }
         )

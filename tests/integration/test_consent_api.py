@@ -189,3 +189,27 @@ def test_the_dpo_diagnoses_a_decision_and_exports_the_consent_state(
     assert state["outside_care_team"] == "opt-in"
     assert set(state["policies"]) == {"opposition", "consent", "mask"}
     assert state["directives"][0]["current"]["kind"] == "opposition"
+    assert state["directives"][0]["policy_oid"] == state["policies"]["opposition"]
+
+
+def test_an_unknown_patient_and_oversized_evidence_are_refused(region, patient, chu_clerk):
+    import uuid
+
+    from django.test import override_settings
+
+    client = client_for(chu_clerk)
+    assert client.get(f"/api/v1/patients/{uuid.uuid4()}/directives").status_code == 404
+    with override_settings(RELAIS_CONSENT_EVIDENCE_MAX_BYTES=16):
+        big = client.post(
+            url(patient),
+            {
+                "institution": region.chu.finess,
+                "kind": "opposition",
+                "scope": "all",
+                "evidence": SimpleUploadedFile("form.pdf", PDF, "application/pdf"),
+            },
+            format="multipart",
+        )
+    assert big.status_code == 400
+    assert big.json()["code"] == "consent:evidence:refused"
+    assert Directive.objects.count() == 0
