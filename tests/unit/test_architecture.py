@@ -14,6 +14,7 @@ PURE_MODULES = [
     "broker/dicom/archive.py",
     "broker/dicom/network.py",
     "consent/policy.py",
+    "sharing/tokens.py",
     "audit/chain.py",
     "audit/types.py",
     "audit/events.py",
