@@ -59,6 +59,23 @@ class VersionOutput(serializers.ModelSerializer[DirectiveVersion]):
         return version.evidence.sha256 if version.evidence_id else None
 
 
+class DirectiveValuesInput(serializers.Serializer[Any]):
+    """What a directive says, as recorded or amended, and where it is recorded."""
+
+    institution = serializers.CharField(max_length=9, help_text="FINESS where it is recorded")
+    scope = serializers.ChoiceField(choices=[s.value for s in policy.Scope])
+    value = serializers.CharField(max_length=64, required=False, default="", allow_blank=True)
+    purposes = serializers.ListField(
+        child=serializers.ChoiceField(choices=[p.value for p in policy.Purpose]),
+        required=False,
+        default=list,
+    )
+    valid_from = serializers.DateTimeField(required=False, allow_null=True, default=None)
+    valid_until = serializers.DateTimeField(required=False, allow_null=True, default=None)
+    note = serializers.CharField(max_length=2000, required=False, default="", allow_blank=True)
+    evidence = serializers.FileField(required=False, help_text="PDF, PNG or JPEG")
+
+
 class DirectiveOutput(serializers.Serializer[Any]):
     id = serializers.IntegerField()
     current = VersionOutput()
@@ -133,20 +150,8 @@ def _evidence(request: Request) -> bytes | None:
 class DirectiveCollectionApi(APIView):
     parser_classes = [JSONParser, MultiPartParser]
 
-    class RecordInput(serializers.Serializer[Any]):
-        institution = serializers.CharField(max_length=9, help_text="FINESS where it is recorded")
+    class RecordInput(DirectiveValuesInput):
         kind = serializers.ChoiceField(choices=[k.value for k in policy.DirectiveKind])
-        scope = serializers.ChoiceField(choices=[s.value for s in policy.Scope])
-        value = serializers.CharField(max_length=64, required=False, default="", allow_blank=True)
-        purposes = serializers.ListField(
-            child=serializers.ChoiceField(choices=[p.value for p in policy.Purpose]),
-            required=False,
-            default=list,
-        )
-        valid_from = serializers.DateTimeField(required=False, allow_null=True, default=None)
-        valid_until = serializers.DateTimeField(required=False, allow_null=True, default=None)
-        note = serializers.CharField(max_length=2000, required=False, default="", allow_blank=True)
-        evidence = serializers.FileField(required=False, help_text="PDF, PNG or JPEG")
 
     @extend_schema(
         responses=inline_serializer("DirectiveList", {"results": DirectiveOutput(many=True)}),
@@ -214,19 +219,8 @@ class DirectiveWithdrawApi(APIView):
 class DirectiveAmendApi(APIView):
     parser_classes = [JSONParser, MultiPartParser]
 
-    class AmendInput(serializers.Serializer[Any]):
-        institution = serializers.CharField(max_length=9)
-        scope = serializers.ChoiceField(choices=[s.value for s in policy.Scope])
-        value = serializers.CharField(max_length=64, required=False, default="", allow_blank=True)
-        purposes = serializers.ListField(
-            child=serializers.ChoiceField(choices=[p.value for p in policy.Purpose]),
-            required=False,
-            default=list,
-        )
-        valid_from = serializers.DateTimeField(required=False, allow_null=True, default=None)
-        valid_until = serializers.DateTimeField(required=False, allow_null=True, default=None)
-        note = serializers.CharField(max_length=2000, required=False, default="", allow_blank=True)
-        evidence = serializers.FileField(required=False)
+    class AmendInput(DirectiveValuesInput):
+        pass
 
     @extend_schema(
         request={"application/json": AmendInput, "multipart/form-data": AmendInput},

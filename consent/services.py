@@ -94,15 +94,7 @@ def directive_withdraw(
     _require_grounds(evidence, note, widening=directive.kind != policy.DirectiveKind.CONSENT)
     sealed = _sealed(evidence)
     with transaction.atomic():
-        _lock_patient(patient)
-        locked = Directive.objects.select_for_update().get(pk=directive.pk)
-        latest = locked.versions.order_by("-version").first()
-        assert latest is not None
-        if latest.withdrawn:
-            raise Conflict(
-                f"Directive {locked.pk} is already withdrawn",
-                code="consent:directive:already-withdrawn",
-            )
+        locked, latest = _current_version(patient, directive, "it is already withdrawn")
         version = DirectiveVersion.objects.create(
             directive=locked,
             version=latest.version + 1,
@@ -147,15 +139,7 @@ def directive_amend(
     _require_grounds(evidence, note, widening=True)
     sealed = _sealed(evidence)
     with transaction.atomic():
-        _lock_patient(patient)
-        locked = Directive.objects.select_for_update().get(pk=directive.pk)
-        latest = locked.versions.order_by("-version").first()
-        assert latest is not None
-        if latest.withdrawn:
-            raise Conflict(
-                f"Directive {locked.pk} is withdrawn: record a new one",
-                code="consent:directive:already-withdrawn",
-            )
+        locked, latest = _current_version(patient, directive, "record a new one")
         version = DirectiveVersion.objects.create(
             directive=locked,
             version=latest.version + 1,
@@ -166,6 +150,23 @@ def directive_amend(
         # Any change may narrow what was allowed: the sharing service re-checks.
         _restricted_on_commit(patient, version)
     return version
+
+
+def _current_version(
+    patient: Patient, directive: Directive, advice: str
+) -> tuple[Directive, DirectiveVersion]:
+    """The directive, locked with its patient, and its latest version, which must not be a
+    withdrawal (``advice`` says what to do instead)."""
+    _lock_patient(patient)
+    locked = Directive.objects.select_for_update().get(pk=directive.pk)
+    latest = locked.versions.order_by("-version").first()
+    assert latest is not None
+    if latest.withdrawn:
+        raise Conflict(
+            f"Directive {locked.pk} is withdrawn: {advice}",
+            code="consent:directive:already-withdrawn",
+        )
+    return locked, latest
 
 
 def _recording_identifier(

@@ -456,6 +456,17 @@ def archive_client(endpoint: ArchiveEndpoint, transport: Transport | None = None
 # --------------------------------------------------------------------------- shared helpers
 
 
+def _retrieve_uids(
+    study: str, series: str | None, sop: str | None
+) -> tuple[str, str | None, str | None]:
+    """The UIDs of a retrieval, each checked (ValueError for a malformed one)."""
+    return (
+        _check_uid(study, "Study Instance UID"),
+        _check_uid(series, "Series Instance UID") if series is not None else None,
+        _check_uid(sop, "SOP Instance UID") if sop is not None else None,
+    )
+
+
 def _check_uid(value: str, what: str) -> str:
     if not isinstance(value, str) or len(value) > 64 or not _UID_PATTERN.fullmatch(value):
         raise ValueError(f"{what} {value!r} is not a DICOM UID")
@@ -784,18 +795,9 @@ class DicomWebArchive:
         sop_instance_uid: str | None = None,
     ) -> Generator[bytes, None, None]:
         """WADO-RS: each instance as Part 10 bytes, as stored, streamed as it arrives."""
-        study_uid = _check_uid(study_instance_uid, "Study Instance UID")
-        series_uid = (
-            _check_uid(series_instance_uid, "Series Instance UID")
-            if series_instance_uid is not None
-            else None
+        return self._retrieve(
+            *_retrieve_uids(study_instance_uid, series_instance_uid, sop_instance_uid)
         )
-        sop_uid = (
-            _check_uid(sop_instance_uid, "SOP Instance UID")
-            if sop_instance_uid is not None
-            else None
-        )
-        return self._retrieve(study_uid, series_uid, sop_uid)
 
     def _retrieve(
         self, study_uid: str, series_uid: str | None, sop_uid: str | None
@@ -1457,18 +1459,9 @@ class DimseArchive:
         sop_instance_uid: str | None = None,
     ) -> Generator[bytes, None, None]:
         """C-GET: each instance as Part 10 bytes, streamed as it arrives."""
-        study_uid = _check_uid(study_instance_uid, "Study Instance UID")
-        series_uid = (
-            _check_uid(series_instance_uid, "Series Instance UID")
-            if series_instance_uid is not None
-            else None
+        return self._retrieve(
+            *_retrieve_uids(study_instance_uid, series_instance_uid, sop_instance_uid)
         )
-        sop_uid = (
-            _check_uid(sop_instance_uid, "SOP Instance UID")
-            if sop_instance_uid is not None
-            else None
-        )
-        return self._retrieve(study_uid, series_uid, sop_uid)
 
     def move(
         self,
