@@ -64,6 +64,8 @@ from broker.services import manifest_deprecate
 
 logger = logging.getLogger(__name__)
 
+_TIMEOUTS_TO_STOP = 3  # consecutive studies the archive did not answer in time
+
 OUTCOMES = ("new", "unchanged", "replaced", "failed", "deprecated")
 
 
@@ -178,11 +180,14 @@ def harvest_run(
         checkpoint.total = len(studies)
         checkpoint.save(update_fields=["total"])
         chunk: list[tuple[StudySummary, StudyDescription | ArchiveError]] = []
+        timeouts = 0
         with contextlib.closing(_described(todo, client_factory, max_rate, workers)) as stream:
             for study, described in stream:
-                if isinstance(described, ArchiveUnreachable | ArchiveTimeout):
-                    # The archive is gone: stop here (resumable), rather than fail every
-                    # remaining study and call the run complete.
+                # The archive is gone (unreachable, or timing out study after study): stop
+                # here, resumable, rather than fail every remaining study and call the run
+                # complete. One study that times out on its own is only that study's failure.
+                timeouts = timeouts + 1 if isinstance(described, ArchiveTimeout) else 0
+                if isinstance(described, ArchiveUnreachable) or timeouts >= _TIMEOUTS_TO_STOP:
                     raise described
                 chunk.append((study, described))
                 if len(chunk) < batch and len(chunk) + done < len(studies):

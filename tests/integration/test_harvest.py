@@ -266,6 +266,33 @@ def test_two_harvests_of_one_archive_never_run_at_once(region: Region, orthanc_r
     assert HarvestCheckpoint.objects.get().owner == ""
 
 
+@pytest.mark.django_db
+def test_an_archive_that_goes_away_stops_the_harvest_resumably(region: Region, orthanc_factory):
+    from broker.dicom.archive import ArchiveUnreachable
+
+    archive = orthanc_factory(CHUB_AE, modalities=BROKER)
+    studies = [_study(f"o{n}", when=dt.date(2023, 1, 1) + dt.timedelta(days=n)) for n in range(12)]
+    for study in studies:
+        archive.upload_many(study.instances)
+    chu = _point(region.chu, archive)
+
+    def pull_the_plug(state: HarvestProgress) -> None:
+        if state.done == 2:
+            archive.process.kill()  # gone at once, mid-run
+            archive.process.wait()
+
+    with pytest.raises(ArchiveUnreachable):
+        _harvest(chu, "dicomweb", batch=2, workers=1, progress=pull_the_plug)
+    checkpoint = HarvestCheckpoint.objects.get(institution=chu)
+    assert checkpoint.status == HarvestStatus.RUNNING  # resumable, not "completed"
+    registered = _manifests(chu).count()
+    assert 2 <= registered < len(studies)
+    assert checkpoint.counts.get("failed", 0) == 0
+    finished = AuditEvent.objects.get(code=EventCode.HARVEST_FINISH)
+    assert finished.outcome == 8
+    assert "ArchiveUnreachable" in finished.details["error"]
+
+
 def _database_url() -> str:
     db = connection.settings_dict
     if connection.vendor == "sqlite":
