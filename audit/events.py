@@ -92,6 +92,7 @@ class EventCode(StrEnum):
     API_KEY_REVOKE = "security:api-key:revoke"
     API_KEY_REFUSED = "security:api-key:refuse"
     DICOM_ASSOCIATION_REFUSED = "security:dicom-association:refuse"
+    SIGNING_KEY_ROTATE = "security:signing-key:rotate"
     # Harvest of an archive's prior studies (a run, start to end; its manifests are
     # audited one by one as registrations).
     HARVEST_START = "registry:harvest:start"
@@ -138,6 +139,9 @@ EVENT_SPECS: dict[EventCode, EventSpec] = {
     EventCode.API_KEY_REFUSED: EventSpec(USER_AUTHENTICATION, Action.EXECUTE, NODE_AUTHENTICATION),
     EventCode.DICOM_ASSOCIATION_REFUSED: EventSpec(
         SECURITY_ALERT, Action.EXECUTE, NODE_AUTHENTICATION
+    ),
+    EventCode.SIGNING_KEY_ROTATE: EventSpec(
+        SECURITY_ALERT, Action.UPDATE, OBJECT_SECURITY_ATTRIBUTES_CHANGED
     ),
     EventCode.HARVEST_START: EventSpec(IMPORT, Action.EXECUTE),
     EventCode.HARVEST_FINISH: EventSpec(IMPORT, Action.EXECUTE),

@@ -12,6 +12,7 @@ import os
 import secrets
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -87,3 +88,54 @@ def load_or_create_evidence_key(data_dir: Path) -> Path:
     if len(path.read_bytes()) != 32:
         raise RuntimeError(f"{path} does not hold a 32-byte key")
     return path
+
+
+@dataclass(frozen=True)
+class StoredKey:
+    kid: str
+    path: Path
+    retired_at: float | None  # epoch seconds the key stopped being current, None if current
+
+
+def signing_keys(data_dir: Path) -> list[StoredKey]:
+    """Every signing key in ``<data_dir>/signing-keys``, the current one first."""
+    load_or_create_signing_key(data_dir)
+    keys_dir = data_dir / "signing-keys"
+    current = (keys_dir / "current").read_text().strip()
+    keys = []
+    for path in sorted(keys_dir.glob("*.pem")):
+        retired = path.with_suffix(".retired")
+        retired_at = None if path.stem == current else _retired_at(retired, path)
+        keys.append(StoredKey(path.stem, path, retired_at))
+    return sorted(keys, key=lambda k: (k.retired_at is not None, -(k.retired_at or 0), k.kid))
+
+
+def signing_key_rotate(data_dir: Path) -> str:
+    """A new current signing key; the previous one is marked retired now (it still
+    verifies the tokens it signed until they expire). Returns the new kid."""
+    keys_dir = data_dir / "signing-keys"
+    load_or_create_signing_key(data_dir)
+    previous = (keys_dir / "current").read_text().strip()
+    kid = time.strftime("%Y%m%d", time.gmtime()) + "-" + secrets.token_hex(4)
+    pem = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    _create_once(keys_dir / f"{kid}.pem", pem)
+    _create_once(keys_dir / f"{previous}.retired", str(time.time()).encode())
+    # Switch `current` atomically: readers see the old kid or the new one, never half.
+    fd, tmp_name = tempfile.mkstemp(dir=keys_dir, prefix=".current.")
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(kid.encode())
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp_name, keys_dir / "current")
+    return kid
+
+
+def _retired_at(marker: Path, key: Path) -> float:
+    try:
+        return float(marker.read_text().strip())
+    except (OSError, ValueError):
+        return key.stat().st_mtime  # retired before markers existed: as old as the key

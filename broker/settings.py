@@ -53,6 +53,10 @@ RELAIS_DICOM_TLS_CERT: Path | None = env.path("RELAIS_DICOM_TLS_CERT", None)
 RELAIS_DICOM_TLS_KEY: Path | None = env.path("RELAIS_DICOM_TLS_KEY", None)
 RELAIS_DICOM_TLS_CA: Path | None = env.path("RELAIS_DICOM_TLS_CA", None)
 RELAIS_HTTPS: bool = env.bool("RELAIS_HTTPS", False)
+# Retrieval tokens: their lifetime at most (a grant, a shift or an emergency may end sooner).
+RELAIS_TOKEN_LIFETIME_SECONDS: int = env.int(
+    "RELAIS_TOKEN_LIFETIME_SECONDS", 900, validate=Range(min=30, max=3600)
+)
 # Consent: the model outside the care team ("opt-in": a recorded consent is needed; "opt-out":
 # permitted unless opposed), the largest evidence document accepted.
 RELAIS_CONSENT_OUTSIDE_CARE_TEAM: str = env.str(

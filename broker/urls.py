@@ -8,6 +8,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView
 
 from broker import apis, views
 from consent import apis as consent_apis
+from sharing import views as sharing_views
 
 api_v1 = [
     path("manifests", apis.ManifestCollectionApi.as_view(), name="manifests"),
@@ -63,6 +64,7 @@ api_v1 = [
 urlpatterns = [
     path("", views.home, name="home"),
     path("healthz", views.healthz, name="healthz"),
+    path(".well-known/jwks.json", sharing_views.jwks_view, name="jwks"),
     path("api/v1/", include((api_v1, "api"), namespace="v1")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularRedocView.as_view(url_name="schema"), name="api-docs"),
