@@ -476,6 +476,9 @@ class InstitutionInput(serializers.Serializer[Any]):
         min_value=1, max_value=65535, required=False, allow_null=True, default=None
     )
     dicomweb_url = serializers.URLField(required=False, default="", allow_blank=True)
+    dicom_tls_subject = serializers.CharField(
+        max_length=255, required=False, default="", allow_blank=True
+    )
     archive_transport = serializers.ChoiceField(
         choices=["", "dicomweb", "dimse"], required=False, default="", allow_blank=True
     )

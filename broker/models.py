@@ -63,6 +63,16 @@ class Institution(models.Model):
         validators=[MinValueValidator(1), MaxValueValidator(65535)],
     )
     dicomweb_url = models.URLField(_("archive DICOMweb base URL"), blank=True, default="")
+    dicom_tls_subject = models.CharField(
+        _("archive TLS certificate"),
+        max_length=255,
+        blank=True,
+        default="",
+        help_text=_(
+            "Common Name of the certificate the archive presents over DICOM TLS; when set, an "
+            "association of its AE title with another certificate is refused."
+        ),
+    )
     archive_transport = models.CharField(
         _("archive transport"),
         max_length=8,

@@ -41,6 +41,7 @@ INSTITUTION_FIELDS = (
     "dicom_host",
     "dicom_port",
     "dicomweb_url",
+    "dicom_tls_subject",
     "archive_transport",
     "active",
 )
@@ -70,6 +71,7 @@ def institution_create(
     dicom_host: str = "",
     dicom_port: int | None = None,
     dicomweb_url: str = "",
+    dicom_tls_subject: str = "",
     archive_transport: str = "",
     active: bool = True,
 ) -> Institution:
@@ -83,6 +85,7 @@ def institution_create(
         dicom_host=dicom_host.strip(),
         dicom_port=dicom_port,
         dicomweb_url=dicomweb_url.strip(),
+        dicom_tls_subject=dicom_tls_subject.strip(),
         archive_transport=archive_transport,
         active=active,
         created_at=now,

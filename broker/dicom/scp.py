@@ -159,6 +159,7 @@ class BrokerSCP:
             sock.settimeout(self.config.timeout)
             sock.do_handshake()
             sock.settimeout(None)
+            event.assoc.relais_tls_subject = _common_name(sock.getpeercert())
         except (OSError, ValueError) as exc:
             logger.warning("DICOM TLS handshake with %s failed: %s", address, exc)
             self._audit_refusal("tls-handshake", f"TLS handshake failed: {exc}", "", "", address)
@@ -197,7 +198,9 @@ class BrokerSCP:
                     address,
                 )
                 return
-            refusal, institution = _institution_for(calling, address)
+            refusal, institution = _institution_for(
+                calling, address, getattr(assoc, "relais_tls_subject", None)
+            )
             if institution is None:
                 if refusal[0] == "host-unresolved":
                     self._reject_transient(assoc, refusal, calling, called, address)
@@ -335,8 +338,11 @@ class BrokerSCP:
             logger.exception("the refusal of %s (%s) could not be audited", calling, address)
 
 
-def _institution_for(calling: str, address: str) -> tuple[tuple[str, str], Institution | None]:
-    """The institution whose archive is ``calling`` at ``address``, or why there is none."""
+def _institution_for(
+    calling: str, address: str, tls_subject: str | None = None
+) -> tuple[tuple[str, str], Institution | None]:
+    """The institution whose archive is ``calling`` at ``address`` (and, over TLS, presents
+    the certificate registered for it, when one is), or why there is none."""
     candidates = list(Institution.objects.filter(ae_title=calling, active=True)) if calling else []
     if not candidates:
         if calling and Institution.objects.filter(ae_title=calling).exists():
@@ -362,7 +368,24 @@ def _institution_for(calling: str, address: str) -> tuple[tuple[str, str], Insti
             "ambiguous",
             f"calling AE title {calling!r} at {address} matches several institutions",
         ), None
-    return ("", ""), matching[0]
+    institution = matching[0]
+    expected = institution.dicom_tls_subject
+    if expected and tls_subject != expected:
+        return (
+            "tls-subject-mismatch",
+            f"calling AE title {calling!r} must present the certificate of {expected!r}, "
+            f"not {tls_subject!r}",
+        ), None
+    return ("", ""), institution
+
+
+def _common_name(certificate: Any) -> str | None:
+    """The subject's Common Name of a peer certificate as `ssl` gives it."""
+    for rdn in (certificate or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
 
 
 def _ae_title(value: str | bytes) -> str:

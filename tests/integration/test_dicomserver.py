@@ -312,3 +312,26 @@ def test_a_silent_tcp_client_does_not_stop_a_tls_server_for_others(tls_broker):
             timeout=30,
         )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_over_tls_an_institution_may_require_its_own_certificate(tls_broker, region):
+    running, ca = tls_broker
+    institution_update(institution=region.chu, dicom_tls_subject="chub-pacs", actor=SYSTEM, now=NOW)
+    own, other = ca.issue("chub-pacs"), ca.issue("portmael-pacs")
+
+    def echo(client):
+        return run_tool(
+            "echoscu",
+            [
+                "+tls", client.private_key, client.certificate, "+cf", ca.certificate,
+                "-aet", "CHUB_PACS", "-aec", "RELAIS", "127.0.0.1", running.port,
+            ],
+        )  # fmt: skip
+
+    assert echo(own).returncode == 0
+    refused = echo(other)  # a certificate of the region's CA, but another archive's
+    assert refused.returncode != 0
+    assert "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
+    (event,) = _refusals()
+    assert event.details["reason"] == "tls-subject-mismatch"
+    assert "portmael-pacs" in event.details["message"]
