@@ -20,6 +20,7 @@ from audit.services import audit_record
 from broker.access import actor_for
 from broker.errors import InvalidInput
 from broker.identity import patient_ref
+from broker.models import Institution
 from consent import policy, selectors, services
 from consent.access import (
     access_directive,
@@ -135,6 +136,18 @@ def _audit_read(request: Request, patient: Any, what: str) -> None:
         )
 
 
+def _directive_input(
+    serializer_class: type[serializers.Serializer[Any]], request: Request
+) -> tuple[Institution, dict[str, Any]]:
+    """The recording institution and the directive's values of a request (its evidence is
+    read apart, by `_evidence`)."""
+    data = serializer_class(data=request.data)
+    data.is_valid(raise_exception=True)
+    values = dict(data.validated_data)
+    values.pop("evidence", None)
+    return access_recording_institution(values.pop("institution")), values
+
+
 def _evidence(request: Request) -> bytes | None:
     upload = request.FILES.get("evidence")
     if upload is None:
@@ -169,11 +182,7 @@ class DirectiveCollectionApi(APIView):
     )
     def post(self, request: Request, public_id: uuid.UUID) -> Response:
         patient = access_patient_directives(request.user, public_id)
-        data = self.RecordInput(data=request.data)
-        data.is_valid(raise_exception=True)
-        values = dict(data.validated_data)
-        values.pop("evidence", None)
-        institution = access_recording_institution(values.pop("institution"))
+        institution, values = _directive_input(self.RecordInput, request)
         version = services.directive_record(
             patient=patient,
             institution=institution,
@@ -230,11 +239,7 @@ class DirectiveAmendApi(APIView):
     def post(self, request: Request, public_id: uuid.UUID, directive_id: int) -> Response:
         patient = access_patient_directives(request.user, public_id)
         directive = access_directive(patient, directive_id)
-        data = self.AmendInput(data=request.data)
-        data.is_valid(raise_exception=True)
-        values = dict(data.validated_data)
-        values.pop("evidence", None)
-        institution = access_recording_institution(values.pop("institution"))
+        institution, values = _directive_input(self.AmendInput, request)
         version = services.directive_amend(
             directive=directive,
             institution=institution,
