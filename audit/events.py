@@ -103,6 +103,24 @@ class EventCode(StrEnum):
     CONSENT_AMEND = "consent:directive:amend"
     CONSENT_EVALUATE = "consent:policy:evaluate"
     CONSENT_READ = "consent:directive:read"
+    # Sharing: access requests (tickets), the access decision, tokens, duty, emergency.
+    REQUEST_CREATE = "sharing:request:create"
+    REQUEST_APPROVE = "sharing:request:approve"
+    REQUEST_DENY = "sharing:request:deny"
+    REQUEST_CANCEL = "sharing:request:cancel"
+    REQUEST_EXPIRE = "sharing:request:expire"
+    REQUEST_REVOKE = "sharing:request:revoke"
+    REQUEST_READ = "sharing:request:read"
+    AVIS_ANSWER = "sharing:avis:answer"
+    ACCESS_DECIDE = "sharing:access:decide"
+    TOKEN_ISSUE = "sharing:token:issue"  # noqa: S105 - an event code
+    TOKEN_REVOKE = "sharing:token:revoke"  # noqa: S105 - an event code
+    TOKEN_INTROSPECT = "sharing:token:introspect"  # noqa: S105 - an event code
+    SHIFT_CREATE = "sharing:shift:create"
+    SHIFT_CANCEL = "sharing:shift:cancel"
+    EMERGENCY_START = "sharing:emergency:start"
+    EMERGENCY_STOP = "sharing:emergency:stop"
+    EMERGENCY_REVIEW = "sharing:emergency:review"
     # The audit trail itself.
     AUDIT_VERIFY = "audit:chain:verify"
     AUDIT_EXPORT = "audit:log:export"
@@ -150,6 +168,33 @@ EVENT_SPECS: dict[EventCode, EventSpec] = {
     EventCode.CONSENT_AMEND: EventSpec(PATIENT_RECORD, Action.UPDATE),
     EventCode.CONSENT_EVALUATE: EventSpec(PATIENT_RECORD, Action.EXECUTE),
     EventCode.CONSENT_READ: EventSpec(PATIENT_RECORD, Action.READ),
+    EventCode.REQUEST_CREATE: EventSpec(PATIENT_RECORD, Action.CREATE),
+    EventCode.REQUEST_APPROVE: EventSpec(PATIENT_RECORD, Action.UPDATE),
+    EventCode.REQUEST_DENY: EventSpec(PATIENT_RECORD, Action.UPDATE),
+    EventCode.REQUEST_CANCEL: EventSpec(PATIENT_RECORD, Action.UPDATE),
+    EventCode.REQUEST_EXPIRE: EventSpec(PATIENT_RECORD, Action.UPDATE),
+    EventCode.REQUEST_REVOKE: EventSpec(
+        SECURITY_ALERT, Action.UPDATE, OBJECT_SECURITY_ATTRIBUTES_CHANGED
+    ),
+    EventCode.REQUEST_READ: EventSpec(PATIENT_RECORD, Action.READ),
+    EventCode.AVIS_ANSWER: EventSpec(PATIENT_RECORD, Action.UPDATE),
+    EventCode.ACCESS_DECIDE: EventSpec(PATIENT_RECORD, Action.EXECUTE),
+    EventCode.TOKEN_ISSUE: EventSpec(PATIENT_RECORD, Action.EXECUTE),
+    EventCode.TOKEN_REVOKE: EventSpec(
+        SECURITY_ALERT, Action.DELETE, OBJECT_SECURITY_ATTRIBUTES_CHANGED
+    ),
+    EventCode.TOKEN_INTROSPECT: EventSpec(USER_AUTHENTICATION, Action.EXECUTE),
+    EventCode.SHIFT_CREATE: EventSpec(
+        SECURITY_ALERT, Action.CREATE, OBJECT_SECURITY_ATTRIBUTES_CHANGED
+    ),
+    EventCode.SHIFT_CANCEL: EventSpec(
+        SECURITY_ALERT, Action.UPDATE, OBJECT_SECURITY_ATTRIBUTES_CHANGED
+    ),
+    EventCode.EMERGENCY_START: EventSpec(
+        SECURITY_ALERT, Action.EXECUTE, EMERGENCY_OVERRIDE_STARTED
+    ),
+    EventCode.EMERGENCY_STOP: EventSpec(SECURITY_ALERT, Action.EXECUTE, EMERGENCY_OVERRIDE_STOPPED),
+    EventCode.EMERGENCY_REVIEW: EventSpec(PATIENT_RECORD, Action.UPDATE),
     EventCode.AUDIT_VERIFY: EventSpec(AUDIT_LOG_USED, Action.READ),
     EventCode.AUDIT_EXPORT: EventSpec(AUDIT_LOG_USED, Action.READ),
 }

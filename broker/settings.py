@@ -57,6 +57,31 @@ RELAIS_HTTPS: bool = env.bool("RELAIS_HTTPS", False)
 RELAIS_TOKEN_LIFETIME_SECONDS: int = env.int(
     "RELAIS_TOKEN_LIFETIME_SECONDS", 900, validate=Range(min=30, max=3600)
 )
+# Who signs tokens (iss) and who honours them (aud: the retrieval gateway).
+RELAIS_TOKEN_ISSUER: str = env.str("RELAIS_TOKEN_ISSUER", "urn:relais:broker")
+RELAIS_TOKEN_AUDIENCE: str = env.str("RELAIS_TOKEN_AUDIENCE", "urn:relais:gateway")
+# How stale a process's copy of the revocation list may be (seconds; revocation reaches
+# every process within this delay).
+RELAIS_REVOCATION_POLL_SECONDS: float = env.float(
+    "RELAIS_REVOCATION_POLL_SECONDS", 0.5, validate=Range(min=0, max=1)
+)
+# Sharing: how long an approved request (avis, treatment) grants access, how long a request
+# may wait for its approver, and whether the care team is approved by the policy itself.
+RELAIS_GRANT_DAYS: int = env.int("RELAIS_GRANT_DAYS", 14, validate=Range(min=1, max=365))
+RELAIS_REQUEST_PENDING_DAYS: int = env.int(
+    "RELAIS_REQUEST_PENDING_DAYS", 14, validate=Range(min=1, max=365)
+)
+RELAIS_AUTO_APPROVE_CARE_TEAM: bool = env.bool("RELAIS_AUTO_APPROVE_CARE_TEAM", True)
+# Break-the-glass: the roles the region allows, the shortest justification, the window.
+RELAIS_BREAK_THE_GLASS_ROLES: list[str] = env.list(
+    "RELAIS_BREAK_THE_GLASS_ROLES", ["emergency_doctor", "radiologist"]
+)
+RELAIS_BREAK_THE_GLASS_MIN_JUSTIFICATION: int = env.int(
+    "RELAIS_BREAK_THE_GLASS_MIN_JUSTIFICATION", 30, validate=Range(min=1, max=2000)
+)
+RELAIS_BREAK_THE_GLASS_HOURS: float = env.float(
+    "RELAIS_BREAK_THE_GLASS_HOURS", 4, validate=Range(min=0.25, max=24)
+)
 # Consent: the model outside the care team ("opt-in": a recorded consent is needed; "opt-out":
 # permitted unless opposed), the largest evidence document accepted.
 RELAIS_CONSENT_OUTSIDE_CARE_TEAM: str = env.str(
@@ -78,6 +103,16 @@ try:
 except EnvError as exc:  # pragma: no cover - exercised by tests/unit/test_settings.py
     raise ImproperlyConfigured(f"Bad environment: {exc}") from exc
 
+_unknown_roles = set(RELAIS_BREAK_THE_GLASS_ROLES) - {
+    "referring_doctor",
+    "radiologist",
+    "teleradiologist",
+    "emergency_doctor",
+}
+if _unknown_roles:
+    raise ImproperlyConfigured(
+        f"RELAIS_BREAK_THE_GLASS_ROLES: not clinical roles: {', '.join(sorted(_unknown_roles))}"
+    )
 if len(RELAIS_DICOM_AE_TITLE.strip()) == 0 or len(RELAIS_DICOM_AE_TITLE) > 16:
     raise ImproperlyConfigured("RELAIS_DICOM_AE_TITLE must be 1 to 16 characters")
 _tls_files = (RELAIS_DICOM_TLS_CERT, RELAIS_DICOM_TLS_KEY, RELAIS_DICOM_TLS_CA)

@@ -8,6 +8,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView
 
 from broker import apis, views
 from consent import apis as consent_apis
+from sharing import apis as sharing_apis
 from sharing import views as sharing_views
 
 api_v1 = [
@@ -59,6 +60,46 @@ api_v1 = [
     ),
     path("institutions", apis.InstitutionCollectionApi.as_view(), name="institutions"),
     path("institutions/<str:finess>", apis.InstitutionDetailApi.as_view(), name="institution"),
+    # Sharing: tickets, the inbox, break-the-glass, tokens, duty shifts.
+    path("requests", sharing_apis.RequestCollectionApi.as_view(), name="requests"),
+    path("requests/<uuid:ticket_id>", sharing_apis.RequestDetailApi.as_view(), name="request"),
+    *(
+        path(f"requests/<uuid:ticket_id>/{action}", view.as_view(), name=f"request-{action}")
+        for action, view in (
+            ("approve", sharing_apis.RequestApproveApi),
+            ("deny", sharing_apis.RequestDenyApi),
+            ("cancel", sharing_apis.RequestCancelApi),
+            ("revoke", sharing_apis.RequestRevokeApi),
+            ("answer", sharing_apis.AvisAnswerApi),
+            ("story", sharing_apis.TicketStoryApi),
+            ("tokens", sharing_apis.TokenIssueApi),
+        )
+    ),
+    path("inbox", sharing_apis.InboxApi.as_view(), name="inbox"),
+    path("emergency", sharing_apis.EmergencyApi.as_view(), name="emergency"),
+    path(
+        "emergency/reviews",
+        sharing_apis.EmergencyReviewCollectionApi.as_view(),
+        name="emergency-reviews",
+    ),
+    path(
+        "emergency/reviews/<int:review_id>",
+        sharing_apis.EmergencyReviewApi.as_view(),
+        name="emergency-review",
+    ),
+    path("tokens/introspect", sharing_apis.TokenIntrospectApi.as_view(), name="token-introspect"),
+    path("tokens/revoke", sharing_apis.TokenRevokeApi.as_view(), name="token-revoke"),
+    path(
+        "orthanc/tokens/validate",
+        sharing_apis.OrthancTokenValidateApi.as_view(),
+        name="orthanc-token-validate",
+    ),
+    path("duty-shifts", sharing_apis.ShiftCollectionApi.as_view(), name="duty-shifts"),
+    path(
+        "duty-shifts/<uuid:shift_id>/cancel",
+        sharing_apis.ShiftCancelApi.as_view(),
+        name="duty-shift-cancel",
+    ),
 ]
 
 urlpatterns = [

@@ -34,7 +34,7 @@ from consent import policy
 from consent.evidence import EvidenceRefused, seal
 from consent.models import Directive, DirectiveVersion, Evidence
 from consent.selectors import consent_evaluate
-from consent.signals import consent_restricted
+from consent.signals import consent_restricted, consent_restricting
 
 RECORDER_ROLES = frozenset({Role.ADMISSIONS_CLERK, *CLINICAL_ROLES})
 
@@ -73,7 +73,7 @@ def directive_record(
         )
         _audit(EventCode.CONSENT_RECORD, version, patient, actor, now)
         if kind in (policy.DirectiveKind.OPPOSITION, policy.DirectiveKind.MASK):
-            _restricted_on_commit(patient, version)
+            _restricted(patient, version, now)
     return version
 
 
@@ -108,7 +108,7 @@ def directive_withdraw(
         )
         _audit(EventCode.CONSENT_WITHDRAW, version, patient, actor, now)
         if locked.kind == policy.DirectiveKind.CONSENT:
-            _restricted_on_commit(patient, version)
+            _restricted(patient, version, now)
     return version
 
 
@@ -148,7 +148,7 @@ def directive_amend(
         )
         _audit(EventCode.CONSENT_AMEND, version, patient, actor, now)
         # Any change may narrow what was allowed: the sharing service re-checks.
-        _restricted_on_commit(patient, version)
+        _restricted(patient, version, now)
     return version
 
 
@@ -366,7 +366,16 @@ def _audit(
     )
 
 
-def _restricted_on_commit(patient: Patient, version: DirectiveVersion) -> None:
+def _restricted(patient: Patient, version: DirectiveVersion, now: dt.datetime) -> None:
+    """Let the sharing service re-check the patient's grants in this transaction (durable:
+    revoked with the change, or neither), then tell anyone else once committed."""
+    consent_restricting.send(
+        sender=Directive,
+        patient_id=patient.pk,
+        directive_id=version.directive_id,
+        version=version.version,
+        now=now,
+    )
     transaction.on_commit(
         lambda: consent_restricted.send(
             sender=Directive,

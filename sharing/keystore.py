@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -9,6 +10,12 @@ from django.conf import settings
 
 from broker.keys import signing_keys
 from sharing.tokens import SigningKey
+
+# Verification keys are re-read from disk when the key directory changes (a rotation by any
+# process), and at least every second (a retired key's grace ends).
+KEYS_TTL_SECONDS = 1.0
+_cache_lock = threading.Lock()
+_cache: tuple[tuple[str, int], float, dict[str, Ed25519PublicKey]] = (("", 0), float("-inf"), {})
 
 
 def current_signing_key() -> SigningKey:
@@ -21,10 +28,22 @@ def current_signing_key() -> SigningKey:
 def verification_keys() -> dict[str, Ed25519PublicKey]:
     """The public keys tokens may still be signed with: the current one, and those retired
     less than a token's lifetime (plus a minute of clock skew) ago."""
-    grace = settings.RELAIS_TOKEN_LIFETIME_SECONDS + 60
-    now = time.time()
-    return {
-        key.kid: SigningKey.from_pem(key.kid, key.path.read_bytes()).public_key
-        for key in signing_keys(settings.DATA_DIR)
-        if key.retired_at is None or now - key.retired_at < grace
-    }
+    global _cache
+    directory = settings.DATA_DIR / "signing-keys"
+    try:
+        version = (str(directory), directory.stat().st_mtime_ns)
+    except FileNotFoundError:
+        version = (str(directory), 0)
+    cached_version, loaded_at, keys = _cache
+    if cached_version == version and time.monotonic() - loaded_at < KEYS_TTL_SECONDS:
+        return keys
+    with _cache_lock:
+        grace = settings.RELAIS_TOKEN_LIFETIME_SECONDS + 60
+        now = time.time()
+        keys = {
+            key.kid: SigningKey.from_pem(key.kid, key.path.read_bytes()).public_key
+            for key in signing_keys(settings.DATA_DIR)
+            if key.retired_at is None or now - key.retired_at < grace
+        }
+        _cache = (version, time.monotonic(), keys)
+    return keys

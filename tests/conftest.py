@@ -86,7 +86,8 @@ def make_user(
     *,
     region_admin: bool = False,
 ) -> Any:
-    user = get_user_model().objects.create_user(username=username, password="x-test-password-9")
+    # No password: tests sign in with force_authenticate (hashing one costs ~1 s of PBKDF2).
+    user = get_user_model().objects.create_user(username=username)
     professional = Professional.objects.create(user=user, is_region_admin=region_admin)
     for institution, role in memberships:
         Membership.objects.create(professional=professional, institution=institution, role=role)

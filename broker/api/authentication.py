@@ -6,6 +6,8 @@ djangorestframework-api-key). A bad key is refused with 401 and audited.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Any
 
 from django.db import transaction
@@ -60,3 +62,28 @@ class InstitutionApiKeyAuthentication(authentication.BaseAuthentication):
                 objects=[{"type": "api-key", "prefix": prefix}],
                 details={"path": request.path, "method": request.method},
             )
+
+
+class InstitutionBasicAuthentication(InstitutionApiKeyAuthentication):
+    """``Authorization: Basic`` with the institution's FINESS as user name and its API key as
+    password: for peers that only speak Basic (Orthanc's authorization plugin)."""
+
+    def authenticate(self, request: Request) -> tuple[InstitutionSystem, InstitutionAPIKey] | None:
+        header = request.META.get("HTTP_AUTHORIZATION", "")
+        scheme, _, encoded = header.partition(" ")
+        if scheme.lower() != "basic" or not encoded:
+            return None
+        try:
+            finess, _, key = base64.b64decode(encoded, validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            raise exceptions.AuthenticationFailed("Malformed Basic credentials") from None
+        api_key = self._valid_key(key) if key else None
+        if api_key is None or api_key.institution.finess != finess:
+            self._audit_refusal(request, key)
+            raise exceptions.AuthenticationFailed("Unknown, revoked or expired API key")
+        return InstitutionSystem(
+            institution=api_key.institution, key_prefix=api_key.prefix
+        ), api_key
+
+    def authenticate_header(self, request: Request) -> str:
+        return 'Basic realm="relais"'

@@ -19,3 +19,16 @@ class InstitutionApiKeyScheme(OpenApiAuthenticationExtension):  # type: ignore[n
             "description": "An institution system's key: `Authorization: Api-Key <key>` "
             "(made by `manage.py create_api_key`).",
         }
+
+
+class InstitutionBasicScheme(OpenApiAuthenticationExtension):  # type: ignore[no-untyped-call]
+    target_class = "broker.api.authentication.InstitutionBasicAuthentication"
+    name = "InstitutionBasic"
+
+    def get_security_definition(self, auto_schema: Any) -> dict[str, str]:
+        return {
+            "type": "http",
+            "scheme": "basic",
+            "description": "An institution system's FINESS as user name, its API key as "
+            "password (for Orthanc's authorization plugin).",
+        }
