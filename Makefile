@@ -20,7 +20,8 @@ run: $(VENV)/.installed migrate demo
 	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
 	@echo "Relais: http://$(HOST):$(PORT)/  (API: /api/v1/, OpenAPI: /api/schema/), DICOM: RELAIS@127.0.0.1:$(DICOM_PORT)"
 	$(BIN)/python manage.py dicomserver --port $(DICOM_PORT) & dicom=$$!; \
-	trap 'kill $$dicom 2>/dev/null; wait $$dicom' EXIT INT TERM; \
+	$(BIN)/python manage.py expire_requests --every 60 > /dev/null & sweeper=$$!; \
+	trap 'kill $$dicom $$sweeper 2>/dev/null; wait $$dicom $$sweeper' EXIT INT TERM; \
 	$(BIN)/gunicorn broker.wsgi --bind $(HOST):$(PORT) --workers 2 --access-logfile -
 
 test: $(VENV)/.installed

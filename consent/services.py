@@ -71,9 +71,9 @@ def directive_record(
             **values,
             **_recorded(recorder, institution, now, sealed, note),
         )
-        _audit(EventCode.CONSENT_RECORD, version, patient, actor, now)
         if kind in (policy.DirectiveKind.OPPOSITION, policy.DirectiveKind.MASK):
             _restricted(patient, version, now)
+        _audit(EventCode.CONSENT_RECORD, version, patient, actor, now)
     return version
 
 
@@ -106,9 +106,9 @@ def directive_withdraw(
             withdrawn=True,
             **_recorded(recorder, institution, now, sealed, note),
         )
-        _audit(EventCode.CONSENT_WITHDRAW, version, patient, actor, now)
         if locked.kind == policy.DirectiveKind.CONSENT:
             _restricted(patient, version, now)
+        _audit(EventCode.CONSENT_WITHDRAW, version, patient, actor, now)
     return version
 
 
@@ -146,9 +146,10 @@ def directive_amend(
             **values,
             **_recorded(recorder, institution, now, sealed, note),
         )
-        _audit(EventCode.CONSENT_AMEND, version, patient, actor, now)
-        # Any change may narrow what was allowed: the sharing service re-checks.
+        # Any change may narrow what was allowed: the sharing service re-checks (before the
+        # audit: rows are locked before the audit chain's lock, in every service).
         _restricted(patient, version, now)
+        _audit(EventCode.CONSENT_AMEND, version, patient, actor, now)
     return version
 
 
@@ -273,7 +274,7 @@ def consent_decide_for_issuance(
     Call it inside the transaction that issues the token: it holds the patient's row until
     that transaction ends, as every change of the patient's directives does. So a
     withdrawal or an opposition either commits first (and this decision sees it) or waits
-    for the token to be committed (and then its ``consent_restricted`` signal revokes it).
+    for the token to be committed (and then its ``consent_restricting`` re-check revokes it).
     """
     if not transaction.get_connection().in_atomic_block:
         raise RuntimeError("consent_decide_for_issuance runs inside the issuing transaction")

@@ -459,7 +459,10 @@ class TokenIntrospectApi(APIView):
         data = self.IntrospectInput(data=request.data)
         data.is_valid(raise_exception=True)
         answer = selectors.token_introspect(
-            token=data.validated_data["token"], actor=actor_for(request), now=timezone.now()
+            token=data.validated_data["token"],
+            institution=request.user.institution,
+            actor=actor_for(request),
+            now=timezone.now(),
         )
         response = Response(answer)
         response["Cache-Control"] = "no-store"
@@ -496,6 +499,7 @@ class OrthancTokenValidateApi(APIView):
         body = request.data if isinstance(request.data, dict) else {}
         answer = selectors.orthanc_validate(
             body={k: str(v) for k, v in body.items() if isinstance(v, str | int)},
+            institution=request.user.institution,
             actor=actor_for(request),
             now=timezone.now(),
         )

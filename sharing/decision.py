@@ -25,8 +25,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from audit.events import EventCode, Outcome
-from audit.services import Actor, audit_record
-from broker.identity import patient_ref
+from audit.services import Actor, PatientRef, audit_record
 from broker.models import (
     CLINICAL_ROLES,
     Manifest,
@@ -125,8 +124,10 @@ def access_decide(
     """
     if not transaction.get_connection().in_atomic_block:
         raise RuntimeError("access_decide runs inside the issuing transaction")
+    identifiers = PatientIdentifiers.of(ticket.patient_id)
     try:
-        decision = _decide(user, ticket, studies, now)
+        with transaction.atomic():  # a savepoint: a database error leaves the audit possible
+            decision = _decide(user, ticket, studies, identifiers, now)
     except _Deny as refusal:
         decision = AccessDecision(False, (refusal.reason,))
     except Exception:  # fail closed: an error is a denial, recorded as such
@@ -134,18 +135,56 @@ def access_decide(
         decision = AccessDecision(
             False, (Reason("sharing:decision:error", "the decision could not be made"),)
         )
-    _audit(decision, ticket, studies, actor, now)
+    _audit(decision, ticket, studies, identifiers.ref(ticket.patient), actor, now)
     return decision
 
 
+@dataclass(frozen=True)
+class PatientIdentifiers:
+    """A patient's identifiers, read once: the audit's view of the patient, and where the
+    patient is known (the care team)."""
+
+    rows: tuple[tuple[str, str, str, int | None], ...]
+
+    @classmethod
+    def of(cls, patient_id: int) -> PatientIdentifiers:
+        return cls(
+            tuple(
+                PatientIdentifier.objects.filter(patient_id=patient_id)
+                .order_by("id")
+                .values_list("issuer", "value", "kind", "institution_id")
+            )
+        )
+
+    def known_at(self, institution_id: int | None) -> bool:
+        return institution_id is not None and any(row[3] == institution_id for row in self.rows)
+
+    def ref(self, patient: Any) -> PatientRef:
+        return PatientRef(
+            patient_id=str(patient.public_id),
+            identifiers=tuple(
+                {"issuer": issuer, "value": value, "kind": kind}
+                for issuer, value, kind, _ in self.rows
+            ),
+        )
+
+
 def _decide(
-    user: Any, ticket: AccessRequest, studies: Sequence[str] | None, now: dt.datetime
+    user: Any,
+    ticket: AccessRequest,
+    studies: Sequence[str] | None,
+    identifiers: PatientIdentifiers,
+    now: dt.datetime,
 ) -> AccessDecision:
     professional = professional_of(user)
     if professional is None or getattr(user, "is_superuser", False):
         raise _Deny("sharing:auth:not-a-professional", "not a signed-in professional")
-    memberships = active_memberships(professional)
-    never = {m.role for m in memberships} & NEVER_TOKEN_ROLES
+    memberships = list(
+        Membership.objects.filter(
+            professional=professional, active=True, institution__active=True
+        ).values_list("institution_id", "institution__finess", "role")
+    )
+    never = {role for _, _, role in memberships} & NEVER_TOKEN_ROLES
     if never or professional.is_region_admin:
         what = ", ".join(sorted(never)) or "regional administrator"
         raise _Deny("sharing:role:never-token", f"a {what} never obtains a retrieval token")
@@ -165,7 +204,7 @@ def _decide(
         if ticket.purpose == Purpose.EMERGENCY
         else REQUESTER_ROLES[ticket.purpose]
     )
-    if not any(m.institution_id == acting_at and m.role in allowed for m in memberships):
+    if not any(at == acting_at and role in allowed for at, _, role in memberships):
         raise _Deny(
             "sharing:role:not-allowed",
             f"no role at the ticket's institution allows {ticket.purpose} access",
@@ -186,13 +225,13 @@ def _decide(
             raise _Deny("sharing:duty:not-on-duty", "the shift is someone else's")
         not_after = min(not_after, shift.ends_at)
 
-    relationship = ticket_relationship(ticket, acting_at)
+    relationship = ticket_relationship(ticket, identifiers.known_at(acting_at))
     refs = _scope(ticket, studies)
     consent = consent_decide_for_issuance(
         patient=ticket.patient,
         requester=policy.Requester(
             policy_professional_id(professional),
-            next(m.institution.finess for m in memberships if m.institution_id == acting_at),
+            next(finess for at, finess, _ in memberships if at == acting_at),
         ),
         relationship=relationship,
         purpose=policy.Purpose(ticket.purpose),
@@ -215,15 +254,38 @@ def _decide(
     )
 
 
-def ticket_relationship(ticket: AccessRequest, acting_at: int | None) -> policy.Relationship:
-    """How the ticket's holder, acting at ``acting_at``, stands to the patient."""
+def ticket_relationship(ticket: AccessRequest, known_where_acting: bool) -> policy.Relationship:
+    """How the ticket's holder stands to the patient (``known_where_acting``: the patient is
+    known at the institution the holder acts for)."""
     if ticket.purpose == Purpose.AVIS:
         return policy.Relationship.AVIS_RECIPIENT
     if ticket.purpose == Purpose.TELERADIOLOGY:
         return policy.Relationship.DUTY
-    if acting_at is not None and institution_knows_patient(acting_at, ticket.patient_id):
+    if known_where_acting:
         return policy.Relationship.CARE_TEAM
     return policy.Relationship.NONE
+
+
+def ticket_studies(ticket: AccessRequest) -> list[policy.StudyRef]:
+    """The studies a ticket reaches, as the consent policy names them (lean: no models)."""
+    manifests = Manifest.objects.filter(
+        source_identifier__patient_id=ticket.patient_id, status=ManifestStatus.APPROVED
+    )
+    if not ticket.all_studies:
+        manifests = manifests.filter(study_instance_uid__in=ticket.studies)
+    if ticket.source_institution_id is not None:
+        manifests = manifests.filter(source_institution_id=ticket.source_institution_id)
+    if ticket.purpose != Purpose.TELERADIOLOGY:
+        return [
+            policy.StudyRef(uid, finess)
+            for uid, finess in manifests.values_list(
+                "study_instance_uid", "source_institution__finess"
+            )
+        ]
+    return [
+        policy.StudyRef(m.study_instance_uid, m.source_institution.finess)
+        for m in ticket_manifests(ticket)
+    ]
 
 
 def ticket_manifests(ticket: AccessRequest) -> list[Manifest]:
@@ -249,21 +311,16 @@ def ticket_manifests(ticket: AccessRequest) -> list[Manifest]:
 
 def _during(manifest: Manifest, start: dt.datetime, end: dt.datetime) -> bool:
     """A study of the shift's period: its date and time (local time of the region), or,
-    undated, when its manifest reached the registry."""
-    if manifest.study_date is None:
-        moment = manifest.registered_at
+    without both, when its manifest reached the registry."""
+    if manifest.study_date is None or manifest.study_time is None:
+        moment = manifest.registered_at  # undated or untimed: when it reached the registry
     else:
-        moment = timezone.make_aware(
-            dt.datetime.combine(manifest.study_date, manifest.study_time or dt.time(0, 0))
-        )
+        moment = timezone.make_aware(dt.datetime.combine(manifest.study_date, manifest.study_time))
     return start <= moment < end
 
 
 def _scope(ticket: AccessRequest, studies: Sequence[str] | None) -> tuple[policy.StudyRef, ...]:
-    reachable = {
-        m.study_instance_uid: policy.StudyRef(m.study_instance_uid, m.source_institution.finess)
-        for m in ticket_manifests(ticket)
-    }
+    reachable = {ref.study_instance_uid: ref for ref in ticket_studies(ticket)}
     if studies is not None:
         outside = sorted(set(studies) - set(reachable))
         if outside:
@@ -281,6 +338,7 @@ def _audit(
     decision: AccessDecision,
     ticket: AccessRequest,
     studies: Sequence[str] | None,
+    patient: PatientRef,
     actor: Actor,
     now: dt.datetime,
 ) -> None:
@@ -289,7 +347,7 @@ def _audit(
         actor=actor,
         now=now,
         outcome=Outcome.SUCCESS if decision.permit else Outcome.MINOR_FAILURE,
-        patient=patient_ref(ticket.patient),
+        patient=patient,
         objects=[{"type": "access-request", "id": str(ticket.public_id)}],
         purpose_of_use=ticket.purpose,
         correlation_id=ticket.public_id,

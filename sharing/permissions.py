@@ -13,7 +13,8 @@ from typing import Any
 
 from django.contrib.auth.models import Group
 from django.db.models import QuerySet
-from guardian.shortcuts import assign_perm, get_objects_for_user
+from guardian.core import ObjectPermissionChecker
+from guardian.shortcuts import assign_perm, get_objects_for_user, remove_perm
 
 from broker.models import Institution, Membership, Role
 from sharing.models import AccessRequest
@@ -57,20 +58,35 @@ def grant_decision(ticket: AccessRequest) -> None:
         assign_perm(DECIDE, role_group(ticket.source_institution, Role.RADIOLOGIST), ticket)
 
 
-def grant_answer(ticket: AccessRequest, user: Any) -> None:
-    """The specialist who took an avis sent to a department answers it."""
-    assign_perm(ANSWER, user, ticket)
+def grant_taken(ticket: AccessRequest, user: Any) -> None:
+    """The specialist who took an avis sent to a department holds it alone from then on."""
+    assert ticket.recipient_institution is not None
+    remove_perm(DECIDE, role_group(ticket.recipient_institution, Role.RADIOLOGIST), ticket)
+    for permission in (DECIDE, ANSWER):
+        assign_perm(permission, user, ticket)
+
+
+def _has(user: Any, permission: str, ticket: AccessRequest) -> bool:
+    """An object right granted on this ticket (a superuser's blanket rights do not count:
+    approving and answering are a clinician's acts)."""
+    if not getattr(user, "pk", None) or not getattr(user, "is_active", False):
+        return False
+    if getattr(user, "is_superuser", False):
+        return False
+    return ObjectPermissionChecker(user).has_perm(permission.split(".", 1)[1], ticket)
 
 
 def may_decide(user: Any, ticket: AccessRequest) -> bool:
-    return bool(getattr(user, "pk", None)) and user.has_perm(DECIDE, ticket)
+    return _has(user, DECIDE, ticket)
 
 
 def may_answer(user: Any, ticket: AccessRequest) -> bool:
-    return bool(getattr(user, "pk", None)) and user.has_perm(ANSWER, ticket)
+    return _has(user, ANSWER, ticket)
 
 
 def tickets_user_may_decide(user: Any) -> QuerySet[AccessRequest]:
+    if getattr(user, "is_superuser", False):
+        return AccessRequest.objects.none()
     return get_objects_for_user(  # type: ignore[no-any-return]
-        user, DECIDE, klass=AccessRequest, accept_global_perms=False
+        user, DECIDE, klass=AccessRequest, accept_global_perms=False, with_superuser=False
     )

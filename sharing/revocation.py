@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -21,6 +22,8 @@ from django.conf import settings
 from sharing import tokens
 from sharing.keystore import verification_keys
 from sharing.models import Revocation
+
+MAX_TOKEN_LIFETIME_SECONDS = 3600  # RELAIS_TOKEN_LIFETIME_SECONDS's upper bound
 
 
 class TokenRevoked(tokens.TokenError):
@@ -68,7 +71,9 @@ class RevocationList:
             # The whole window is read again each time (it is small): a revocation whose
             # transaction commits after a later one is not missed, as an "id > last seen"
             # reading would.
-            horizon = now - dt.timedelta(seconds=settings.RELAIS_TOKEN_LIFETIME_SECONDS + 60)
+            # The longest lifetime a token may ever have had (the setting's bound), plus a
+            # minute: lowering the setting does not forget revocations of older tokens.
+            horizon = now - dt.timedelta(seconds=MAX_TOKEN_LIFETIME_SECONDS + 60)
             feed = _Feed()
             for token_id, request_id, at in Revocation.objects.filter(
                 revoked_at__gte=horizon
@@ -88,21 +93,57 @@ def revocation_list() -> RevocationList:
     return _revocations
 
 
+class VerifiedTokens:
+    """Tokens this process has verified, by their exact text, with their claims: a viewer
+    presents one token for every request of a study, and the signature of a given text
+    never changes. A hit still passes the time checks against ``now``, and its key must
+    still be trusted (a key retired past its grace drops its tokens). Bounded (LRU)."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._claims: OrderedDict[str, tokens.Claims] = OrderedDict()
+
+    def verify(self, token: str, now: dt.datetime) -> tokens.Claims:
+        keys = verification_keys()
+        with self._lock:
+            hit = self._claims.get(token)
+            if hit is not None:
+                self._claims.move_to_end(token)
+        if hit is not None and hit.key_id in keys:
+            claims = hit
+            if now < claims.not_before:
+                raise tokens.TokenNotYetValid("the token is not valid yet")
+            if now >= claims.expires_at:
+                raise tokens.TokenExpired("the token has expired")
+            return claims
+        claims = tokens.token_verify(
+            token,
+            public_keys=keys,
+            issuer=settings.RELAIS_TOKEN_ISSUER,
+            audience=settings.RELAIS_TOKEN_AUDIENCE,
+            now=now,
+        )
+        with self._lock:
+            self._claims[token] = claims
+            while len(self._claims) > self._size:
+                self._claims.popitem(last=False)
+        return claims
+
+
+_verified = VerifiedTokens()
+
+
 def token_check(
     token: str,
     *,
     studies: Sequence[str],
     now: dt.datetime,
     revocations: RevocationList | None = None,
+    verified: VerifiedTokens | None = None,
 ) -> tokens.Claims:
     """The claims of a token that may retrieve ``studies`` now; a `TokenError` otherwise."""
-    claims = tokens.token_verify(
-        token,
-        public_keys=verification_keys(),
-        issuer=settings.RELAIS_TOKEN_ISSUER,
-        audience=settings.RELAIS_TOKEN_AUDIENCE,
-        now=now,
-    )
+    claims = (verified or _verified).verify(token, now)
     if (revocations or _revocations).is_revoked(claims, now):
         raise TokenRevoked("the token was revoked")
     if not tokens.covers(claims, studies):

@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q, QuerySet
+from django.db.models import F, Q, QuerySet
 
 from audit.events import EventCode, Outcome
 from audit.models import AuditEvent
 from audit.services import Actor, audit_record
-from broker.models import ManifestInstance, ManifestSeries, Professional
+from broker.models import (
+    Institution,
+    Manifest,
+    ManifestInstance,
+    ManifestSeries,
+    ManifestStatus,
+    Professional,
+)
 from sharing import tokens
 from sharing.keystore import verification_keys
 from sharing.models import AccessRequest, DutyShift, EmergencyReview, IssuedToken, RequestState
-from sharing.permissions import ANSWER, tickets_user_may_decide
+from sharing.permissions import may_answer, may_decide, tickets_user_may_decide
 
 TICKET_RELATED = (
     "patient",
@@ -62,7 +70,7 @@ def may_see_ticket(user: Any, ticket: AccessRequest) -> bool:
     professional = getattr(user, "professional", None) if getattr(user, "pk", None) else None
     if professional is not None and professional.pk in (ticket.requester_id, ticket.recipient_id):
         return True
-    return bool(user.has_perm(ANSWER, ticket)) or may_revoke(user, ticket)
+    return may_answer(user, ticket) or may_decide(user, ticket) or may_revoke(user, ticket)
 
 
 def ticket_story(*, ticket: AccessRequest) -> QuerySet[AuditEvent]:
@@ -81,7 +89,7 @@ def emergency_reviews(*, institution_ids: list[int] | None) -> QuerySet[Emergenc
             Q(request__requester_institution_id__in=institution_ids)
             | Q(request__patient__identifiers__institution_id__in=institution_ids)
         ).distinct()
-    return reviews.order_by("reviewed_at", "created_at", "id")
+    return reviews.order_by(F("reviewed_at").asc(nulls_first=True), "created_at", "id")
 
 
 def shifts(*, institution_ids: list[int] | None) -> QuerySet[DutyShift]:
@@ -97,17 +105,35 @@ def shifts(*, institution_ids: list[int] | None) -> QuerySet[DutyShift]:
 # Introspection (RFC 7662) and Orthanc's authorization plugin
 
 
-def token_introspect(*, token: str, actor: Actor, now: dt.datetime) -> dict[str, Any]:
-    """What a token is worth now, checked against the database (not the per-process
-    revocation copy): signature, time, recorded issuance, revocation, the ticket's state.
-    Audited (the token's hash, never the token)."""
-    answer, why, issued = _introspect(token, now)
+@dataclass(frozen=True)
+class Introspection:
+    answer: dict[str, Any]
+    why: str
+    issued: IssuedToken | None = None
+
+
+def token_introspect(
+    *, token: str, institution: Institution, actor: Actor, now: dt.datetime
+) -> dict[str, Any]:
+    """RFC 7662 for ``institution``'s system: what the token is worth now, checked against the
+    database (not the per-process revocation copy): signature, time, recorded issuance,
+    revocation, the ticket's state and shift. Active only for an institution that holds one
+    of the token's studies, and then about those studies only. Audited (the token's hash,
+    never the token)."""
+    return _introspect_audited(token, institution, actor, now).answer
+
+
+def _introspect_audited(
+    token: str, institution: Institution, actor: Actor, now: dt.datetime
+) -> Introspection:
+    found = _introspect(token, institution, now)
+    issued = found.issued
     with transaction.atomic():
         audit_record(
             code=EventCode.TOKEN_INTROSPECT,
             actor=actor,
             now=now,
-            outcome=Outcome.SUCCESS if answer["active"] else Outcome.MINOR_FAILURE,
+            outcome=Outcome.SUCCESS if found.answer["active"] else Outcome.MINOR_FAILURE,
             objects=(
                 [{"type": "access-request", "id": str(issued.request.public_id)}] if issued else []
             ),
@@ -115,14 +141,18 @@ def token_introspect(*, token: str, actor: Actor, now: dt.datetime) -> dict[str,
             purpose_of_use=issued.request.purpose if issued else "",
             details={
                 "token_sha256": tokens.token_hash(token),
-                "active": answer["active"],
-                "why": why,
+                "active": found.answer["active"],
+                "why": found.why,
+                "for": institution.finess,
             },
         )
-    return answer
+    return found
 
 
-def _introspect(token: str, now: dt.datetime) -> tuple[dict[str, Any], str, IssuedToken | None]:
+def _introspect(token: str, institution: Institution, now: dt.datetime) -> Introspection:
+    inactive = {"active": False}
+    if not token.isascii():
+        return Introspection(inactive, "token:invalid")
     try:
         claims = tokens.token_verify(
             token,
@@ -132,71 +162,104 @@ def _introspect(token: str, now: dt.datetime) -> tuple[dict[str, Any], str, Issu
             now=now,
         )
     except tokens.TokenError as exc:
-        return {"active": False}, exc.code, None
+        return Introspection(inactive, exc.code)
     issued = (
         IssuedToken.objects.select_related("request__shift")
         .filter(token_id=claims.token_id, token_sha256=tokens.token_hash(token))
         .first()
     )
     if issued is None:
-        return {"active": False}, "token:not-issued", None
+        return Introspection(inactive, "token:not-issued")
     ticket = issued.request
     if issued.revoked_at is not None:
-        return {"active": False}, "token:revoked", issued
+        return Introspection(inactive, "token:revoked", issued)
     if ticket.state != RequestState.APPROVED or (ticket.not_after and ticket.not_after <= now):
-        return {"active": False}, f"ticket:{ticket.state}", issued
+        return Introspection(inactive, f"ticket:{ticket.state}", issued)
     if ticket.shift is not None and ticket.shift.cancelled_at is not None:
-        return {"active": False}, "duty:cancelled", issued
-    return (
-        {
-            "active": True,
-            "token_type": tokens.TOKEN_TYPE,
-            "iss": claims.issuer,
-            "aud": claims.audience,
-            "sub": claims.subject,
-            "jti": claims.token_id,
-            "iat": int(claims.issued_at.timestamp()),
-            "nbf": int(claims.not_before.timestamp()),
-            "exp": int(claims.expires_at.timestamp()),
-            "scope": " ".join(f"study:{uid}" for uid in claims.studies),
-            "studies": list(claims.studies),
-            "purpose": claims.purpose,
-            "ticket": claims.ticket,
-        },
-        "active",
-        issued,
+        return Introspection(inactive, "duty:cancelled", issued)
+    held = sorted(
+        Manifest.objects.filter(
+            source_institution=institution,
+            status=ManifestStatus.APPROVED,
+            source_identifier__patient_id=ticket.patient_id,
+            study_instance_uid__in=claims.studies,
+        )
+        .values_list("study_instance_uid", flat=True)
+        .distinct()
     )
+    if not held:
+        return Introspection(inactive, "token:not-your-studies", issued)
+    answer = {
+        "active": True,
+        "token_type": tokens.TOKEN_TYPE,
+        "iss": claims.issuer,
+        "aud": claims.audience,
+        "sub": claims.subject,
+        "jti": claims.token_id,
+        "iat": int(claims.issued_at.timestamp()),
+        "nbf": int(claims.not_before.timestamp()),
+        "exp": int(claims.expires_at.timestamp()),
+        "scope": " ".join(f"study:{uid}" for uid in held),
+        "studies": held,
+        "purpose": claims.purpose,
+        "ticket": claims.ticket,
+    }
+    return Introspection(answer, "active", issued)
 
 
-def study_of_resource(level: str, dicom_uid: str) -> str | None:
-    """The Study Instance UID of a DICOM resource the registry knows (Orthanc's levels)."""
+def study_of_resource(
+    level: str, dicom_uid: str, *, institution: Institution, patient_id: int
+) -> str | None:
+    """The Study Instance UID of a resource (Orthanc's levels) among the approved manifests
+    ``institution`` published for the patient; None when unknown or ambiguous."""
+    scope = {
+        "source_institution": institution,
+        "status": ManifestStatus.APPROVED,
+        "source_identifier__patient_id": patient_id,
+    }
     if level == "study":
-        return dicom_uid
-    if level == "series":
-        return (
-            ManifestSeries.objects.filter(series_instance_uid=dicom_uid)
-            .values_list("study_instance_uid", flat=True)
-            .first()
+        found = Manifest.objects.filter(study_instance_uid=dicom_uid, **scope).values_list(
+            "study_instance_uid", flat=True
         )
-    if level == "instance":
-        return (
-            ManifestInstance.objects.filter(sop_instance_uid=dicom_uid)
-            .values_list("series__study_instance_uid", flat=True)
-            .first()
-        )
-    return None  # patient or system level: a token is about studies, never a whole patient
+    elif level == "series":
+        found = ManifestSeries.objects.filter(
+            series_instance_uid=dicom_uid, **{f"manifest__{k}": v for k, v in scope.items()}
+        ).values_list("study_instance_uid", flat=True)
+    elif level == "instance":
+        found = ManifestInstance.objects.filter(
+            sop_instance_uid=dicom_uid, **{f"series__manifest__{k}": v for k, v in scope.items()}
+        ).values_list("series__study_instance_uid", flat=True)
+    else:
+        return None  # patient or system level: a token is about studies, never a whole patient
+    studies = set(found[:2])
+    return studies.pop() if len(studies) == 1 else None
 
 
-def orthanc_validate(*, body: dict[str, Any], actor: Actor, now: dt.datetime) -> dict[str, Any]:
+def orthanc_validate(
+    *, body: dict[str, Any], institution: Institution, actor: Actor, now: dt.datetime
+) -> dict[str, Any]:
     """Orthanc's authorization plugin contract: ``POST`` of the resource and the token,
-    answered ``{"granted": bool, "validity": seconds}``. Granted only when the token is
-    active and its scope holds the study of the resource; cached by Orthanc at most one
-    second, so a revocation reaches it as fast as any gateway."""
-    token = str(body.get("token-value") or "")
-    introspection = token_introspect(token=token, actor=actor, now=now) if token else {}
-    if not introspection.get("active"):
-        return {"granted": False, "validity": 0}
-    study = study_of_resource(str(body.get("level") or ""), str(body.get("dicom-uid") or ""))
-    granted = study is not None and study in introspection["studies"]
-    validity = min(1, max(0, introspection["exp"] - int(now.timestamp())))
-    return {"granted": granted, "validity": validity if granted else 0}
+    answered ``{"granted": bool, "validity": seconds}``. Granted only to read (``get``) a
+    study, series or instance of the token's studies that the calling archive itself holds
+    for that patient; cached by Orthanc one second at most, so a revocation reaches it as
+    fast as any gateway."""
+    denied = {"granted": False, "validity": 0}
+    token = str(body.get("token-value") or "").strip()
+    if token[:7].lower() == "bearer ":
+        token = token[7:].strip()
+    if not token:
+        return denied
+    found = _introspect_audited(token, institution, actor, now)
+    if not found.answer["active"] or found.issued is None:
+        return denied
+    if str(body.get("method") or "").lower() != "get":
+        return denied  # a retrieval token reads; it never changes nor deletes
+    study = study_of_resource(
+        str(body.get("level") or ""),
+        str(body.get("dicom-uid") or ""),
+        institution=institution,
+        patient_id=found.issued.request.patient_id,
+    )
+    if study is None or study not in found.answer["studies"]:
+        return denied
+    return {"granted": True, "validity": min(1, max(0, found.answer["exp"] - int(now.timestamp())))}

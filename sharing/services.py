@@ -19,7 +19,7 @@ from django.db.models import Q
 
 from audit.events import EventCode, Outcome
 from audit.services import Actor, audit_record
-from broker.errors import Conflict, InvalidInput, NotFound, PermissionDenied
+from broker.errors import Conflict, DomainError, InvalidInput, NotFound, PermissionDenied
 from broker.identity import patient_ref
 from broker.models import (
     Institution,
@@ -43,8 +43,8 @@ from sharing.decision import (
     institution_knows_patient,
     policy_professional_id,
     professional_of,
-    ticket_manifests,
     ticket_relationship,
+    ticket_studies,
 )
 from sharing.keystore import current_signing_key
 from sharing.models import (
@@ -61,6 +61,7 @@ from sharing.models import (
 )
 
 MAX_SHIFT = dt.timedelta(days=7)
+MAX_SHIFT_BACKDATE = dt.timedelta(hours=1)
 MAX_TEXT = 4000
 
 
@@ -117,6 +118,17 @@ def request_create(
     if purpose == Purpose.TREATMENT:
         source_institution = _treatment_source(manifests, source_institution, studies)
     elif purpose == Purpose.AVIS:
+        if not institution_knows_patient(institution.pk, patient.pk):
+            # An avis is asked about one's own patient: its recipient reads as care team, so
+            # asking it must not be a way round the consent outside the care team.
+            _refuse(
+                "sharing:avis:not-care-team",
+                f"an avis is asked about a patient known at {institution.finess}",
+                actor=actor,
+                now=now,
+                patient=patient,
+                purpose=purpose,
+            )
         recipient, recipient_institution = _avis_recipient(
             professional, recipient, recipient_institution
         )
@@ -167,10 +179,7 @@ def _approve_care_team(
     ticket: AccessRequest, professional: Professional, actor: Actor, now: dt.datetime
 ) -> None:
     """The care team is approved by the policy, unless the patient's directives deny."""
-    refs = tuple(
-        policy.StudyRef(m.study_instance_uid, m.source_institution.finess)
-        for m in ticket_manifests(ticket)
-    )
+    refs = tuple(ticket_studies(ticket))
     consent = None
     if refs:  # none registered yet: each token's decision checks the studies it covers
         consent = consent_evaluate(
@@ -187,11 +196,10 @@ def _approve_care_team(
         end = now + dt.timedelta(days=settings.RELAIS_GRANT_DAYS)
         _approve(ticket, None, end, "care team", actor, now)
     else:
-        _move(ticket, RequestState.DENIED, actor, now, EventCode.REQUEST_DENY, by=None)
         ticket.decided_at = now
         ticket.automatic = True
         ticket.decision_note = "; ".join(r.text for r in consent.reasons)
-        ticket.save(update_fields=["decided_at", "automatic", "decision_note"])
+        _move(ticket, RequestState.DENIED, actor, now, EventCode.REQUEST_DENY, by=None)
 
 
 def request_approve(
@@ -201,10 +209,14 @@ def request_approve(
     professional = _decider(user, ticket)
     with transaction.atomic():
         ticket = _locked(ticket)
+        if ticket.created_at <= now - dt.timedelta(days=settings.RELAIS_REQUEST_PENDING_DAYS):
+            raise Conflict(
+                "the request waited too long: it has expired", code="sharing:request:state"
+            )
         if ticket.purpose == Purpose.AVIS and ticket.recipient_id is None:
             ticket.recipient = professional  # who took the avis sent to the department
             ticket.save(update_fields=["recipient"])
-            permissions.grant_answer(ticket, user)
+            permissions.grant_taken(ticket, user)
         end = now + dt.timedelta(days=settings.RELAIS_GRANT_DAYS)
         _approve(ticket, professional, end, _text("note", note), actor, now)
     return ticket
@@ -278,10 +290,16 @@ def avis_answer(
             )
         if ticket.answered_at is not None:
             raise Conflict("the avis is already answered", code="sharing:avis:answered")
+        if ticket.not_after is not None and ticket.not_after <= now:
+            raise Conflict("the avis has expired", code="sharing:request:state")
         ticket.answer, ticket.answered_at = answer, now
         ticket.answered_by = professional_of(user)
         ticket.save(update_fields=["answer", "answered_at", "answered_by"])
         _audit(EventCode.AVIS_ANSWER, ticket, actor, now, {"answer_length": len(answer)})
+        # The avis ends with its answer: the specialist's access ends with it.
+        ticket.end_reason = "answered"
+        _move(ticket, RequestState.EXPIRED, actor, now, EventCode.REQUEST_EXPIRE, by=None)
+        _revoke_ticket_tokens(ticket, "answered", now)
     return ticket
 
 
@@ -350,7 +368,15 @@ def emergency_start(
         ).select_related("source_institution")
     )
     if not studies:
-        raise NotFound("No registered study for this patient", code="sharing:scope:no-study")
+        _refuse(
+            "sharing:scope:no-study",
+            "no registered study for this patient",
+            actor=actor,
+            now=now,
+            patient=patient,
+            purpose=Purpose.EMERGENCY,
+            error=NotFound,
+        )
     consent = consent_evaluate(
         patient=patient,
         requester=policy.Requester(policy_professional_id(professional), institution.finess),
@@ -459,6 +485,12 @@ def shift_create(
         raise InvalidInput("a shift lasts 7 days at most", code="sharing:shift:dates")
     if ends_at <= now:
         raise InvalidInput("the shift is already over", code="sharing:shift:dates")
+    if starts_at < now - MAX_SHIFT_BACKDATE:
+        # A shift opens the studies of its period: recording one long after it began would
+        # open past studies nobody read on duty.
+        raise InvalidInput(
+            "a shift starts at most an hour before it is recorded", code="sharing:shift:dates"
+        )
     if not teleradiologist.memberships.filter(
         role=Role.TELERADIOLOGIST, active=True, institution__active=True
     ).exists():
@@ -494,6 +526,12 @@ def shift_cancel(*, user: Any, shift: DutyShift, actor: Actor, now: dt.datetime)
         shift = DutyShift.objects.select_for_update().get(pk=shift.pk)
         if shift.cancelled_at is not None:
             raise Conflict("the shift is already cancelled", code="sharing:shift:cancelled")
+        tickets = list(
+            shift.requests.select_for_update(of=("self",))
+            .select_related("patient")
+            .filter(state=RequestState.APPROVED)
+            .order_by("pk")
+        )  # rows locked before the audit chain's lock, as every sharing service does
         shift.cancelled_at, shift.cancelled_by = now, user.get_username()
         shift.save(update_fields=["cancelled_at", "cancelled_by"])
         audit_record(
@@ -503,7 +541,7 @@ def shift_cancel(*, user: Any, shift: DutyShift, actor: Actor, now: dt.datetime)
             objects=[{"type": "duty-shift", "id": str(shift.public_id)}],
             details=_shift_details(shift),
         )
-        for ticket in shift.requests.select_for_update().filter(state=RequestState.APPROVED):
+        for ticket in tickets:
             _revoke(ticket, "the duty shift was cancelled", actor, now, by=user.get_username())
     return shift
 
@@ -560,8 +598,52 @@ def token_issue_for_ticket(
     The decision (with the consent evaluation, which holds the patient's row) and the
     token are one transaction; a denial is audited and committed, then refused.
     """
+    if studies is not None and not studies:
+        raise InvalidInput("name at least one study, or none for all", code="sharing:token:studies")
+    try:
+        token, issued, decision = _issue(user, ticket, studies, actor, now)
+    except DomainError:
+        raise
+    except Exception:
+        # Nothing was issued (the transaction rolled back, its permit with it): say so.
+        _audit_refusal(
+            "sharing:token:error",
+            "the token could not be issued",
+            actor,
+            now,
+            ticket.patient,
+            ticket.purpose,
+            outcome=Outcome.SERIOUS_FAILURE,
+            ticket=ticket,
+        )
+        raise
+    if not decision.permit:
+        raise AccessRefused(decision)
+    assert token is not None
+    assert issued is not None
+    return token, issued
+
+
+def _issue(
+    user: Any,
+    ticket: AccessRequest,
+    studies: Sequence[str] | None,
+    actor: Actor,
+    now: dt.datetime,
+) -> tuple[str | None, IssuedToken | None, AccessDecision]:
+    token: str | None = None
+    issued: IssuedToken | None = None
     with transaction.atomic():
-        ticket = AccessRequest.objects.select_related("patient", "shift").get(pk=ticket.pk)
+        # The patient's row first (as directive changes take it), then the ticket's: a
+        # revocation or a consent change either commits first and is seen, or waits.
+        Patient.objects.select_for_update(no_key=True).filter(pk=ticket.patient_id).values_list(
+            "pk"
+        ).first()
+        ticket = (
+            AccessRequest.objects.select_for_update(of=("self",))
+            .select_related("patient", "shift")
+            .get(pk=ticket.pk)
+        )
         decision = access_decide(user=user, ticket=ticket, studies=studies, actor=actor, now=now)
         if decision.permit:
             assert decision.not_after is not None
@@ -602,9 +684,7 @@ def token_issue_for_ticket(
                     "expires_at": claims.expires_at.isoformat(),
                 },
             )
-    if not decision.permit:
-        raise AccessRefused(decision)
-    return token, issued
+    return token, issued, decision
 
 
 def token_revoke(
@@ -649,12 +729,29 @@ def token_revoke(
 def grants_recheck_consent(*, patient_id: int, now: dt.datetime) -> list[AccessRequest]:
     """Re-decide the patient's approved tickets on the directives just changed: a ticket
     now denied is revoked with its tokens; a token reaching a study now masked is revoked.
-    Runs in the directive's transaction, so both commit together or not at all."""
+    Runs in the directive's transaction (which holds the patient's row), so both commit
+    together or not at all. Tickets, then tokens, are locked before anything is audited:
+    the order every sharing service takes (patient, ticket, token, audit chain)."""
     actor = Actor.system("consent-recheck")
+    tickets = list(
+        AccessRequest.objects.select_for_update(of=("self",))
+        .select_related(
+            "patient",
+            "requester__user",
+            "recipient__user",
+            "requester_institution",
+            "recipient_institution",
+            "shift",
+        )
+        .filter(patient_id=patient_id, state=RequestState.APPROVED, not_after__gt=now)
+        .order_by("pk")
+    )
+    live_tokens = list(
+        IssuedToken.objects.select_for_update()
+        .filter(request__in=tickets, revoked_at__isnull=True, expires_at__gt=now)
+        .order_by("pk")
+    )
     revoked = []
-    tickets = AccessRequest.objects.select_related(
-        "patient", "requester__user", "recipient__user", "requester_institution"
-    ).filter(patient_id=patient_id, state=RequestState.APPROVED, not_after__gt=now)
     for ticket in tickets:
         holder = ticket.recipient if ticket.purpose == Purpose.AVIS else ticket.requester
         acting_at = (
@@ -662,28 +759,26 @@ def grants_recheck_consent(*, patient_id: int, now: dt.datetime) -> list[AccessR
             if ticket.purpose == Purpose.AVIS
             else ticket.requester_institution
         )
-        manifests = ticket_manifests(ticket)
-        if holder is None or acting_at is None or not manifests:
+        refs = tuple(ticket_studies(ticket))
+        if holder is None or acting_at is None or not refs:
             continue
-        relationship = ticket_relationship(ticket, acting_at.pk)
+        relationship = ticket_relationship(
+            ticket, institution_knows_patient(acting_at.pk, ticket.patient_id)
+        )
         consent = consent_evaluate(
             patient=ticket.patient,
             requester=policy.Requester(policy_professional_id(holder), acting_at.finess),
             relationship=relationship,
             purpose=policy.Purpose(ticket.purpose),
-            studies=tuple(
-                policy.StudyRef(m.study_instance_uid, m.source_institution.finess)
-                for m in manifests
-            ),
+            studies=refs,
             now=now,
         )
         if not consent.permit:
-            locked = _locked(ticket)
-            _revoke(locked, f"consent: {consent.rule.value}", actor, now, by="consent-recheck")
-            revoked.append(locked)
+            _revoke(ticket, f"consent: {consent.rule.value}", actor, now, by="consent-recheck")
+            revoked.append(ticket)
             continue
-        for issued in ticket.tokens.filter(revoked_at__isnull=True, expires_at__gt=now):
-            if consent.excluded & set(issued.studies):
+        for issued in live_tokens:
+            if issued.request_id == ticket.pk and consent.excluded & set(issued.studies):
                 issued.revoked_at = now
                 issued.save(update_fields=["revoked_at"])
                 Revocation.objects.create(
@@ -750,20 +845,36 @@ def _refuse(
     now: dt.datetime,
     patient: Patient,
     purpose: str,
-    error: type[PermissionDenied] | type[InvalidInput] = PermissionDenied,
+    error: type[DomainError] = PermissionDenied,
 ) -> None:
     """Audit a refused access (committed) and raise it."""
+    _audit_refusal(code, text, actor, now, patient, purpose)
+    raise error(text, code=code)
+
+
+def _audit_refusal(
+    code: str,
+    text: str,
+    actor: Actor,
+    now: dt.datetime,
+    patient: Patient,
+    purpose: str,
+    *,
+    outcome: Outcome = Outcome.MINOR_FAILURE,
+    ticket: AccessRequest | None = None,
+) -> None:
     with transaction.atomic():
         audit_record(
             code=EventCode.ACCESS_DECIDE,
             actor=actor,
             now=now,
-            outcome=Outcome.MINOR_FAILURE,
+            outcome=outcome,
             patient=patient_ref(patient),
             purpose_of_use=purpose,
+            objects=[{"type": "access-request", "id": str(ticket.public_id)}] if ticket else [],
+            correlation_id=ticket.public_id if ticket else None,
             details={"permit": False, "reasons": [{"code": code, "text": text}]},
         )
-    raise error(text, code=code)
 
 
 def _named_manifests(patient: Patient, studies: Sequence[str] | None) -> list[Manifest] | None:
@@ -916,6 +1027,8 @@ def _revoke(ticket: AccessRequest, reason: str, actor: Actor, now: dt.datetime, 
     ticket.ended_by = by
     ticket.save(update_fields=["ended_by"])
     _revoke_ticket_tokens(ticket, reason[:64], now)
+    if ticket.purpose == Purpose.EMERGENCY:
+        _audit(EventCode.EMERGENCY_STOP, ticket, actor, now, {"why": f"revoked: {reason}"})
 
 
 def _revoke_ticket_tokens(ticket: AccessRequest, reason: str, now: dt.datetime) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from typing import Any
 
 from django.db import transaction
@@ -64,6 +65,9 @@ class InstitutionApiKeyAuthentication(authentication.BaseAuthentication):
             )
 
 
+API_KEY_SHAPE = re.compile(r"^[A-Za-z0-9]{8}\.[A-Za-z0-9]+$")
+
+
 class InstitutionBasicAuthentication(InstitutionApiKeyAuthentication):
     """``Authorization: Basic`` with the institution's FINESS as user name and its API key as
     password: for peers that only speak Basic (Orthanc's authorization plugin)."""
@@ -75,11 +79,12 @@ class InstitutionBasicAuthentication(InstitutionApiKeyAuthentication):
             return None
         try:
             finess, _, key = base64.b64decode(encoded, validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+        except (binascii.Error, ValueError):  # not base64, not ASCII, not UTF-8
             raise exceptions.AuthenticationFailed("Malformed Basic credentials") from None
         api_key = self._valid_key(key) if key else None
         if api_key is None or api_key.institution.finess != finess:
-            self._audit_refusal(request, key)
+            # The key's public prefix is kept, never what could be someone's password.
+            self._audit_refusal(request, key if API_KEY_SHAPE.match(key) else "")
             raise exceptions.AuthenticationFailed("Unknown, revoked or expired API key")
         return InstitutionSystem(
             institution=api_key.institution, key_prefix=api_key.prefix

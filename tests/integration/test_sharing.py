@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 from typing import Any
+from unittest import mock
 
 import pytest
 
@@ -25,8 +26,14 @@ from sharing.models import (
     RequestState,
     Revocation,
 )
-from sharing.revocation import RevocationList, TokenOutOfScope, TokenRevoked, token_check
-from sharing.tokens import TokenExpired, TokenNotYetValid
+from sharing.revocation import (
+    RevocationList,
+    TokenOutOfScope,
+    TokenRevoked,
+    VerifiedTokens,
+    token_check,
+)
+from sharing.tokens import TokenExpired, TokenNotYetValid, TokenUnknownKey
 from tests.conftest import NOW, SYSTEM, Region, make_user
 from tests.dicom_factories import NIR
 from tests.registry_helpers import kos_for, study_uid
@@ -273,8 +280,13 @@ def test_an_avis_goes_to_the_named_specialist_who_gets_the_token_and_answers(
     ticket.refresh_from_db()
     assert ticket.answer.startswith("Nodule de 6 mm")
     assert ticket.answered_by.user == radiologist
+    # The avis ends with its answer: the specialist's access ends with it.
+    assert ticket.state == RequestState.EXPIRED
+    assert ticket.end_reason == "answered"
+    with pytest.raises(TokenRevoked):
+        check(token, studies=(PM_STUDY,), now=NOW + HOUR / 30)
     assert list(selectors.inbox(user=radiologist)) == []
-    with pytest.raises(Conflict, match="already answered"):
+    with pytest.raises(Conflict):
         services.avis_answer(
             user=radiologist, ticket=ticket, answer="bis", actor=actor_of(radiologist), now=NOW
         )
@@ -439,7 +451,9 @@ def test_cancelling_a_shift_revokes_its_tickets_and_tokens(
     assert ticket.state == RequestState.REVOKED
     with pytest.raises(TokenRevoked):
         check(token, studies=(NIGHT_STUDY,))
-    assert selectors.token_introspect(token=token, actor=SYSTEM, now=NOW) == {"active": False}
+    assert selectors.token_introspect(
+        token=token, institution=region.chu, actor=SYSTEM, now=NOW
+    ) == {"active": False}
 
 
 def test_only_the_administrators_of_every_covered_institution_plan_shifts(
@@ -606,7 +620,9 @@ def test_a_revoked_token_is_refused_everywhere_within_the_poll_delay(
     with pytest.raises(TokenRevoked):
         check(token, revocations=elsewhere)
     check(other_token, revocations=elsewhere)  # only that token
-    assert selectors.token_introspect(token=token, actor=SYSTEM, now=NOW) == {"active": False}
+    assert selectors.token_introspect(
+        token=token, institution=region.chu, actor=SYSTEM, now=NOW
+    ) == {"active": False}
     # Revoking the ticket stops every token of it.
     services.request_revoke(
         user=make_user("admin.region2", region_admin=True),
@@ -636,7 +652,9 @@ def test_an_opposition_recorded_after_issuance_revokes_the_ticket_in_its_transac
     ticket = ask(aubin_doctor, dupont, region.staubin)
     services.request_approve(user=radiologist, ticket=ticket, actor=actor_of(radiologist), now=NOW)
     token, _ = token_for(aubin_doctor, ticket)
-    assert selectors.token_introspect(token=token, actor=SYSTEM, now=NOW)["active"]
+    assert selectors.token_introspect(token=token, institution=region.chu, actor=SYSTEM, now=NOW)[
+        "active"
+    ]
     directive_withdraw(
         directive=consent.directive,
         institution=region.chu,
@@ -647,7 +665,9 @@ def test_an_opposition_recorded_after_issuance_revokes_the_ticket_in_its_transac
     ticket.refresh_from_db()
     assert ticket.state == RequestState.REVOKED
     assert ticket.end_reason == "consent: consent:consent:missing"
-    assert selectors.token_introspect(token=token, actor=SYSTEM, now=NOW) == {"active": False}
+    assert selectors.token_introspect(
+        token=token, institution=region.chu, actor=SYSTEM, now=NOW
+    ) == {"active": False}
     with pytest.raises(TokenRevoked):
         check(token)
 
@@ -680,20 +700,26 @@ def test_a_care_team_grant_survives_a_consent_withdrawal(
 def test_introspection_answers_rfc_7662(region, dupont, referring_doctor):
     ticket = ask(referring_doctor, dupont, region.portmael)
     token, issued = token_for(referring_doctor, ticket)
-    answer = selectors.token_introspect(token=token, actor=SYSTEM, now=NOW)
+    answer = selectors.token_introspect(token=token, institution=region.chu, actor=SYSTEM, now=NOW)
     assert answer["active"] is True
     assert answer["sub"] == "dr.martin"
     assert answer["jti"] == str(issued.token_id)
     assert answer["exp"] == int((NOW + dt.timedelta(minutes=15)).timestamp())
     assert answer["scope"] == f"study:{CHU_STUDY}"
     assert answer["ticket"] == str(ticket.public_id)
-    for bad in ("", "x.y.z", token[:-4] + "AAAA"):
-        assert selectors.token_introspect(token=bad, actor=SYSTEM, now=NOW) == {"active": False}
+    for bad in ("", "x.y.z", token[:-4] + "AAAA", token + "é"):
+        assert selectors.token_introspect(
+            token=bad, institution=region.chu, actor=SYSTEM, now=NOW
+        ) == {"active": False}
     assert selectors.token_introspect(
-        token=token, actor=SYSTEM, now=NOW + dt.timedelta(hours=1)
+        token=token, institution=region.chu, actor=SYSTEM, now=NOW + dt.timedelta(hours=1)
+    ) == {"active": False}
+    # Only an archive holding one of the token's studies is told it is active.
+    assert selectors.token_introspect(
+        token=token, institution=region.staubin, actor=SYSTEM, now=NOW
     ) == {"active": False}
     events = AuditEvent.objects.filter(code=EventCode.TOKEN_INTROSPECT)
-    assert events.count() == 5
+    assert events.count() == 7
     assert token not in str(list(events.values_list("details", flat=True)))
 
 
@@ -701,16 +727,16 @@ def test_orthanc_authorization_contract(region, dupont, referring_doctor):
     ticket = ask(referring_doctor, dupont, region.portmael)
     token, _ = token_for(referring_doctor, ticket)
 
-    def validate(level, uid, value=token):
+    def validate(level, uid, value=token, method="GET", institution=region.chu):
         body = {
             "dicom-uid": uid,
             "level": level,
-            "method": "get",
+            "method": method,
             "orthanc-id": "6eeded74-75005003-c3ae9738-d4a06a4f-6beedeb8",
             "token-key": "authorization",
             "token-value": value,
         }
-        return selectors.orthanc_validate(body=body, actor=SYSTEM, now=NOW)
+        return selectors.orthanc_validate(body=body, institution=institution, actor=SYSTEM, now=NOW)
 
     assert validate("study", CHU_STUDY) == {"granted": True, "validity": 1}
     assert validate("series", f"{CHU_STUDY}.1") == {"granted": True, "validity": 1}
@@ -719,3 +745,241 @@ def test_orthanc_authorization_contract(region, dupont, referring_doctor):
     assert validate("series", f"{PM_STUDY}.1") == {"granted": False, "validity": 0}
     assert validate("patient", "CHU1") == {"granted": False, "validity": 0}
     assert validate("study", CHU_STUDY, value="") == {"granted": False, "validity": 0}
+    assert validate("study", CHU_STUDY, value=f"Bearer {token}")["granted"]
+    # A retrieval token reads: never changes nor deletes.
+    for method in ("delete", "put", "post"):
+        assert validate("study", CHU_STUDY, method=method) == {"granted": False, "validity": 0}
+    # Only the archive that holds the study, for that patient, is answered "granted".
+    for elsewhere in (region.portmael, region.staubin):
+        assert validate("study", CHU_STUDY, institution=elsewhere)["granted"] is False
+        assert validate("series", f"{CHU_STUDY}.1", institution=elsewhere)["granted"] is False
+
+
+def test_expire_requests_command_ends_what_is_over(region, dupont, emergency_doctor):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    ticket = glass(emergency_doctor, dupont, region.staubin)  # its window ended hours ago
+    out = StringIO()
+    call_command("expire_requests", stdout=out)
+    assert out.getvalue().strip() == "1 request(s) expired."
+    ticket.refresh_from_db()
+    assert ticket.state == RequestState.EXPIRED
+    stopped = AuditEvent.objects.get(code=EventCode.EMERGENCY_STOP)
+    assert stopped.actor_kind == "system"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_revocation_reaches_another_process_within_a_second(region, referring_doctor):
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from django.conf import settings
+    from django.db import connection
+    from django.utils import timezone
+
+    for institution, ipp, study in ((region.chu, "CHU1", 1), (region.portmael, "PM1", 2)):
+        manifest_register(
+            data=kos_for(institution, ipp, study=study, ins=NIR),
+            institution=institution,
+            actor=SYSTEM,
+            now=NOW,
+        )
+    patient = PatientIdentifier.objects.get(value="CHU1").patient
+    ticket = ask(referring_doctor, patient, region.portmael, now=timezone.now())
+    token, issued = token_for(referring_doctor, ticket, now=timezone.now())
+    db = connection.settings_dict
+    url = (
+        f"sqlite:///{db['NAME']}"
+        if connection.vendor == "sqlite"
+        else f"postgres://{db['USER'] or 'postgres'}@{db['HOST'] or '127.0.0.1'}:"
+        f"{db['PORT'] or 5432}/{db['NAME']}"
+    )
+    with subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("token_watcher.py")), CHU_STUDY],
+        env={
+            **os.environ,
+            "DATABASE_URL": url,
+            "RELAIS_DATA_DIR": str(settings.DATA_DIR),
+            "RELAIS_WATCHED_TOKEN": token,
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as watcher:
+        try:
+            ready = watcher.stdout.readline().strip()
+            assert ready == "ready", watcher.stderr.read()
+            services.token_revoke(
+                user=referring_doctor,
+                issued=issued,
+                reason="test",
+                actor=actor_of(referring_doctor),
+                now=timezone.now(),
+            )
+            committed = time.time()
+            line = watcher.stdout.readline().split()
+        finally:
+            watcher.kill()
+    assert line[0] == "revoked", line
+    # Within the poll delay (0.5 s) plus the check's own pace: well under a second.
+    assert float(line[1]) - committed < 1.0
+
+
+def test_the_decision_fails_closed_and_says_so_in_the_audit(
+    region, dupont, referring_doctor, monkeypatch
+):
+    from sharing import decision
+
+    ticket = ask(referring_doctor, dupont, region.portmael)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the registry is on fire")
+
+    monkeypatch.setattr(decision, "ticket_studies", broken)
+    with pytest.raises(PermissionDenied) as refused:
+        token_for(referring_doctor, ticket)
+    assert refused.value.code == "sharing:decision:error"
+    assert "fire" not in refused.value.detail  # the cause stays in the logs
+    denial = AuditEvent.objects.get(code=EventCode.ACCESS_DECIDE)
+    assert denial.outcome == Outcome.MINOR_FAILURE
+    assert denial.details["reasons"] == [
+        {"code": "sharing:decision:error", "text": "the decision could not be made"}
+    ]
+    assert not IssuedToken.objects.exists()
+
+
+# ---------------------------------------------------------------------------
+# Found in review
+
+
+def test_a_superuser_neither_approves_nor_answers(region, dupont, referring_doctor, radiologist):
+    root = make_user("root.admin")
+    root.is_superuser = True
+    root.save()
+    ticket = ask(
+        referring_doctor,
+        dupont,
+        region.portmael,
+        purpose="avis",
+        studies=(PM_STUDY,),
+        recipient=radiologist.professional,
+        question="?",
+    )
+    assert list(selectors.inbox(user=root)) == []
+    with pytest.raises(NotFound):
+        services.request_approve(user=root, ticket=ticket, actor=actor_of(root), now=NOW)
+    with pytest.raises(NotFound):
+        services.avis_answer(user=root, ticket=ticket, answer="x", actor=actor_of(root), now=NOW)
+
+
+def test_an_avis_is_asked_about_a_patient_of_ones_own(region, dupont, aubin_doctor, radiologist):
+    with pytest.raises(PermissionDenied) as refused:
+        ask(
+            aubin_doctor,
+            dupont,
+            region.staubin,
+            purpose="avis",
+            studies=None,
+            recipient=radiologist.professional,
+            question="?",
+        )
+    assert refused.value.code == "sharing:avis:not-care-team"
+    assert AuditEvent.objects.get(code=EventCode.ACCESS_DECIDE).outcome == Outcome.MINOR_FAILURE
+    assert not AccessRequest.objects.exists()
+
+
+def test_who_takes_a_department_avis_holds_it_alone(region, dupont, referring_doctor, radiologist):
+    colleague = make_user("dr.chu2", [(region.chu, Role.RADIOLOGIST)])
+    ticket = ask(
+        referring_doctor,
+        dupont,
+        region.portmael,
+        purpose="avis",
+        studies=(PM_STUDY,),
+        recipient_institution=region.chu,
+        question="?",
+    )
+    services.request_approve(user=colleague, ticket=ticket, actor=actor_of(colleague), now=NOW)
+    ticket.refresh_from_db()
+    assert not selectors.may_see_ticket(radiologist, ticket)
+    with pytest.raises(NotFound):
+        services.request_revoke(
+            user=radiologist, ticket=ticket, reason="x", actor=actor_of(radiologist), now=NOW
+        )
+    assert selectors.may_see_ticket(colleague, ticket)
+
+
+def test_revoking_a_break_the_glass_stops_the_override(region, dupont, emergency_doctor, dpo):
+    ticket = glass(emergency_doctor, dupont, region.staubin)
+    services.request_revoke(user=dpo, ticket=ticket, reason="non justifié", actor=SYSTEM, now=NOW)
+    stopped = AuditEvent.objects.get(code=EventCode.EMERGENCY_STOP)
+    assert stopped.correlation_id == ticket.public_id
+
+
+def test_a_request_left_pending_too_long_cannot_be_approved(
+    region, dupont, aubin_doctor, radiologist
+):
+    ticket = ask(aubin_doctor, dupont, region.staubin)
+    later = NOW + dt.timedelta(days=15)
+    with pytest.raises(Conflict, match="expired"):
+        services.request_approve(
+            user=radiologist, ticket=ticket, actor=actor_of(radiologist), now=later
+        )
+    assert services.requests_expire(now=later) == 1
+
+
+def test_a_shift_is_not_recorded_long_after_it_began(region, teleradiologist, chu_admin):
+    with pytest.raises(InvalidInput, match="an hour"):
+        services.shift_create(
+            user=chu_admin,
+            teleradiologist=teleradiologist.professional,
+            institutions=[region.chu],
+            starts_at=NOW - 3 * HOUR,
+            ends_at=NOW + HOUR,
+            agreement_reference="CONV",
+            actor=SYSTEM,
+            now=NOW,
+        )
+
+
+def test_the_review_queue_shows_pending_reviews_first(region, dupont, emergency_doctor, dpo):
+    first = glass(emergency_doctor, dupont, region.staubin)
+    second = glass(emergency_doctor, dupont, region.staubin, now=NOW + HOUR)
+    services.emergency_review(
+        user=dpo,
+        review=EmergencyReview.objects.get(request=first),
+        outcome="justified",
+        comment="",
+        actor=SYSTEM,
+        now=NOW + 2 * HOUR,
+    )
+    queue = list(selectors.emergency_reviews(institution_ids=[region.chu.pk]))
+    assert [r.request for r in queue] == [second, first]
+
+
+def test_a_cached_verification_still_checks_time_and_keys(region, dupont, referring_doctor):
+    ticket = ask(referring_doctor, dupont, region.portmael)
+    token, _ = token_for(referring_doctor, ticket)
+    verified = VerifiedTokens(size=2)
+    assert token_check(token, studies=[CHU_STUDY], now=NOW, verified=verified)
+    # From the cache: the same answer, the same time checks.
+    assert token_check(token, studies=[CHU_STUDY], now=NOW, verified=verified)
+    with pytest.raises(TokenExpired):
+        token_check(
+            token, studies=[CHU_STUDY], now=NOW + dt.timedelta(minutes=15), verified=verified
+        )
+    with pytest.raises(TokenNotYetValid):
+        token_check(
+            token, studies=[CHU_STUDY], now=NOW - dt.timedelta(seconds=1), verified=verified
+        )
+    # A key no longer trusted drops what it signed, cached or not.
+    with (
+        mock.patch("sharing.revocation.verification_keys", return_value={}),
+        pytest.raises(TokenUnknownKey),
+    ):
+        token_check(token, studies=[CHU_STUDY], now=NOW, verified=verified)

@@ -258,7 +258,7 @@ def world(region, dupont, referring_doctor, radiologist):
         user=chu_admin,
         teleradiologist=other_tele.professional,
         institutions=[region.chu],
-        starts_at=timezone.now() - dt.timedelta(hours=1),
+        starts_at=timezone.now() - dt.timedelta(minutes=30),
         ends_at=timezone.now() + dt.timedelta(hours=8),
         agreement_reference="CONV-X",
         actor=actor,
@@ -390,5 +390,32 @@ def test_the_owners_do_succeed_in_the_matrix_world(region, world, referring_doct
         == 200
     )
     avis.refresh_from_db()
-    assert avis.state == RequestState.APPROVED
+    assert avis.state == RequestState.EXPIRED  # an avis ends with its answer
     assert avis.answer == "RAS"
+
+
+def test_odd_input_is_refused_without_a_500(region, dupont, referring_doctor):
+    odd = client_for(None)
+    odd.force_authenticate(None)
+    odd.credentials(HTTP_AUTHORIZATION="Basic w6k=")  # "é"
+    assert introspect(odd, "x").status_code == 401
+    odd.credentials(HTTP_AUTHORIZATION="Basic é")
+    assert introspect(odd, "x").status_code == 401
+    doctor = client_for(referring_doctor)
+    revoked = doctor.post("/api/v1/tokens/revoke", {"token": "é.é.é", "reason": "x"}, format="json")
+    assert revoked.status_code == 404
+    ticket = services.request_create(
+        user=referring_doctor,
+        purpose="treatment",
+        patient=dupont,
+        institution=region.portmael,
+        studies=[CHU_STUDY],
+        justification="suivi",
+        actor=SYSTEM,
+        now=timezone.now(),
+    )
+    empty = doctor.post(
+        f"/api/v1/requests/{ticket.public_id}/tokens", {"studies": []}, format="json"
+    )
+    assert empty.status_code == 400
+    assert introspect(system_client(region, region.chu), "jeton-é").json() == {"active": False}
