@@ -6,6 +6,7 @@ import datetime as dt
 import uuid
 from collections.abc import Iterator
 
+from django.db import connection
 from django.db.models import QuerySet
 
 from audit.events import EventCode, Outcome
@@ -13,8 +14,12 @@ from audit.models import AuditEvent
 
 
 def audit_chain_head() -> tuple[int, str] | None:
-    """The last event's sequence and hash, or None for an empty trail."""
-    return AuditEvent.objects.order_by("-sequence").values_list("sequence", "hash").first()
+    """The last event's sequence and hash, or None for an empty trail (every audited write
+    reads it: plain SQL on the primary key's index)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT sequence, hash FROM audit_auditevent ORDER BY sequence DESC LIMIT 1")
+        row = cursor.fetchone()
+    return (int(row[0]), str(row[1])) if row else None
 
 
 def audit_events_iter(*, from_sequence: int = 1, chunk_size: int = 2000) -> Iterator[AuditEvent]:

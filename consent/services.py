@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 
 from audit.events import EventCode
 from audit.services import audit_record
@@ -292,7 +292,17 @@ def consent_decide_for_issuance(
 def _lock_patient(patient: Patient) -> None:
     """Directive changes and token decisions of one patient, one at a time (PostgreSQL:
     the patient's row; SQLite serialises writers anyway)."""
-    Patient.objects.select_for_update(no_key=True).filter(pk=patient.pk).values_list("pk").first()
+    lock_patient_row(patient.pk)
+
+
+def lock_patient_row(patient_id: int) -> None:
+    """The patient's row, held until the transaction ends (plain SQL: every token decision
+    takes it). SQLite has no row locks: its writers are serialised anyway."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT id FROM broker_patient WHERE id = %s FOR NO KEY UPDATE", [patient_id]
+            )
 
 
 def _require_grounds(evidence: bytes | None, note: str, *, widening: bool) -> None:

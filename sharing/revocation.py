@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -93,45 +92,7 @@ def revocation_list() -> RevocationList:
     return _revocations
 
 
-class VerifiedTokens:
-    """Tokens this process has verified, by their exact text, with their claims: a viewer
-    presents one token for every request of a study, and the signature of a given text
-    never changes. A hit still passes the time checks against ``now``, and its key must
-    still be trusted (a key retired past its grace drops its tokens). Bounded (LRU)."""
-
-    def __init__(self, size: int = 10_000) -> None:
-        self._size = size
-        self._lock = threading.Lock()
-        self._claims: OrderedDict[str, tokens.Claims] = OrderedDict()
-
-    def verify(self, token: str, now: dt.datetime) -> tokens.Claims:
-        keys = verification_keys()
-        with self._lock:
-            hit = self._claims.get(token)
-            if hit is not None:
-                self._claims.move_to_end(token)
-        if hit is not None and hit.key_id in keys:
-            claims = hit
-            if now < claims.not_before:
-                raise tokens.TokenNotYetValid("the token is not valid yet")
-            if now >= claims.expires_at:
-                raise tokens.TokenExpired("the token has expired")
-            return claims
-        claims = tokens.token_verify(
-            token,
-            public_keys=keys,
-            issuer=settings.RELAIS_TOKEN_ISSUER,
-            audience=settings.RELAIS_TOKEN_AUDIENCE,
-            now=now,
-        )
-        with self._lock:
-            self._claims[token] = claims
-            while len(self._claims) > self._size:
-                self._claims.popitem(last=False)
-        return claims
-
-
-_verified = VerifiedTokens()
+_verified = tokens.VerifiedTokens()
 
 
 def token_check(
@@ -140,10 +101,16 @@ def token_check(
     studies: Sequence[str],
     now: dt.datetime,
     revocations: RevocationList | None = None,
-    verified: VerifiedTokens | None = None,
+    verified: tokens.VerifiedTokens | None = None,
 ) -> tokens.Claims:
     """The claims of a token that may retrieve ``studies`` now; a `TokenError` otherwise."""
-    claims = (verified or _verified).verify(token, now)
+    claims = (verified or _verified).verify(
+        token,
+        public_keys=verification_keys(),
+        issuer=settings.RELAIS_TOKEN_ISSUER,
+        audience=settings.RELAIS_TOKEN_AUDIENCE,
+        now=now,
+    )
     if (revocations or _revocations).is_revoked(claims, now):
         raise TokenRevoked("the token was revoked")
     if not tokens.covers(claims, studies):

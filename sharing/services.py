@@ -31,6 +31,7 @@ from broker.models import (
 )
 from consent import policy
 from consent.selectors import consent_evaluate
+from consent.services import lock_patient_row
 from sharing import permissions, tokens
 from sharing.decision import (
     NEVER_TOKEN_ROLES,
@@ -636,9 +637,7 @@ def _issue(
     with transaction.atomic():
         # The patient's row first (as directive changes take it), then the ticket's: a
         # revocation or a consent change either commits first and is seen, or waits.
-        Patient.objects.select_for_update(no_key=True).filter(pk=ticket.patient_id).values_list(
-            "pk"
-        ).first()
+        lock_patient_row(ticket.patient_id)
         ticket = (
             AccessRequest.objects.select_for_update(of=("self",))
             .select_related("patient", "shift")

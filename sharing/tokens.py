@@ -18,7 +18,9 @@ import datetime as dt
 import hashlib
 import json
 import re
+import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -244,6 +246,54 @@ def token_verify(
         ticket=payload["ticket"],
         key_id=kid,
     )
+
+
+class VerifiedTokens:
+    """Tokens already verified, by their exact text, with their claims (bounded, LRU).
+
+    A viewer presents one token for every request of a study, and the signature of a given
+    text never changes: a hit skips the Ed25519 verification, nothing else. It still passes
+    the time checks against ``now``, its key must still be among ``public_keys`` (a key
+    retired past its grace drops its tokens), and issuer and audience must be those asked.
+    """
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._claims: OrderedDict[str, Claims] = OrderedDict()
+
+    def verify(
+        self,
+        token: str,
+        *,
+        public_keys: Mapping[str, Ed25519PublicKey],
+        issuer: str,
+        audience: str,
+        now: dt.datetime,
+    ) -> Claims:
+        with self._lock:
+            claims = self._claims.get(token)
+            if claims is not None:
+                self._claims.move_to_end(token)
+        if (
+            claims is not None
+            and claims.key_id in public_keys
+            and claims.issuer == issuer
+            and claims.audience == audience
+        ):
+            if now < claims.not_before or now < claims.issued_at:
+                raise TokenNotYetValid("the token is not valid yet")
+            if now >= claims.expires_at:
+                raise TokenExpired("the token has expired")
+            return claims
+        claims = token_verify(
+            token, public_keys=public_keys, issuer=issuer, audience=audience, now=now
+        )
+        with self._lock:
+            self._claims[token] = claims
+            while len(self._claims) > self._size:
+                self._claims.popitem(last=False)
+        return claims
 
 
 def token_hash(token: str) -> str:

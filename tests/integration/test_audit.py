@@ -593,3 +593,27 @@ def test_concurrent_writers_on_postgresql_leave_one_unbroken_chain(
             )
         )
     )
+
+
+@pytest.mark.django_db
+def test_a_batch_larger_than_one_insert_statement_stays_one_contiguous_chain():
+    from audit.services import INSERT_CHUNK, AuditEntry, audit_record_many
+
+    entries = [
+        AuditEntry(
+            code=EventCode.MANIFEST_REGISTER,
+            actor=DOCTOR,
+            now=NOW,
+            patient=PatientRef("p-1", ({"issuer": "CHU", "value": "1", "kind": "PI"},)),
+            details={"n": n, "name": "Hélène"},
+        )
+        for n in range(2 * INSERT_CHUNK + 7)
+    ]
+    with transaction.atomic():
+        written = audit_record_many(entries)
+    stored = list(AuditEvent.objects.order_by("sequence"))
+    assert [e.sequence for e in stored] == list(range(1, len(entries) + 1))
+    assert [e.details["n"] for e in stored] == list(range(len(entries)))
+    assert stored[-1].hash == written[-1].hash
+    assert stored[0].patient_identifiers == [{"issuer": "CHU", "value": "1", "kind": "PI"}]
+    assert audit_verify(actor=Actor.system(), now=NOW).intact

@@ -30,10 +30,9 @@ from sharing.revocation import (
     RevocationList,
     TokenOutOfScope,
     TokenRevoked,
-    VerifiedTokens,
     token_check,
 )
-from sharing.tokens import TokenExpired, TokenNotYetValid, TokenUnknownKey
+from sharing.tokens import TokenExpired, TokenNotYetValid, TokenUnknownKey, VerifiedTokens
 from tests.conftest import NOW, SYSTEM, Region, make_user
 from tests.dicom_factories import NIR
 from tests.registry_helpers import kos_for, study_uid
