@@ -121,6 +121,11 @@ class EventCode(StrEnum):
     EMERGENCY_START = "sharing:emergency:start"
     EMERGENCY_STOP = "sharing:emergency:stop"
     EMERGENCY_REVIEW = "sharing:emergency:review"
+    # The retrieval gateway.
+    TRANSFER_BEGIN = "gateway:transfer:begin"
+    TRANSFER_END = "gateway:transfer:end"
+    GATEWAY_QUERY = "gateway:query"
+    GATEWAY_REFUSE = "gateway:access:refuse"
     # The audit trail itself.
     AUDIT_VERIFY = "audit:chain:verify"
     AUDIT_EXPORT = "audit:log:export"
@@ -195,6 +200,10 @@ EVENT_SPECS: dict[EventCode, EventSpec] = {
     ),
     EventCode.EMERGENCY_STOP: EventSpec(SECURITY_ALERT, Action.EXECUTE, EMERGENCY_OVERRIDE_STOPPED),
     EventCode.EMERGENCY_REVIEW: EventSpec(PATIENT_RECORD, Action.UPDATE),
+    EventCode.TRANSFER_BEGIN: EventSpec(BEGIN_TRANSFERRING, Action.EXECUTE),
+    EventCode.TRANSFER_END: EventSpec(INSTANCES_TRANSFERRED, Action.READ),
+    EventCode.GATEWAY_QUERY: EventSpec(QUERY, Action.EXECUTE),
+    EventCode.GATEWAY_REFUSE: EventSpec(SECURITY_ALERT, Action.EXECUTE, USE_OF_RESTRICTED_FUNCTION),
     EventCode.AUDIT_VERIFY: EventSpec(AUDIT_LOG_USED, Action.READ),
     EventCode.AUDIT_EXPORT: EventSpec(AUDIT_LOG_USED, Action.READ),
 }

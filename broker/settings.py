@@ -82,6 +82,9 @@ RELAIS_BREAK_THE_GLASS_MIN_JUSTIFICATION: int = env.int(
 RELAIS_BREAK_THE_GLASS_HOURS: float = env.float(
     "RELAIS_BREAK_THE_GLASS_HOURS", 4, validate=Range(min=0.25, max=24)
 )
+# The retrieval gateway (/dicomweb/): the web origins a viewer on another site (OHIF) may call
+# it from (CORS; comma-separated, e.g. https://viewer.example.org).
+RELAIS_GATEWAY_CORS_ORIGINS: list[str] = env.list("RELAIS_GATEWAY_CORS_ORIGINS", [])
 # Consent: the model outside the care team ("opt-in": a recorded consent is needed; "opt-out":
 # permitted unless opposed), the largest evidence document accepted.
 RELAIS_CONSENT_OUTSIDE_CARE_TEAM: str = env.str(
@@ -177,6 +180,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "django_filters",
     "guardian",
+    "corsheaders",
     "audit",
     "broker",
     "consent",
@@ -187,6 +191,7 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
+    "corsheaders.middleware.CorsMiddleware",
     "django.middleware.locale.LocaleMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -238,6 +243,14 @@ SESSION_COOKIE_SECURE = RELAIS_HTTPS
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
 SESSION_COOKIE_HTTPONLY = True
 X_FRAME_OPTIONS = "DENY"
+
+# CORS (django-cors-headers) for the gateway only: tokens travel in the Authorization header,
+# never in cookies, so no credentials are allowed.
+CORS_URLS_REGEX = r"^/dicomweb/.*$"
+CORS_ALLOWED_ORIGINS = RELAIS_GATEWAY_CORS_ORIGINS
+CORS_ALLOW_METHODS = ("GET", "OPTIONS")
+CORS_ALLOW_CREDENTIALS = False
+CORS_EXPOSE_HEADERS = ("Content-Type", "Content-Length", "Retry-After", "WWW-Authenticate")
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView
 
 from broker import apis, views
 from consent import apis as consent_apis
 from sharing import apis as sharing_apis
+from sharing import dicomweb
 from sharing import views as sharing_views
 
 api_v1 = [
@@ -102,8 +103,31 @@ api_v1 = [
     ),
 ]
 
+UID = r"[0-9.]{1,64}"
+dicomweb_urls = [
+    re_path(r"^studies$", dicomweb.studies_query, name="studies"),
+    re_path(rf"^studies/(?P<study>{UID})$", dicomweb.study_view, name="study"),
+    re_path(rf"^studies/(?P<study>{UID})/series$", dicomweb.series_query, name="series-query"),
+    re_path(
+        rf"^studies/(?P<study>{UID})/series/(?P<series>{UID})$",
+        dicomweb.series_view,
+        name="series",
+    ),
+    re_path(
+        rf"^studies/(?P<study>{UID})/series/(?P<series>{UID})/instances$",
+        dicomweb.instances_query,
+        name="instances-query",
+    ),
+    re_path(
+        rf"^studies/(?P<study>{UID})/series/(?P<series>{UID})/instances/(?P<instance>{UID})$",
+        dicomweb.instance_view,
+        name="instance",
+    ),
+]
+
 urlpatterns = [
     path("", views.home, name="home"),
+    path("dicomweb/", include((dicomweb_urls, "dicomweb"), namespace="dicomweb")),
     path("healthz", views.healthz, name="healthz"),
     path(".well-known/jwks.json", sharing_views.jwks_view, name="jwks"),
     path("api/v1/", include((api_v1, "api"), namespace="v1")),

@@ -1,0 +1,334 @@
+"""The retrieval gateway: a shared study, fetched from the archive that holds it, only with a
+valid token, streamed, audited.
+
+A request carries a retrieval token (``Authorization: Bearer``). :func:`gateway_access`
+checks it where it is used (`sharing.revocation.token_check`: signature, audience, time,
+the revocation copy) and finds its ticket; :func:`gateway_manifest` finds the approved
+manifest of a study within the token's scope, and what of it may be reached (a series, an
+instance the manifest lists; anything else is the same "not found" as a missing one).
+:func:`gateway_retrieve` fetches from the source archive (WADO-RS, or C-GET when it has no
+DICOMweb) and yields a ``multipart/related`` body one instance at a time: memory holds one
+instance, whatever the study's size. Begin Transferring is audited before the first byte,
+Instances Transferred (count, bytes, outcome) when the stream ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import struct
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from django.db import transaction
+from django.utils import timezone
+
+from audit.events import EventCode, Outcome
+from audit.services import Actor, PatientRef, audit_record
+from broker.archives import institution_archive
+from broker.dicom.archive import ArchiveError
+from broker.errors import NotFound
+from broker.identity import patient_ref
+from broker.models import Manifest, ManifestInstance, ManifestSeries, ManifestStatus
+from sharing import tokens
+from sharing.models import AccessRequest, IssuedToken
+from sharing.revocation import token_check
+
+logger = logging.getLogger(__name__)
+
+MULTIPART_DICOM = 'multipart/related; type="application/dicom"'
+
+
+class GatewayRefused(Exception):
+    """The token does not open this request (401 for the caller): ``code`` is stable."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class GatewayAccess:
+    claims: tokens.Claims
+    ticket: AccessRequest
+    actor: Actor
+
+
+def gateway_access(*, authorization: str, address: str, now: dt.datetime) -> GatewayAccess:
+    """The access a ``Bearer`` token gives now; a refusal is audited, then raised."""
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    actor = Actor.anonymous(address)
+    if scheme.lower() != "bearer" or not token:
+        raise _refused("gateway:token:missing", "a retrieval token is required", actor, now)
+    try:
+        claims = token_check(token, studies=[], now=now)
+    except tokens.TokenError as exc:
+        raise _refused(exc.code, str(exc), actor, now, token=token) from None
+    issued = (
+        IssuedToken.objects.select_related("request__patient", "subject__user")
+        .filter(token_id=claims.token_id)
+        .first()
+    )
+    if issued is None or str(issued.request.public_id) != claims.ticket:
+        raise _refused(
+            "token:not-issued", "not a token this broker issued", actor, now, token=token
+        )
+    user = issued.subject.user
+    actor = Actor(kind="user", user_id=user.pk, username=user.get_username(), address=address)
+    return GatewayAccess(claims=claims, ticket=issued.request, actor=actor)
+
+
+def gateway_manifest(access: GatewayAccess, study_instance_uid: str) -> Manifest:
+    """The approved manifest of a study the token covers, for the ticket's patient."""
+    if study_instance_uid not in access.claims.studies:
+        raise NotFound("No such study", code="gateway:study:not-found")
+    manifest = (
+        Manifest.objects.select_related("source_institution", "source_identifier")
+        .filter(
+            study_instance_uid=study_instance_uid,
+            status=ManifestStatus.APPROVED,
+            source_identifier__patient_id=access.ticket.patient_id,
+        )
+        .order_by("-registered_at", "-id")
+        .first()
+    )
+    if manifest is None:
+        raise NotFound("No such study", code="gateway:study:not-found")
+    return manifest
+
+
+def gateway_instances(
+    manifest: Manifest, series_uid: str | None = None, sop_uid: str | None = None
+) -> frozenset[str]:
+    """The SOP Instance UIDs the manifest lists (within a series, or the one asked for)."""
+    instances = ManifestInstance.objects.filter(series__manifest=manifest)
+    if series_uid is not None:
+        instances = instances.filter(series__series_instance_uid=series_uid)
+    if sop_uid is not None:
+        instances = instances.filter(sop_instance_uid=sop_uid)
+    allowed = frozenset(instances.values_list("sop_instance_uid", flat=True))
+    if not allowed:
+        raise NotFound("No such series or instance", code="gateway:instance:not-found")
+    return allowed
+
+
+def gateway_series(manifest: Manifest) -> list[ManifestSeries]:
+    return list(manifest.series.order_by("id"))
+
+
+@dataclass
+class Transfer:
+    """What a retrieval sent, for its audit record."""
+
+    instances: int = 0
+    bytes: int = 0
+    skipped: int = 0
+
+
+def gateway_retrieve(
+    access: GatewayAccess,
+    manifest: Manifest,
+    *,
+    series_uid: str | None,
+    sop_uid: str | None,
+    allowed: frozenset[str],
+    now: dt.datetime,
+) -> tuple[str, Iterator[bytes]]:
+    """The content type and the body (``multipart/related``) of a WADO-RS retrieval.
+
+    The first instance is fetched before this returns, so that an archive that is down or
+    refuses answers a problem, not a broken stream. Raises `ArchiveError` then.
+    """
+    boundary = uuid.uuid4().hex
+    patient = patient_ref(access.ticket.patient)
+    client = institution_archive(manifest.source_institution)
+    _audit_transfer(EventCode.TRANSFER_BEGIN, access, manifest, patient, now, Outcome.SUCCESS, None)
+    transfer = Transfer()
+    try:
+        source = client.retrieve(manifest.study_instance_uid, series_uid, sop_uid)
+        first = _next_allowed(source, allowed, transfer)
+    except ArchiveError as exc:
+        client.close()
+        _audit_transfer(
+            EventCode.TRANSFER_END, access, manifest, patient, now, _outcome(exc), transfer, exc
+        )
+        raise
+    content_type = f"{MULTIPART_DICOM}; boundary={boundary}"
+    return content_type, _body(
+        boundary, first, source, client, allowed, transfer, access, manifest, patient
+    )
+
+
+def _body(
+    boundary: str,
+    first: bytes | None,
+    source: Iterator[bytes],
+    client: object,
+    allowed: frozenset[str],
+    transfer: Transfer,
+    access: GatewayAccess,
+    manifest: Manifest,
+    patient: PatientRef,
+) -> Iterator[bytes]:
+    head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii")
+    outcome, error = Outcome.SUCCESS, None
+    try:
+        data = first
+        while data is not None:
+            yield head
+            yield data
+            yield b"\r\n"
+            transfer.instances += 1
+            transfer.bytes += len(data)
+            data = _next_allowed(source, allowed, transfer)
+        yield f"--{boundary}--\r\n".encode("ascii")
+    except ArchiveError as exc:  # mid-stream: the status is sent; the body stops short
+        outcome, error = _outcome(exc), exc
+        logger.warning("retrieval of %s cut short: %s", manifest.study_instance_uid, exc)
+    except GeneratorExit:  # the client went away
+        outcome, error = Outcome.MINOR_FAILURE, None
+        raise
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
+        getattr(client, "close", lambda: None)()
+        _audit_transfer(
+            EventCode.TRANSFER_END,
+            access,
+            manifest,
+            patient,
+            timezone.now(),
+            outcome,
+            transfer,
+            error,
+        )
+
+
+def _next_allowed(
+    source: Iterator[bytes], allowed: frozenset[str], transfer: Transfer
+) -> bytes | None:
+    """The next instance the manifest lists; the others the archive may hold are left out."""
+    for data in source:
+        if media_storage_sop_instance_uid(data) in allowed:
+            return data
+        transfer.skipped += 1
+    return None
+
+
+def media_storage_sop_instance_uid(data: bytes) -> str | None:
+    """(0002,0003) of a Part 10 file's meta group (explicit VR little endian), read from its
+    first bytes only; None when it is not there."""
+    if data[128:132] != b"DICM":
+        return None
+    offset, end = 132, min(len(data), 132 + 4096)
+    while offset + 8 <= end:
+        group, element = struct.unpack_from("<HH", data, offset)
+        if group != 0x0002:
+            return None
+        vr = data[offset + 4 : offset + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+            (length,) = struct.unpack_from("<I", data, offset + 8)
+            value_at = offset + 12
+        else:
+            (length,) = struct.unpack_from("<H", data, offset + 6)
+            value_at = offset + 8
+        if element == 0x0003:
+            return data[value_at : value_at + length].rstrip(b"\x00 ").decode("ascii", "replace")
+        offset = value_at + length
+    return None
+
+
+def _outcome(exc: ArchiveError) -> Outcome:
+    return Outcome.SERIOUS_FAILURE
+
+
+def _refused(
+    code: str, detail: str, actor: Actor, now: dt.datetime, *, token: str = ""
+) -> GatewayRefused:
+    with transaction.atomic():
+        audit_record(
+            code=EventCode.GATEWAY_REFUSE,
+            actor=actor,
+            now=now,
+            outcome=Outcome.MINOR_FAILURE,
+            details={
+                "why": code,
+                "detail": detail,
+                "token_sha256": tokens.token_hash(token) if token else None,
+            },
+        )
+    return GatewayRefused(code, detail)
+
+
+def gateway_refuse_scope(access: GatewayAccess, what: str, now: dt.datetime) -> None:
+    """Audit a request for something outside the token's scope (answered 404)."""
+    with transaction.atomic():
+        audit_record(
+            code=EventCode.GATEWAY_REFUSE,
+            actor=access.actor,
+            now=now,
+            outcome=Outcome.MINOR_FAILURE,
+            patient=patient_ref(access.ticket.patient),
+            objects=[{"type": "access-request", "id": str(access.ticket.public_id)}],
+            purpose_of_use=access.ticket.purpose,
+            correlation_id=access.ticket.public_id,
+            details={"why": "gateway:scope", "asked": what, "jti": access.claims.token_id},
+        )
+
+
+def gateway_audit_query(access: GatewayAccess, what: str, count: int, now: dt.datetime) -> None:
+    with transaction.atomic():
+        audit_record(
+            code=EventCode.GATEWAY_QUERY,
+            actor=access.actor,
+            now=now,
+            patient=patient_ref(access.ticket.patient),
+            objects=[{"type": "access-request", "id": str(access.ticket.public_id)}],
+            purpose_of_use=access.ticket.purpose,
+            correlation_id=access.ticket.public_id,
+            details={"query": what, "results": count, "jti": access.claims.token_id},
+        )
+
+
+def _audit_transfer(
+    code: EventCode,
+    access: GatewayAccess,
+    manifest: Manifest,
+    patient: PatientRef,
+    now: dt.datetime,
+    outcome: Outcome,
+    transfer: Transfer | None,
+    error: Exception | None = None,
+) -> None:
+    details: dict[str, object] = {
+        "study": manifest.study_instance_uid,
+        "source": manifest.source_institution.finess,
+        "jti": access.claims.token_id,
+    }
+    if transfer is not None:
+        details |= {
+            "instances": transfer.instances,
+            "bytes": transfer.bytes,
+            "left_out": transfer.skipped,
+        }
+    if error is not None:
+        details["error"] = f"{type(error).__name__}: {error}"
+    with transaction.atomic():
+        audit_record(
+            code=code,
+            actor=access.actor,
+            now=now,
+            outcome=outcome,
+            patient=patient,
+            objects=[
+                {"type": "study", "uid": manifest.study_instance_uid},
+                {"type": "access-request", "id": str(access.ticket.public_id)},
+            ],
+            purpose_of_use=access.ticket.purpose,
+            correlation_id=access.ticket.public_id,
+            details=details,
+        )

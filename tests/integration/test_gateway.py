@@ -1,0 +1,284 @@
+"""The retrieval gateway against real Orthanc archives: a viewer-like client fetches a shared
+study through ``/dicomweb/`` and gets every instance as the archive holds it; refusals."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import re
+import threading
+import time
+from typing import Any
+
+import pydicom
+import pytest
+from django.test import Client
+from django.utils import timezone
+
+from audit.events import EventCode
+from audit.models import AuditEvent
+from broker.archives import institution_archive
+from broker.harvest import harvest_run
+from broker.models import Manifest, ManifestInstance, ManifestStatus, Role
+from broker.services import institution_update
+from sharing import services
+from sharing.gateway import media_storage_sop_instance_uid
+from tests.conftest import NOW, SYSTEM, Region, make_user
+from tests.peers.fixtures import OrthancRegion
+from tests.peers.studies import CHUB_AE, SyntheticStudy
+
+pytestmark = pytest.mark.django_db
+
+
+def parts(response: Any) -> list[bytes]:
+    """The bodies of a multipart/related answer, in order."""
+    boundary = re.search(r"boundary=([^;]+)", response["Content-Type"]).group(1).strip('"')
+    body = b"".join(response.streaming_content)
+    delimiter = b"--" + boundary.encode()
+    assert body.endswith(delimiter + b"--\r\n"), "the stream ended short"
+    found = []
+    for chunk in body.split(delimiter)[1:-1]:
+        headers, _, data = chunk.partition(b"\r\n\r\n")
+        assert b"Content-Type: application/dicom" in headers
+        found.append(data[:-2])  # the part's closing CRLF
+    return found
+
+
+def sop_uid(data: bytes) -> str:
+    return str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID)
+
+
+@pytest.fixture
+def chu(region: Region, orthanc_region: OrthancRegion):
+    archive = orthanc_region.archives[CHUB_AE]
+    chu = institution_update(
+        institution=region.chu,
+        ae_title=archive.aet,
+        dicom_host="127.0.0.1",
+        dicom_port=archive.dicom_port,
+        dicomweb_url=archive.dicomweb_url,
+        actor=SYSTEM,
+        now=NOW,
+    )
+    harvest_run(
+        institution=chu,
+        client_factory=lambda: institution_archive(chu, "dicomweb"),
+        transport="dicomweb",
+        actor=SYSTEM,
+    )
+    return chu
+
+
+@pytest.fixture
+def shared(chu, orthanc_region: OrthancRegion):
+    """A CHU study, and a token for it in the hands of a CHU radiologist (care team)."""
+    study: SyntheticStudy = orthanc_region.studies[CHUB_AE][0]
+    manifest = Manifest.objects.get(
+        study_instance_uid=study.study_instance_uid, status=ManifestStatus.APPROVED
+    )
+    doctor = make_user("dr.viewer", [(chu, Role.RADIOLOGIST)])
+    ticket = services.request_create(
+        user=doctor,
+        purpose="treatment",
+        patient=manifest.source_identifier.patient,
+        institution=chu,
+        studies=[study.study_instance_uid],
+        justification="relecture",
+        actor=SYSTEM,
+        now=timezone.now(),
+    )
+    token, _ = services.token_issue_for_ticket(
+        user=doctor, ticket=ticket, actor=SYSTEM, now=timezone.now()
+    )
+    return {
+        "study": study,
+        "manifest": manifest,
+        "token": token,
+        "ticket": ticket,
+        "doctor": doctor,
+    }
+
+
+def viewer(token: str | None) -> Client:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return Client(headers=headers)
+
+
+def test_a_viewer_fetches_the_whole_study_byte_for_byte(shared):
+    study = shared["study"]
+    response = viewer(shared["token"]).get(
+        f"/dicomweb/studies/{study.study_instance_uid}",
+        HTTP_ACCEPT='multipart/related; type="application/dicom"',
+    )
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith('multipart/related; type="application/dicom"')
+    received = parts(response)
+    uploaded = {sop_uid(data): data for data in study.instances}
+    assert len(received) == len(uploaded)
+    assert {sop_uid(d): d for d in received} == uploaded  # byte for byte, as the archive holds
+    begin = AuditEvent.objects.get(code=EventCode.TRANSFER_BEGIN)
+    end = AuditEvent.objects.get(code=EventCode.TRANSFER_END)
+    assert (begin.event_id, end.event_id) == ("110102", "110104")
+    assert end.outcome == 0
+    assert end.details["instances"] == len(uploaded)
+    assert end.details["bytes"] == sum(len(d) for d in uploaded.values())
+    assert end.correlation_id == shared["ticket"].public_id
+    assert end.patient_id == str(shared["manifest"].source_identifier.patient.public_id)
+
+
+def test_a_series_and_an_instance(shared):
+    study, manifest = shared["study"], shared["manifest"]
+    series = manifest.series.order_by("id").first()
+    client = viewer(shared["token"])
+    base = f"/dicomweb/studies/{study.study_instance_uid}/series/{series.series_instance_uid}"
+    in_series = parts(client.get(base))
+    expected = set(
+        ManifestInstance.objects.filter(series=series).values_list("sop_instance_uid", flat=True)
+    )
+    assert {sop_uid(d) for d in in_series} == expected
+    one = sorted(expected)[0]
+    (single,) = parts(client.get(f"{base}/instances/{one}"))
+    assert sop_uid(single) == one
+    assert media_storage_sop_instance_uid(single) == one
+
+
+def test_the_same_through_c_get_when_the_archive_has_no_dicomweb(shared, chu):
+    chu.archive_transport = "dimse"
+    chu.save(update_fields=["archive_transport"])
+    study = shared["study"]
+    received = parts(viewer(shared["token"]).get(f"/dicomweb/studies/{study.study_instance_uid}"))
+    uploaded = {sop_uid(data): data for data in study.instances}
+    assert len(received) == len(uploaded)
+    for data in received:
+        copy = pydicom.dcmread(io.BytesIO(data))
+        original = pydicom.dcmread(io.BytesIO(uploaded[copy.SOPInstanceUID]))
+        assert copy.PixelData == original.PixelData
+        assert copy == original
+
+
+def test_qido_answers_from_the_registry_within_the_token(shared, orthanc_region):
+    study, manifest = shared["study"], shared["manifest"]
+    client = viewer(shared["token"])
+    studies = client.get("/dicomweb/studies")
+    assert studies["Content-Type"] == "application/dicom+json"
+    (found,) = studies.json()
+    assert found["0020000D"]["Value"] == [study.study_instance_uid]
+    assert found["00201208"]["Value"] == [manifest.instance_count]
+    series = client.get(f"/dicomweb/studies/{study.study_instance_uid}/series").json()
+    assert len(series) == manifest.series_count
+    first = series[0]["0020000E"]["Value"][0]
+    instances = client.get(
+        f"/dicomweb/studies/{study.study_instance_uid}/series/{first}/instances"
+    ).json()
+    assert {i["00080018"]["Value"][0] for i in instances} == set(
+        ManifestInstance.objects.filter(series__series_instance_uid=first).values_list(
+            "sop_instance_uid", flat=True
+        )
+    )
+    assert AuditEvent.objects.filter(code=EventCode.GATEWAY_QUERY).count() == 3
+
+
+def test_refusals(shared, orthanc_region, dpo):
+    study = shared["study"]
+    url = f"/dicomweb/studies/{study.study_instance_uid}"
+    # No token, a token that is not one, a DPO signed in without one.
+    assert viewer(None).get(url).status_code == 401
+    assert viewer("not-a-token").get(url).status_code == 401
+    session = Client()
+    session.force_login(dpo)
+    refused = session.get(url)
+    assert refused.status_code == 401
+    assert refused["WWW-Authenticate"].startswith("Bearer")
+    # Another study of the same archive; a series or an instance the manifest does not list.
+    other = orthanc_region.studies[CHUB_AE][1].study_instance_uid
+    client = viewer(shared["token"])
+    assert client.get(f"/dicomweb/studies/{other}").status_code == 404
+    assert client.get(f"{url}/series/1.2.3.4").status_code == 404
+    series = shared["manifest"].series.order_by("id").first().series_instance_uid
+    assert client.get(f"{url}/series/{series}/instances/1.2.3.4").status_code == 404
+    assert client.get(f"/dicomweb/studies/{other}/series").status_code == 404
+    refusals = AuditEvent.objects.filter(code=EventCode.GATEWAY_REFUSE)
+    assert refusals.count() == 7
+    assert {e.event_id for e in refusals} == {"110113"}
+
+
+def test_an_expired_token_and_a_token_revoked_mid_transfer(shared):
+    study, doctor, ticket = shared["study"], shared["doctor"], shared["ticket"]
+    url = f"/dicomweb/studies/{study.study_instance_uid}"
+    old, _ = services.token_issue_for_ticket(
+        user=doctor, ticket=ticket, actor=SYSTEM, now=timezone.now() - dt.timedelta(minutes=20)
+    )
+    expired = viewer(old).get(url)
+    assert expired.status_code == 401
+    assert expired.json()["code"] == "token:expired"
+    client = viewer(shared["token"])
+    series = shared["manifest"].series.order_by("id")
+    first = client.get(f"{url}/series/{series[0].series_instance_uid}")
+    assert first.status_code == 200
+    services.request_revoke(
+        user=make_user("admin.region2", region_admin=True),
+        ticket=ticket,
+        reason="erreur de patient",
+        actor=SYSTEM,
+        now=timezone.now(),
+    )
+    parts(first)  # the transfer under way completes
+    time.sleep(0.6)  # every process's copy of the revocations is at most 0.5 s old
+    refused = client.get(f"{url}/series/{series[1].series_instance_uid}")
+    assert refused.status_code == 401
+    assert refused.json()["code"] == "token:revoked"
+
+
+def test_an_archive_that_is_down_is_a_503_with_a_retry_hint(shared, chu):
+    chu.dicomweb_url = "http://127.0.0.1:9/dicom-web/"  # nothing listens there
+    chu.save(update_fields=["dicomweb_url"])
+    answer = viewer(shared["token"]).get(f"/dicomweb/studies/{shared['study'].study_instance_uid}")
+    assert answer.status_code == 503
+    assert answer["Retry-After"] == "60"
+    assert answer["Content-Type"] == "application/problem+json"
+    end = AuditEvent.objects.get(code=EventCode.TRANSFER_END)
+    assert end.outcome == 8
+    assert "ArchiveUnreachable" in end.details["error"]
+
+
+def test_cors_for_a_viewer_on_another_origin(shared, settings):
+    settings.CORS_ALLOWED_ORIGINS = ["https://viewer.example.org"]
+    client = Client()
+    preflight = client.options(
+        "/dicomweb/studies",
+        HTTP_ORIGIN="https://viewer.example.org",
+        HTTP_ACCESS_CONTROL_REQUEST_METHOD="GET",
+        HTTP_ACCESS_CONTROL_REQUEST_HEADERS="authorization",
+    )
+    assert preflight["Access-Control-Allow-Origin"] == "https://viewer.example.org"
+    assert "authorization" in preflight["Access-Control-Allow-Headers"].lower()
+    elsewhere = client.options(
+        "/dicomweb/studies",
+        HTTP_ORIGIN="https://evil.example.com",
+        HTTP_ACCESS_CONTROL_REQUEST_METHOD="GET",
+    )
+    assert "Access-Control-Allow-Origin" not in elsewhere
+    api = client.options("/api/v1/requests", HTTP_ORIGIN="https://viewer.example.org")
+    assert "Access-Control-Allow-Origin" not in api  # only the gateway
+
+
+def test_a_client_that_goes_away_mid_stream_leaves_nothing_open(shared):
+    from sharing.gateway import gateway_access, gateway_instances, gateway_retrieve
+
+    now = timezone.now()
+    access = gateway_access(authorization=f"Bearer {shared['token']}", address="", now=now)
+    manifest = shared["manifest"]
+    _, body = gateway_retrieve(
+        access,
+        manifest,
+        series_uid=None,
+        sop_uid=None,
+        allowed=gateway_instances(manifest),
+        now=now,
+    )
+    next(body), next(body)  # the first part's header and instance
+    body.close()  # what the server does when the client disconnects
+    end = AuditEvent.objects.get(code=EventCode.TRANSFER_END)
+    assert end.outcome == 4
+    assert end.details["instances"] == 0
+    assert not [t for t in threading.enumerate() if t.name.startswith("relais-")]
