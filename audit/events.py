@@ -125,6 +125,7 @@ class EventCode(StrEnum):
     TRANSFER_BEGIN = "gateway:transfer:begin"
     TRANSFER_END = "gateway:transfer:end"
     GATEWAY_QUERY = "gateway:query"
+    GATEWAY_METADATA = "gateway:metadata:read"
     GATEWAY_REFUSE = "gateway:access:refuse"
     # The audit trail itself.
     AUDIT_VERIFY = "audit:chain:verify"
@@ -203,6 +204,7 @@ EVENT_SPECS: dict[EventCode, EventSpec] = {
     EventCode.TRANSFER_BEGIN: EventSpec(BEGIN_TRANSFERRING, Action.EXECUTE),
     EventCode.TRANSFER_END: EventSpec(INSTANCES_TRANSFERRED, Action.READ),
     EventCode.GATEWAY_QUERY: EventSpec(QUERY, Action.EXECUTE),
+    EventCode.GATEWAY_METADATA: EventSpec(INSTANCES_ACCESSED, Action.READ),
     EventCode.GATEWAY_REFUSE: EventSpec(SECURITY_ALERT, Action.EXECUTE, USE_OF_RESTRICTED_FUNCTION),
     EventCode.AUDIT_VERIFY: EventSpec(AUDIT_LOG_USED, Action.READ),
     EventCode.AUDIT_EXPORT: EventSpec(AUDIT_LOG_USED, Action.READ),

@@ -123,6 +123,24 @@ dicomweb_urls = [
         dicomweb.instance_view,
         name="instance",
     ),
+    re_path(rf"^studies/(?P<study>{UID})/metadata$", dicomweb.study_metadata, name="metadata"),
+    re_path(
+        rf"^studies/(?P<study>{UID})/series/(?P<series>{UID})/metadata$",
+        dicomweb.series_metadata,
+        name="series-metadata",
+    ),
+    re_path(
+        rf"^studies/(?P<study>{UID})/series/(?P<series>{UID})/instances/(?P<instance>{UID})"
+        r"/metadata$",
+        dicomweb.instance_metadata,
+        name="instance-metadata",
+    ),
+    re_path(
+        rf"^studies/(?P<study>{UID})/series/(?P<series>{UID})/instances/(?P<instance>{UID})"
+        r"/(?P<resource>frames/[0-9]{1,6}(?:,[0-9]{1,6}){0,99}|rendered|thumbnail)$",
+        dicomweb.instance_resource,
+        name="instance-resource",
+    ),
 ]
 
 urlpatterns = [

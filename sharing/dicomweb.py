@@ -31,10 +31,13 @@ from sharing.gateway import (
     MULTIPART_DICOM,
     GatewayAccess,
     GatewayRefused,
+    GatewayUnsupported,
     gateway_access,
     gateway_audit_query,
+    gateway_instance_resource,
     gateway_instances,
     gateway_manifest,
+    gateway_metadata,
     gateway_refuse_scope,
     gateway_retrieve,
 )
@@ -172,6 +175,69 @@ def instance_view(
     request: HttpRequest, access: GatewayAccess, study: str, series: str, instance: str
 ) -> HttpResponse:
     return _retrieve(request, access, study, series, instance)
+
+
+def _metadata(
+    request: HttpRequest,
+    access: GatewayAccess,
+    study: str,
+    series: str | None = None,
+    instance: str | None = None,
+) -> HttpResponse:
+    manifest = gateway_manifest(access, study)
+    allowed = gateway_instances(manifest, series, instance)
+    items = gateway_metadata(
+        access, manifest, series_uid=series, allowed=allowed, now=timezone.now()
+    )
+    return _json(items)
+
+
+@_guarded
+def study_metadata(request: HttpRequest, access: GatewayAccess, study: str) -> HttpResponse:
+    return _metadata(request, access, study)
+
+
+@_guarded
+def series_metadata(
+    request: HttpRequest, access: GatewayAccess, study: str, series: str
+) -> HttpResponse:
+    return _metadata(request, access, study, series)
+
+
+@_guarded
+def instance_metadata(
+    request: HttpRequest, access: GatewayAccess, study: str, series: str, instance: str
+) -> HttpResponse:
+    return _metadata(request, access, study, series, instance)
+
+
+@_guarded
+def instance_resource(
+    request: HttpRequest,
+    access: GatewayAccess,
+    study: str,
+    series: str,
+    instance: str,
+    resource: str,
+) -> HttpResponse:
+    """``frames/<n,...>``, ``rendered``, ``thumbnail`` of an instance the manifest lists."""
+    manifest = gateway_manifest(access, study)
+    gateway_instances(manifest, series, instance)
+    try:
+        content_type, body = gateway_instance_resource(
+            access,
+            manifest,
+            series_uid=series,
+            sop_uid=instance,
+            resource=resource,
+            accept=request.headers.get("Accept", "*/*"),
+            now=timezone.now(),
+        )
+    except GatewayUnsupported as unsupported:
+        return _problem(501, "Not Implemented", str(unsupported), "gateway:resource:unsupported")
+    response = StreamingHttpResponse(body, content_type=content_type)
+    response["Cache-Control"] = "no-store"
+    return response
 
 
 # --------------------------------------------------------------------------- QIDO-RS

@@ -208,6 +208,102 @@ def _body(
         )
 
 
+def gateway_metadata(
+    access: GatewayAccess,
+    manifest: Manifest,
+    *,
+    series_uid: str | None,
+    allowed: frozenset[str],
+    now: dt.datetime,
+) -> list[dict[str, object]]:
+    """WADO-RS metadata of what the manifest lists, from the source archive. Bulk data
+    references to the archive are left out: they would name a host the viewer cannot, and
+    should not, reach; a viewer reads pixels through the gateway's ``frames``."""
+    with institution_archive(manifest.source_institution) as client:
+        items = client.metadata(manifest.study_instance_uid, series_uid)  # type: ignore[attr-defined]
+    kept = []
+    for item in items:
+        sop = item.get(_SOP_INSTANCE_UID, {}).get("Value", [None])[0]
+        if sop not in allowed:
+            continue
+        kept.append(
+            {
+                tag: {"vr": value["vr"]} if "BulkDataURI" in value else value
+                for tag, value in item.items()
+            }
+        )
+    with transaction.atomic():
+        audit_record(
+            code=EventCode.GATEWAY_METADATA,
+            actor=access.actor,
+            now=now,
+            patient=patient_ref(access.ticket.patient),
+            objects=[
+                {"type": "study", "uid": manifest.study_instance_uid},
+                {"type": "access-request", "id": str(access.ticket.public_id)},
+            ],
+            purpose_of_use=access.ticket.purpose,
+            correlation_id=access.ticket.public_id,
+            details={"series": series_uid, "instances": len(kept), "jti": access.claims.token_id},
+        )
+    return kept
+
+
+def gateway_instance_resource(
+    access: GatewayAccess,
+    manifest: Manifest,
+    *,
+    series_uid: str,
+    sop_uid: str,
+    resource: str,
+    accept: str,
+    now: dt.datetime,
+) -> tuple[str, Iterator[bytes]]:
+    """An instance's frames, rendered image or thumbnail, relayed from a DICOMweb archive
+    (DIMSE has none: `GatewayUnsupported`). Audited as a transfer."""
+    client = institution_archive(manifest.source_institution)
+    relay = getattr(client, "instance_resource", None)
+    if relay is None:
+        client.close()
+        raise GatewayUnsupported(
+            f"the archive of {manifest.source_institution.name} offers no {resource} (DIMSE)"
+        )
+    patient = patient_ref(access.ticket.patient)
+    try:
+        content_type, body = relay(
+            manifest.study_instance_uid, series_uid, sop_uid, resource, accept
+        )
+    except ArchiveError:
+        client.close()
+        raise
+    _audit_transfer(
+        EventCode.TRANSFER_END,
+        access,
+        manifest,
+        patient,
+        now,
+        Outcome.SUCCESS,
+        None,
+        resource=f"{sop_uid}/{resource}",
+    )
+    return content_type, _closing(body, client)
+
+
+def _closing(body: Iterator[bytes], client: object) -> Iterator[bytes]:
+    try:
+        yield from body
+    finally:
+        getattr(body, "close", lambda: None)()
+        getattr(client, "close", lambda: None)()
+
+
+class GatewayUnsupported(Exception):
+    """What the source archive cannot give (501 for the caller)."""
+
+
+_SOP_INSTANCE_UID = "00080018"
+
+
 def _next_allowed(
     source: Iterator[bytes], allowed: frozenset[str], transfer: Transfer
 ) -> bytes | None:
@@ -303,12 +399,16 @@ def _audit_transfer(
     outcome: Outcome,
     transfer: Transfer | None,
     error: Exception | None = None,
+    *,
+    resource: str | None = None,
 ) -> None:
     details: dict[str, object] = {
         "study": manifest.study_instance_uid,
         "source": manifest.source_institution.finess,
         "jti": access.claims.token_id,
     }
+    if resource is not None:
+        details["resource"] = resource
     if transfer is not None:
         details |= {
             "instances": transfer.instances,

@@ -125,6 +125,7 @@ import contextlib
 import datetime as dt
 import email.message
 import email.utils
+import io
 import queue
 import random
 import re
@@ -138,6 +139,7 @@ from types import TracebackType
 from typing import Any, Final, Literal, NoReturn, Protocol, Self, TypeAlias
 
 import httpx
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import (
@@ -193,6 +195,8 @@ _MAX_CONTEXTS: Final = 128
 _RETRY_STATUSES: Final = frozenset({502, 503, 504})
 _ECHO_STUDY_UID: Final = "2.25.0"  # a UID no study has: the echo carries no patient data
 _UID_PATTERN: Final = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+# The sub-resources of an instance the gateway relays (PS3.18 WADO-RS).
+_RESOURCE_PATTERN: Final = re.compile(r"frames/[0-9]{1,6}(?:,[0-9]{1,6}){0,99}|rendered|thumbnail")
 _WILDCARDS: Final = frozenset("*?\\")
 # Characters a query value may carry unescaped (RFC 3986 unreserved, plus the few DICOM needs).
 _QUERY_SAFE: Final = frozenset(
@@ -829,6 +833,49 @@ class DicomWebArchive:
         finally:
             response.close()
 
+    def metadata(
+        self, study_instance_uid: str, series_instance_uid: str | None = None
+    ) -> list[dict[str, Any]]:
+        """WADO-RS metadata: one DICOM JSON object per instance (bulk data by reference)."""
+        study_uid, series_uid, _ = _retrieve_uids(study_instance_uid, series_instance_uid, None)
+        path = f"/studies/{study_uid}"
+        if series_uid is not None:
+            path += f"/series/{series_uid}"
+        answer = self._get_json(f"{path}/metadata", [], "WADO-RS metadata")
+        if not isinstance(answer, list) or not all(isinstance(item, dict) for item in answer):
+            self._fail(ArchiveProtocolError, f"WADO-RS metadata of {path}: not a list of objects")
+        return answer
+
+    def instance_resource(
+        self,
+        study_instance_uid: str,
+        series_instance_uid: str,
+        sop_instance_uid: str,
+        resource: str,
+        accept: str,
+    ) -> tuple[str, Generator[bytes, None, None]]:
+        """An instance's ``frames/<list>``, ``rendered`` or ``thumbnail``, as the archive
+        answers it: its content type and its body, streamed."""
+        study_uid, series_uid, sop_uid = _retrieve_uids(
+            study_instance_uid, series_instance_uid, sop_instance_uid
+        )
+        if not _RESOURCE_PATTERN.fullmatch(resource):
+            raise ValueError(f"not an instance resource: {resource!r}")
+        path = f"/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}/{resource}"
+        what = f"WADO-RS {resource.split('/')[0]}"
+        response = self._send(path, [], accept, what, stream=True)
+        return response.headers.get("Content-Type", "application/octet-stream"), self._relay(
+            response, f"{what} of {path}"
+        )
+
+    def _relay(self, response: httpx.Response, what: str) -> Generator[bytes, None, None]:
+        try:
+            yield from response.iter_bytes()
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc, what, midstream=True) from exc
+        finally:
+            response.close()
+
     # ---------------------------------------------------------------- HTTP
 
     def _series_of_instance(self, study_uid: str, sop_uid: str) -> str:
@@ -1034,6 +1081,30 @@ class DicomWebArchive:
         self, kind: type[ArchiveError], message: str, *, retryable: bool | None = None
     ) -> NoReturn:
         raise self._error(kind, message, retryable=retryable)
+
+
+_BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+_BULK_THRESHOLD = 1024
+
+
+def _json_without_bulk(ds: Dataset) -> dict[str, Any]:
+    """DICOM JSON of a dataset with its binary values of 1 KiB or more left out (no value)."""
+    try:
+        result: dict[str, Any] = ds.to_json_dict(
+            bulk_data_threshold=_BULK_THRESHOLD, bulk_data_element_handler=_no_bulk_uri
+        )
+    except (TypeError, ValueError) as exc:  # a dataset pydicom cannot express as JSON
+        raise ArchiveProtocolError(
+            f"instance not expressible as DICOM JSON: {exc}", transport=DIMSE
+        ) from exc
+    for tag, attribute in list(result.items()):
+        if attribute.get("vr") in _BULK_VRS and "BulkDataURI" in attribute:
+            result[tag] = {"vr": attribute["vr"]}
+    return result
+
+
+def _no_bulk_uri(element: Any) -> str:
+    return ""
 
 
 def _json_values(item: dict[str, Any], tag: str) -> list[Any]:
@@ -1462,6 +1533,17 @@ class DimseArchive:
         return self._retrieve(
             *_retrieve_uids(study_instance_uid, series_instance_uid, sop_instance_uid)
         )
+
+    def metadata(
+        self, study_instance_uid: str, series_instance_uid: str | None = None
+    ) -> list[dict[str, Any]]:
+        """What WADO-RS metadata would say, from the instances fetched by C-GET (DIMSE has
+        no metadata-only retrieval): DICOM JSON without the bulk data (pixels, large binary
+        values), which a viewer fetches apart."""
+        return [
+            _json_without_bulk(dcmread(io.BytesIO(data), force=True))
+            for data in self.retrieve(study_instance_uid, series_instance_uid)
+        ]
 
     def move(
         self,

@@ -282,3 +282,47 @@ def test_a_client_that_goes_away_mid_stream_leaves_nothing_open(shared):
     assert end.outcome == 4
     assert end.details["instances"] == 0
     assert not [t for t in threading.enumerate() if t.name.startswith("relais-")]
+
+
+@pytest.mark.parametrize("transport", ["dicomweb", "dimse"])
+def test_metadata_of_what_the_manifest_lists_without_archive_urls(shared, chu, transport):
+    chu.archive_transport = transport
+    chu.save(update_fields=["archive_transport"])
+    study = shared["study"]
+    answer = viewer(shared["token"]).get(f"/dicomweb/studies/{study.study_instance_uid}/metadata")
+    assert answer.status_code == 200
+    assert answer["Content-Type"] == "application/dicom+json"
+    items = answer.json()
+    assert {i["00080018"]["Value"][0] for i in items} == {sop_uid(d) for d in study.instances}
+    text = answer.content.decode()
+    assert "BulkDataURI" not in text
+    assert "127.0.0.1:" not in text
+    pixel = items[0].get("7FE00010", {"vr": "OW"})
+    assert "Value" not in pixel
+    assert "InlineBinary" not in pixel
+    assert AuditEvent.objects.filter(code=EventCode.GATEWAY_METADATA).count() == 1
+
+
+def test_frames_and_rendered_are_relayed_from_a_dicomweb_archive(shared, chu):
+    manifest = shared["manifest"]
+    series = manifest.series.order_by("id").first()
+    instance = series.instances.order_by("id").first().sop_instance_uid
+    base = (
+        f"/dicomweb/studies/{manifest.study_instance_uid}/series/{series.series_instance_uid}"
+        f"/instances/{instance}"
+    )
+    client = viewer(shared["token"])
+    frame = client.get(
+        f"{base}/frames/1", HTTP_ACCEPT='multipart/related; type="application/octet-stream"'
+    )
+    assert frame.status_code == 200
+    assert frame["Content-Type"].startswith("multipart/related")
+    assert len(b"".join(frame.streaming_content)) > 1000
+    rendered = client.get(f"{base}/rendered", HTTP_ACCEPT="image/jpeg")
+    assert rendered.status_code == 200
+    assert b"".join(rendered.streaming_content)[:2] == b"\xff\xd8"  # a JPEG
+    outside = f"/dicomweb/studies/{manifest.study_instance_uid}/series/1.2.3/instances/1.2.3.4"
+    assert client.get(f"{outside}/frames/1").status_code == 404
+    chu.archive_transport = "dimse"
+    chu.save(update_fields=["archive_transport"])
+    assert client.get(f"{base}/frames/1").status_code == 501
