@@ -20,6 +20,7 @@ import logging
 import socket
 import ssl
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,11 @@ from django.utils import timezone
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.presentation import StoragePresentationContexts
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from audit.events import EventCode, Outcome
@@ -113,6 +118,9 @@ class BrokerSCP:
         ae.network_timeout = self.config.timeout
         ae.add_supported_context(Verification)
         ae.add_supported_context(KOS_SOP_CLASS_UID)
+        # The gateway's DIMSE side: a PACS with tickets queries and retrieves shared studies.
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
         # The other storage SOP classes pynetdicom lists (120 of them) are accepted at
         # negotiation and refused per instance (0x0122); any other is refused at negotiation.
         for context in StoragePresentationContexts[:126]:
@@ -128,6 +136,8 @@ class BrokerSCP:
             (evt.EVT_REJECTED, self.on_ended),
             (evt.EVT_C_ECHO, self.on_c_echo),
             (evt.EVT_C_STORE, self.on_c_store),
+            (evt.EVT_C_FIND, self.on_c_find),
+            (evt.EVT_C_MOVE, self.on_c_move),
             (evt.EVT_RELEASED, self.on_ended),
             (evt.EVT_ABORTED, self.on_ended),
         ]
@@ -242,6 +252,81 @@ class BrokerSCP:
                 "Relais stores Key Object Selection manifests only",
             )
         return self.register(peer, event.encoded_dataset(include_meta=True))
+
+    def on_c_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        """Study Root C-FIND at STUDY level over what the institution's tickets reach."""
+        from sharing.dimse import find_studies
+
+        peer = getattr(event.assoc, "relais_peer", None)
+        if not isinstance(peer, Peer):
+            yield STATUS_NOT_AUTHORIZED, None
+            return
+        query = event.identifier
+        if str(getattr(query, "QueryRetrieveLevel", "")) != "STUDY":
+            yield 0xA900, None  # identifier does not match SOP class: STUDY level only
+            return
+        try:
+            close_old_connections()
+            answers = find_studies(
+                institution=peer.institution, query=query, actor=peer.actor(), now=timezone.now()
+            )
+        except Exception:
+            logger.exception("C-FIND from %s failed", peer.ae_title)
+            yield 0xC000, None
+            return
+        finally:
+            _close_connection()
+        for answer in answers:
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            yield 0xFF00, answer
+
+    def on_c_move(self, event: Any) -> Iterator[Any]:
+        """C-MOVE of a study the institution's tickets reach, to the institution's own AE:
+        fetched from the source archive, sent by pynetdicom's C-STORE sub-operations."""
+        from sharing.dimse import MoveRefused, move_instances, move_plan
+
+        peer = getattr(event.assoc, "relais_peer", None)
+        query = event.identifier
+        study = str(getattr(query, "StudyInstanceUID", "") or "")
+        if not isinstance(peer, Peer) or str(getattr(query, "QueryRetrieveLevel", "")) != "STUDY":
+            yield None, None
+            return
+        try:
+            close_old_connections()
+            plan = move_plan(
+                institution=peer.institution,
+                study_instance_uid=study,
+                destination=str(event.move_destination, "ascii", "replace")
+                if isinstance(event.move_destination, bytes)
+                else str(event.move_destination),
+                actor=peer.actor(),
+                now=timezone.now(),
+            )
+        except MoveRefused as refused:
+            _close_connection()
+            if refused.status == 0xA801:
+                yield None, None  # pynetdicom answers "move destination unknown"
+                return
+            # pynetdicom reads a status only after a destination and a count of sub-operations
+            yield peer.institution.dicom_host, peer.institution.dicom_port, _move_kwargs()
+            yield 1
+            yield refused.status, None
+            return
+        yield peer.institution.dicom_host, peer.institution.dicom_port, _move_kwargs()
+        yield len(plan.allowed)
+        try:
+            for dataset in move_instances(plan, peer.actor()):
+                if event.is_cancelled:
+                    yield 0xFE00, None
+                    return
+                yield 0xFF00, dataset
+        except Exception:
+            logger.exception("C-MOVE of %s for %s failed", study, peer.ae_title)
+            yield 0xC000, None
+        finally:
+            _close_connection()
 
     def on_ended(self, event: Any) -> None:
         event.assoc.relais_peer = None
@@ -467,3 +552,14 @@ def _status(status: int, comment: str = "") -> Dataset:
 def _close_connection() -> None:
     """Each association thread has its own database connection: close it as it ends."""
     connection.close()
+
+
+def _move_kwargs() -> dict[str, Any]:
+    """How pynetdicom associates with a C-MOVE's destination: the storage contexts (without
+    them it fails after opening a socket, and leaks it), TCP_NODELAY."""
+    from pynetdicom import build_context
+
+    return {
+        "contexts": [build_context(c.abstract_syntax) for c in StoragePresentationContexts],
+        "evt_handlers": list(NODELAY_HANDLERS),
+    }

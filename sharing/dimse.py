@@ -1,0 +1,289 @@
+"""The gateway's DIMSE side: a hospital PACS with approved tickets queries (C-FIND) and
+retrieves (C-MOVE) the shared studies from the broker's SCP.
+
+A PACS has no token: its association was admitted as its institution's archive (calling AE
+title and address, `broker.dicom.scp`), and what it may reach is what its institution's live
+tickets reach (approved, not ended; the avis's recipient institution, or the requester's for
+the other purposes). Each C-MOVE is an access decision: the ticket, its scope, and the
+patient's consent for the ticket's holder at that institution, now; permit or deny, audited.
+The instances are fetched from the source archive and sent by C-STORE to the AE registered
+for the institution (its archive entry), never to another: an unknown destination is refused
+(0xA801).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from django.db import transaction
+from django.db.models import Q
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from audit.events import EventCode, Outcome
+from audit.services import Actor, audit_record
+from broker.archives import institution_archive
+from broker.identity import patient_ref
+from broker.models import Institution, Manifest, ManifestInstance, ManifestStatus
+from consent import policy
+from consent.services import consent_decide_for_issuance
+from sharing.decision import (
+    institution_knows_patient,
+    policy_professional_id,
+    ticket_relationship,
+    ticket_studies,
+)
+from sharing.gateway import media_storage_sop_instance_uid
+from sharing.models import AccessRequest, Purpose, RequestState
+
+
+@dataclass(frozen=True)
+class Reachable:
+    ticket: AccessRequest
+    manifest: Manifest
+
+
+def institution_reachable(institution: Institution, now: dt.datetime) -> dict[str, Reachable]:
+    """The studies ``institution``'s live tickets reach, by Study Instance UID."""
+    tickets = (
+        AccessRequest.objects.filter(state=RequestState.APPROVED, not_after__gt=now)
+        .filter(
+            Q(purpose=Purpose.AVIS, recipient_institution=institution)
+            | (~Q(purpose=Purpose.AVIS) & Q(requester_institution=institution))
+        )
+        .select_related("patient", "requester__user", "recipient__user", "shift")
+        .order_by("created_at", "id")
+    )
+    reachable: dict[str, Reachable] = {}
+    for ticket in tickets:
+        if ticket.purpose == Purpose.TELERADIOLOGY and (
+            ticket.shift is None or ticket.shift.cancelled_at is not None
+        ):
+            continue
+        uids = [ref.study_instance_uid for ref in ticket_studies(ticket)]
+        for manifest in Manifest.objects.filter(
+            study_instance_uid__in=uids,
+            status=ManifestStatus.APPROVED,
+            source_identifier__patient_id=ticket.patient_id,
+        ).select_related("source_institution", "source_identifier"):
+            reachable.setdefault(manifest.study_instance_uid, Reachable(ticket, manifest))
+    return reachable
+
+
+def find_studies(
+    *, institution: Institution, query: Dataset, actor: Actor, now: dt.datetime
+) -> list[Dataset]:
+    """C-FIND (Study Root, STUDY level) over what the institution's tickets reach."""
+    wanted = str(getattr(query, "StudyInstanceUID", "") or "")
+    patient_id = str(getattr(query, "PatientID", "") or "")
+    answers = []
+    for uid, found in sorted(institution_reachable(institution, now).items()):
+        if wanted and uid not in wanted.split("\\"):
+            continue
+        manifest = found.manifest
+        if patient_id and patient_id.strip("*") not in manifest.source_identifier.value:
+            continue
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "STUDY"
+        ds.StudyInstanceUID = uid
+        ds.StudyDate = manifest.study_date.strftime("%Y%m%d") if manifest.study_date else ""
+        ds.StudyTime = manifest.study_time.strftime("%H%M%S") if manifest.study_time else ""
+        ds.AccessionNumber = manifest.accession_number
+        ds.StudyDescription = manifest.study_description
+        ds.ModalitiesInStudy = list(manifest.modalities)
+        ds.PatientID = manifest.source_identifier.value
+        ds.IssuerOfPatientID = manifest.source_identifier.issuer
+        ds.PatientName = "^".join(
+            filter(
+                None,
+                (manifest.source_identifier.family_name, manifest.source_identifier.given_names),
+            )
+        )
+        ds.NumberOfStudyRelatedSeries = manifest.series_count
+        ds.NumberOfStudyRelatedInstances = manifest.instance_count
+        ds.RetrieveAETitle = ""
+        answers.append(ds)
+    with transaction.atomic():
+        audit_record(
+            code=EventCode.GATEWAY_QUERY,
+            actor=actor,
+            now=now,
+            details={"dimse": "C-FIND", "study": wanted, "results": len(answers)},
+        )
+    return answers
+
+
+@dataclass
+class MovePlan:
+    """What a permitted C-MOVE sends: the instances of one study, read from its source."""
+
+    manifest: Manifest
+    ticket: AccessRequest
+    allowed: frozenset[str]
+
+
+class MoveRefused(Exception):
+    """A C-MOVE that may not be (the DIMSE status says why)."""
+
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(comment)
+        self.status = status
+        self.comment = comment
+
+
+STATUS_MOVE_DESTINATION_UNKNOWN = 0xA801
+# C-MOVE has no "not authorised" status of its own (DCMTK calls 0x0124 "unknown" there): a
+# refused move is "unable to process", and the audit record says why.
+STATUS_REFUSED = 0xC000
+
+
+def move_plan(
+    *,
+    institution: Institution,
+    study_instance_uid: str,
+    destination: str,
+    actor: Actor,
+    now: dt.datetime,
+) -> MovePlan:
+    """The decision for a C-MOVE by ``institution``'s PACS; audited, permit or deny."""
+    if destination.strip() != institution.ae_title:
+        _audit_move(actor, now, None, False, f"destination {destination!r} is not registered")
+        raise MoveRefused(STATUS_MOVE_DESTINATION_UNKNOWN, "unknown move destination")
+    found = institution_reachable(institution, now).get(study_instance_uid)
+    if found is None:
+        _audit_move(actor, now, None, False, "no live ticket of this institution reaches it")
+        raise MoveRefused(STATUS_REFUSED, "no ticket reaches this study")
+    ticket, manifest = found.ticket, found.manifest
+    holder = ticket.recipient if ticket.purpose == Purpose.AVIS else ticket.requester
+    with transaction.atomic():
+        decision = None
+        if holder is not None:
+            decision = consent_decide_for_issuance(
+                patient=ticket.patient,
+                requester=policy.Requester(policy_professional_id(holder), institution.finess),
+                relationship=ticket_relationship(
+                    ticket, institution_knows_patient(institution.pk, ticket.patient_id)
+                ),
+                purpose=policy.Purpose(ticket.purpose),
+                studies=(
+                    policy.StudyRef(
+                        manifest.study_instance_uid, manifest.source_institution.finess
+                    ),
+                ),
+                now=now,
+            )
+        permit = decision is not None and decision.permit
+        _audit_move(
+            actor,
+            now,
+            ticket,
+            permit,
+            "; ".join(r.text for r in decision.reasons) if decision else "no holder",
+            study=study_instance_uid,
+        )
+    if not permit:
+        raise MoveRefused(STATUS_REFUSED, "the patient's consent denies it")
+    allowed = frozenset(
+        ManifestInstance.objects.filter(series__manifest=manifest).values_list(
+            "sop_instance_uid", flat=True
+        )
+    )
+    return MovePlan(manifest=manifest, ticket=ticket, allowed=allowed)
+
+
+def move_instances(plan: MovePlan, actor: Actor) -> Iterator[Dataset]:
+    """The instances of the plan, fetched from the source archive one at a time (C-GET or
+    WADO-RS), decoded for pynetdicom's C-STORE sub-operations. Begin Transferring before,
+    Instances Transferred (count, bytes, outcome) after, however it ends."""
+    from django.utils import timezone
+
+    manifest, patient = plan.manifest, patient_ref(plan.ticket.patient)
+    _audit_transfer(EventCode.TRANSFER_BEGIN, actor, plan, patient, Outcome.SUCCESS, {})
+    sent = size = 0
+    outcome, error = Outcome.SERIOUS_FAILURE, ""
+    client = institution_archive(manifest.source_institution)
+    try:
+        for data in client.retrieve(manifest.study_instance_uid):
+            if media_storage_sop_instance_uid(data) not in plan.allowed:
+                continue
+            yield dcmread(io.BytesIO(data))
+            sent += 1
+            size += len(data)
+        outcome = Outcome.SUCCESS
+    except GeneratorExit:
+        outcome, error = Outcome.MINOR_FAILURE, "cancelled or aborted"
+        raise
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        client.close()
+        _audit_transfer(
+            EventCode.TRANSFER_END,
+            actor,
+            plan,
+            patient,
+            outcome,
+            {"instances": sent, "bytes": size, "error": error or None},
+            now=timezone.now(),
+        )
+
+
+def _audit_move(
+    actor: Actor,
+    now: dt.datetime,
+    ticket: AccessRequest | None,
+    permit: bool,
+    why: str,
+    *,
+    study: str = "",
+) -> None:
+    with transaction.atomic():
+        audit_record(
+            code=EventCode.ACCESS_DECIDE,
+            actor=actor,
+            now=now,
+            outcome=Outcome.SUCCESS if permit else Outcome.MINOR_FAILURE,
+            patient=patient_ref(ticket.patient) if ticket else None,
+            objects=([{"type": "access-request", "id": str(ticket.public_id)}] if ticket else []),
+            purpose_of_use=ticket.purpose if ticket else "",
+            correlation_id=ticket.public_id if ticket else None,
+            details={"dimse": "C-MOVE", "permit": permit, "why": why, "study": study},
+        )
+
+
+def _audit_transfer(
+    code: EventCode,
+    actor: Actor,
+    plan: MovePlan,
+    patient: object,
+    outcome: Outcome,
+    extra: dict[str, object],
+    *,
+    now: dt.datetime | None = None,
+) -> None:
+    from django.utils import timezone
+
+    with transaction.atomic():
+        audit_record(
+            code=code,
+            actor=actor,
+            now=now or timezone.now(),
+            outcome=outcome,
+            patient=patient,  # type: ignore[arg-type]
+            objects=[
+                {"type": "study", "uid": plan.manifest.study_instance_uid},
+                {"type": "access-request", "id": str(plan.ticket.public_id)},
+            ],
+            purpose_of_use=plan.ticket.purpose,
+            correlation_id=plan.ticket.public_id,
+            details={
+                "dimse": "C-MOVE",
+                "study": plan.manifest.study_instance_uid,
+                "source": plan.manifest.source_institution.finess,
+                **extra,
+            },
+        )

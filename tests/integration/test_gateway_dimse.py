@@ -1,0 +1,194 @@
+"""The gateway's DIMSE side with real peers: a PACS (DCMTK's findscu and movescu, a storescp
+as its store) queries and retrieves a shared study through the broker's SCP; the study comes
+from a real Orthanc."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from django.utils import timezone
+
+from audit.events import EventCode
+from audit.models import AuditEvent
+from broker.archives import institution_archive
+from broker.dicom.scp import BrokerSCP, SCPConfig
+from broker.harvest import harvest_run
+from broker.models import Manifest, ManifestStatus, Role
+from broker.services import institution_update
+from consent.services import directive_record
+from sharing import services
+from tests.conftest import NOW, SYSTEM, Region, make_user
+from tests.peers.dcmtk import require_tool, run_tool
+from tests.peers.fixtures import OrthancRegion
+from tests.peers.orthanc import free_port
+from tests.peers.studies import CHUB_AE
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+PACS_AE = "PM_PACS"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """Port-Maël's PACS store: DCMTK's storescp, writing what it receives to a folder."""
+    port, folder = free_port(), tmp_path / "received"
+    folder.mkdir()
+    with subprocess.Popen(
+        [require_tool("storescp"), "-aet", PACS_AE, "-od", str(folder), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    ) as process:
+        time.sleep(0.3)
+        try:
+            yield port, folder
+        finally:
+            process.terminate()
+
+
+@pytest.fixture
+def world(region: Region, orthanc_region: OrthancRegion, store, referring_doctor, radiologist):
+    archive = orthanc_region.archives[CHUB_AE]
+    chu = institution_update(
+        institution=region.chu,
+        ae_title=archive.aet,
+        dicom_host="127.0.0.1",
+        dicom_port=archive.dicom_port,
+        dicomweb_url=archive.dicomweb_url,
+        actor=SYSTEM,
+        now=NOW,
+    )
+    harvest_run(
+        institution=chu,
+        client_factory=lambda: institution_archive(chu, "dicomweb"),
+        transport="dicomweb",
+        actor=SYSTEM,
+    )
+    portmael = institution_update(
+        institution=region.portmael,
+        ae_title=PACS_AE,
+        dicom_host="127.0.0.1",
+        dicom_port=store[0],
+        actor=SYSTEM,
+        now=NOW,
+    )
+    study = orthanc_region.studies[CHUB_AE][0]
+    manifest = Manifest.objects.get(
+        study_instance_uid=study.study_instance_uid, status=ManifestStatus.APPROVED
+    )
+    patient = manifest.source_identifier.patient
+    # Port-Maël's doctor asks for the CHU's study; a CHU radiologist approves; the patient
+    # consented to sharing with Port-Maël.
+    ticket = services.request_create(
+        user=referring_doctor,
+        purpose="treatment",
+        patient=patient,
+        institution=portmael,
+        studies=[study.study_instance_uid],
+        justification="suivi",
+        actor=SYSTEM,
+        now=timezone.now(),
+    )
+    if ticket.state == "pending":
+        services.request_approve(user=radiologist, ticket=ticket, actor=SYSTEM, now=timezone.now())
+    clerk = make_user("clerk.chu", [(chu, Role.ADMISSIONS_CLERK)])
+    directive_record(
+        patient=patient,
+        institution=chu,
+        recorder=clerk,
+        kind="consent",
+        scope="institution",
+        value=portmael.finess,
+        note="consentement oral",
+        actor=SYSTEM,
+        now=timezone.now(),
+    )
+    scp = BrokerSCP(SCPConfig(ae_title="RELAIS", bind="127.0.0.1", port=0, timeout=20))
+    server = scp.start(block=False)
+    assert server is not None
+    try:
+        yield {
+            "port": server.server_address[1],
+            "study": study,
+            "received": store[1],
+            "ticket": ticket,
+            "other": orthanc_region.studies[CHUB_AE][1],
+        }
+    finally:
+        scp.shutdown()
+
+
+def dicom_files(folder: Path) -> dict[str, bytes]:
+    found = {}
+    for path in folder.iterdir():
+        ds = pydicom.dcmread(path)
+        found[str(ds.SOPInstanceUID)] = path.read_bytes()
+    return found
+
+
+def test_a_pacs_queries_then_retrieves_a_shared_study_by_c_move(world):
+    study = world["study"]
+    found = run_tool(
+        "findscu",
+        [
+            "-S", "-aet", PACS_AE, "-aec", "RELAIS", "127.0.0.1", world["port"],
+            "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID", "-k", "PatientID",
+        ],
+    )  # fmt: skip
+    assert found.returncode == 0, found.stderr
+    assert study.study_instance_uid in found.stdout + found.stderr
+    assert world["other"].study_instance_uid not in found.stdout + found.stderr  # no ticket
+    moved = run_tool(
+        "movescu",
+        [
+            "-S", "-aet", PACS_AE, "-aec", "RELAIS", "-aem", PACS_AE,
+            "127.0.0.1", world["port"],
+            "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study.study_instance_uid}",
+        ],
+        timeout=120,
+    )  # fmt: skip
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    received = dicom_files(world["received"])
+    uploaded = {str(pydicom.dcmread(io.BytesIO(d)).SOPInstanceUID): d for d in study.instances}
+    assert received.keys() == uploaded.keys()
+    for uid, data in received.items():
+        original = pydicom.dcmread(io.BytesIO(uploaded[uid]))
+        copy = pydicom.dcmread(io.BytesIO(data))
+        assert copy.PixelData == original.PixelData
+    end = AuditEvent.objects.get(code=EventCode.TRANSFER_END)
+    assert end.details["instances"] == len(uploaded)
+    assert end.correlation_id == world["ticket"].public_id
+    permit = AuditEvent.objects.filter(code=EventCode.ACCESS_DECIDE, outcome=0).last()
+    assert permit.details["dimse"] == "C-MOVE"
+
+
+def test_c_move_refusals(world):
+    study = world["study"]
+
+    def move(uid: str, destination: str) -> str:
+        moved = run_tool(
+            "movescu",
+            [
+                "-S", "-aet", PACS_AE, "-aec", "RELAIS", "-aem", destination,
+                "127.0.0.1", world["port"],
+                "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={uid}",
+            ],
+        )  # fmt: skip
+        return moved.stdout + moved.stderr
+
+    # Another destination than the institution's registered AE.
+    assert "Refused: MoveDestinationUnknown" in move(study.study_instance_uid, "ELSEWHERE")
+    # A study no ticket of the institution reaches.
+    refused = move(world["other"].study_instance_uid, PACS_AE)
+    assert "Received Final Move Response (Failed" in refused, refused
+    assert not list(world["received"].iterdir())
+    refusals = AuditEvent.objects.filter(code=EventCode.ACCESS_DECIDE, outcome=4)
+    assert {e.details["why"] for e in refusals} == {
+        "destination 'ELSEWHERE' is not registered",
+        "no live ticket of this institution reaches it",
+    }
