@@ -701,6 +701,7 @@ class DicomWebArchive:
         self._base = endpoint.wado_base_url
         self._client = httpx.Client(
             timeout=httpx.Timeout(endpoint.timeout),
+            verify=_https_context(),
             trust_env=False,
             follow_redirects=False,
             headers={"Accept-Encoding": "identity", "User-Agent": "Relais-broker"},
@@ -1105,6 +1106,20 @@ def _json_without_bulk(ds: Dataset) -> dict[str, Any]:
 
 def _no_bulk_uri(element: Any) -> str:
     return ""
+
+
+_https_context_lock = threading.Lock()
+_https_context_cache: list[ssl.SSLContext] = []
+
+
+def _https_context() -> ssl.SSLContext:
+    """One TLS context for every DICOMweb client of the process: building one loads the CA
+    bundle, 40-60 ms of CPU here, which a client per request (the gateway's) paid each time
+    (docs/performance.md). An SSLContext is safe to share between threads."""
+    with _https_context_lock:
+        if not _https_context_cache:
+            _https_context_cache.append(ssl.create_default_context())
+        return _https_context_cache[0]
 
 
 def _json_values(item: dict[str, Any], tag: str) -> list[Any]:
