@@ -227,20 +227,31 @@ class InboxApi(APIView):
         return _tickets(request, list(selectors.inbox(user=request.user)[:200]), "inbox")
 
 
+def _ticket_step(
+    request: Request,
+    ticket_id: uuid.UUID,
+    input_class: type[serializers.Serializer[Any]],
+    service: Any,
+) -> Response:
+    """One step of a ticket: the gate, the input (its fields are the service's keywords),
+    the service, the ticket as it now is."""
+    ticket = access_ticket(request.user, ticket_id)
+    data = input_class(data=request.data)
+    data.is_valid(raise_exception=True)
+    ticket = service(
+        user=request.user,
+        ticket=ticket,
+        actor=actor_for(request),
+        now=timezone.now(),
+        **data.validated_data,
+    )
+    return Response(TicketOutput(ticket).data)
+
+
 class RequestApproveApi(APIView):
     @extend_schema(request=NoteInput, responses=TicketOutput, summary="Approve a request")
     def post(self, request: Request, ticket_id: uuid.UUID) -> Response:
-        ticket = access_ticket(request.user, ticket_id)
-        data = NoteInput(data=request.data)
-        data.is_valid(raise_exception=True)
-        ticket = services.request_approve(
-            user=request.user,
-            ticket=ticket,
-            note=data.validated_data["note"],
-            actor=actor_for(request),
-            now=timezone.now(),
-        )
-        return Response(TicketOutput(ticket).data)
+        return _ticket_step(request, ticket_id, NoteInput, services.request_approve)
 
 
 class RequestDenyApi(APIView):
@@ -249,17 +260,7 @@ class RequestDenyApi(APIView):
 
     @extend_schema(request=DenyInput, responses=TicketOutput, summary="Deny a request")
     def post(self, request: Request, ticket_id: uuid.UUID) -> Response:
-        ticket = access_ticket(request.user, ticket_id)
-        data = self.DenyInput(data=request.data)
-        data.is_valid(raise_exception=True)
-        ticket = services.request_deny(
-            user=request.user,
-            ticket=ticket,
-            note=data.validated_data["note"],
-            actor=actor_for(request),
-            now=timezone.now(),
-        )
-        return Response(TicketOutput(ticket).data)
+        return _ticket_step(request, ticket_id, self.DenyInput, services.request_deny)
 
 
 class RequestCancelApi(APIView):
@@ -269,17 +270,7 @@ class RequestCancelApi(APIView):
         summary="Cancel my request (ends a break-the-glass too)",
     )
     def post(self, request: Request, ticket_id: uuid.UUID) -> Response:
-        ticket = access_ticket(request.user, ticket_id)
-        data = NoteInput(data=request.data)
-        data.is_valid(raise_exception=True)
-        ticket = services.request_cancel(
-            user=request.user,
-            ticket=ticket,
-            note=data.validated_data["note"],
-            actor=actor_for(request),
-            now=timezone.now(),
-        )
-        return Response(TicketOutput(ticket).data)
+        return _ticket_step(request, ticket_id, NoteInput, services.request_cancel)
 
 
 class RequestRevokeApi(APIView):
@@ -292,17 +283,7 @@ class RequestRevokeApi(APIView):
         summary="Revoke an approved ticket and every token issued under it",
     )
     def post(self, request: Request, ticket_id: uuid.UUID) -> Response:
-        ticket = access_ticket(request.user, ticket_id)
-        data = self.RevokeInput(data=request.data)
-        data.is_valid(raise_exception=True)
-        ticket = services.request_revoke(
-            user=request.user,
-            ticket=ticket,
-            reason=data.validated_data["reason"],
-            actor=actor_for(request),
-            now=timezone.now(),
-        )
-        return Response(TicketOutput(ticket).data)
+        return _ticket_step(request, ticket_id, self.RevokeInput, services.request_revoke)
 
 
 class AvisAnswerApi(APIView):
@@ -311,17 +292,7 @@ class AvisAnswerApi(APIView):
 
     @extend_schema(request=AnswerInput, responses=TicketOutput, summary="Answer an avis")
     def post(self, request: Request, ticket_id: uuid.UUID) -> Response:
-        ticket = access_ticket(request.user, ticket_id)
-        data = self.AnswerInput(data=request.data)
-        data.is_valid(raise_exception=True)
-        ticket = services.avis_answer(
-            user=request.user,
-            ticket=ticket,
-            answer=data.validated_data["answer"],
-            actor=actor_for(request),
-            now=timezone.now(),
-        )
-        return Response(TicketOutput(ticket).data)
+        return _ticket_step(request, ticket_id, self.AnswerInput, services.avis_answer)
 
 
 class TicketStoryApi(APIView):
