@@ -1588,6 +1588,7 @@ class DimseArchive:
             started = time.monotonic()
             final: Dataset | None = None
             try:
+                _quiesce(assoc)  # the C-FIND above ran on this association
                 for status, _identifier in assoc.send_c_move(query, destination, _MOVE_MODEL):
                     final = status
             except (ValueError, RuntimeError) as exc:
