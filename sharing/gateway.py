@@ -173,18 +173,20 @@ def _body(
     manifest: Manifest,
     patient: PatientRef,
 ) -> Iterator[bytes]:
+    # Two chunks per instance: the delimiter with the part's headers (and the CRLF ending the
+    # part before), then the instance's bytes as the archive client read them, never copied.
     head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii")
     outcome, error = Outcome.SUCCESS, None
     try:
         data = first
         while data is not None:
-            yield head
+            yield head if not transfer.instances else b"\r\n" + head
             yield data
-            yield b"\r\n"
             transfer.instances += 1
             transfer.bytes += len(data)
             data = _next_allowed(source, allowed, transfer)
-        yield f"--{boundary}--\r\n".encode("ascii")
+        closing = f"--{boundary}--\r\n".encode("ascii")
+        yield b"\r\n" + closing if transfer.instances else closing
     except ArchiveError as exc:  # mid-stream: the status is sent; the body stops short
         outcome, error = _outcome(exc), exc
         logger.warning("retrieval of %s cut short: %s", manifest.study_instance_uid, exc)

@@ -32,15 +32,15 @@ archive's.
 
 DICOMweb
 --------
-One `httpx.Client` per archive: keep-alive, `trust_env=False` (no proxy or netrc from the
-environment), `endpoint.timeout` for connect, read, write and pool, and `Accept-Encoding:
-identity` (an Orthanc with HttpCompressionEnabled gzips single instances for clients that accept
-it, 20 times slower; DICOM pixel data does not compress that way anyway). GET requests are retried
-`endpoint.retries` times, with exponential backoff (0.2 s, 0.4 s, 0.8 s..., capped at 5 s), on
-connect errors, timeouts, a connection closed before the answer, and 502/503/504 (a Retry-After
-of at most 30 s is honoured; a longer one ends the retries at once). A retrieval already
-streaming is not restarted behind the consumer's back: a cut in the middle raises a retryable
-`ArchiveProtocolError`.
+One `httpx.Client` per archive (the WADO-RS retrieval aside, see `retrieve`): keep-alive,
+`trust_env=False` (no proxy or netrc from the environment), `endpoint.timeout` for connect,
+read, write and pool, and `Accept-Encoding: identity` (an Orthanc with HttpCompressionEnabled
+gzips single instances for clients that accept it, 20 times slower; DICOM pixel data does not
+compress that way anyway). GET requests are retried `endpoint.retries` times, with exponential
+backoff (0.2 s, 0.4 s, 0.8 s..., capped at 5 s), on connect errors, timeouts, a connection
+closed before the answer, and 502/503/504 (a Retry-After of at most 30 s is honoured; a longer
+one ends the retries at once). A retrieval already streaming is not restarted behind the
+consumer's back: a cut in the middle raises a retryable `ArchiveProtocolError`.
 
 - `find_studies`: QIDO-RS `/studies` paged with `limit`/`offset` (`page_size` studies a page),
   the fields asked for with `includefield`. A study stored between two pages may be missed or
@@ -55,12 +55,15 @@ streaming is not restarted behind the consumer's back: a cut in the middle raise
 - `retrieve`: WADO-RS with `Accept: multipart/related; type="application/dicom";
   transfer-syntax=*`. The `transfer-syntax=*` matters: without it Orthanc (DICOMweb plugin 1.7)
   transcodes every instance to Explicit VR Little Endian, slowly, and the bytes are no longer the
-  archive's. The multipart body is parsed incrementally as it arrives (`_MultipartReader`:
-  boundary quoted or not, CRLF, preamble and epilogue, each part's Content-Length used when
-  given and checked against the next delimiter), so memory is bounded by about one instance
-  (the part being received plus the copy handed out), never by the study. Orthanc ends such an
-  answer by closing the connection (no Content-Length, no chunking): an answer that ends before
-  the closing delimiter is reported as cut short.
+  archive's. This one request goes through `http.client`, not httpx: the body is read from the
+  socket part by part (`broker.dicom.multipart`: boundary quoted or not, CRLF, preamble and
+  epilogue, each part's Content-Length used when given and checked against the next delimiter),
+  a part of known length in one read that fills its bytes object straight from the socket. That
+  costs about 0.3 CPU s/GB against 1.2 through httpx and its per-64-KiB parsing
+  (docs/performance.md). Memory is bounded by about one instance, never by the study. Orthanc
+  ends such an answer by closing the connection (no Content-Length, no chunking): an answer that
+  ends before the closing delimiter is reported as cut short. Retries and errors are the same
+  as for the other requests.
 
 DIMSE
 -----
@@ -125,6 +128,7 @@ import contextlib
 import datetime as dt
 import email.message
 import email.utils
+import http.client
 import io
 import queue
 import random
@@ -133,6 +137,7 @@ import socket
 import ssl
 import threading
 import time
+import urllib.parse
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -178,6 +183,7 @@ from broker.dicom.kos import (
     SeriesDescription,
     StudyDescription,
 )
+from broker.dicom.multipart import MalformedMultipart, MultipartCutShort, MultipartParts
 from broker.dicom.network import NODELAY_HANDLERS
 
 Transport: TypeAlias = Literal["dicomweb", "dimse"]
@@ -188,7 +194,6 @@ _BACKOFF_BASE_SECONDS: Final = 0.2
 _BACKOFF_MAX_SECONDS: Final = 5.0
 _MAX_RETRY_AFTER_SECONDS: Final = 30.0
 _DEFAULT_PAGE_SIZE: Final = 500
-_MAX_PART_HEADER_BYTES: Final = 16 * 1024
 _MAX_ERROR_BODY_BYTES: Final = 300
 _QUEUE_DEPTH: Final = 2
 _MAX_CONTEXTS: Final = 128
@@ -202,6 +207,7 @@ _WILDCARDS: Final = frozenset("*?\\")
 _QUERY_SAFE: Final = frozenset(
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~*^,:@/"
 )
+_REQUEST_HEADERS: Final = {"Accept-Encoding": "identity", "User-Agent": "Relais-broker"}
 _DICOM_MULTIPART: Final = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
 # Transfer syntaxes proposed for C-GET, most common first: each gets its own presentation
@@ -704,7 +710,7 @@ class DicomWebArchive:
             verify=_https_context(),
             trust_env=False,
             follow_redirects=False,
-            headers={"Accept-Encoding": "identity", "User-Agent": "Relais-broker"},
+            headers=_REQUEST_HEADERS,
         )
 
     def __enter__(self) -> Self:
@@ -814,25 +820,31 @@ class DicomWebArchive:
             path += f"/series/{series_uid}"
             if sop_uid is not None:
                 path += f"/instances/{sop_uid}"
-        what = "WADO-RS retrieval"
-        response = self._send(path, [], _DICOM_MULTIPART, what, stream=True)
+        what = f"WADO-RS retrieval of {path}"
+        connection, response = self._open_stream(path, _DICOM_MULTIPART, what)
         try:
-            reader = _MultipartReader(self._boundary(response, what))
-            for chunk in response.iter_bytes():
+            boundary = self._boundary(response.getheader("Content-Type"), what)
+            reader = MultipartParts(response, boundary)
+            parts = iter(reader)
+            while True:
                 try:
-                    yield from reader.feed(chunk)
-                except _MalformedMultipart as exc:
-                    self._fail(ArchiveProtocolError, f"{what} of {path}: {exc}")
-            if not reader.finished:
-                self._fail(
-                    ArchiveProtocolError,
-                    f"{what} of {path}: the answer was cut short {reader.where}",
-                    retryable=True,
-                )
-        except httpx.HTTPError as exc:
-            raise self._transport_error(exc, f"{what} of {path}", midstream=True) from exc
+                    part = next(parts)
+                except StopIteration:
+                    return
+                except MultipartCutShort:
+                    self._fail(
+                        ArchiveProtocolError,
+                        f"{what}: the answer was cut short {reader.where}",
+                        retryable=True,
+                    )
+                except MalformedMultipart as exc:
+                    self._fail(ArchiveProtocolError, f"{what}: {exc}")
+                except (OSError, http.client.HTTPException) as exc:
+                    raise self._socket_error(exc, what, stage="midstream") from exc
+                yield part
         finally:
             response.close()
+            connection.close()
 
     def metadata(
         self, study_instance_uid: str, series_instance_uid: str | None = None
@@ -945,35 +957,112 @@ class DicomWebArchive:
             else:
                 if response.is_success:
                     return response
-                error, delay = self._status_error(response, f"{what} of {path}", stream)
-            if (
-                not error.retryable
-                or attempt >= self.endpoint.retries
-                or (delay is not None and delay > _MAX_RETRY_AFTER_SECONDS)
-            ):
-                raise error
-            if delay is None:
-                delay = min(_BACKOFF_MAX_SECONDS, _BACKOFF_BASE_SECONDS * 2**attempt)
-                delay *= 1 + random.random() / 4  # noqa: S311 - jitter, not cryptography
-            time.sleep(delay)
+                detail = _error_detail(response, stream)
+                error, delay = self._status_error(
+                    response.status_code,
+                    response.reason_phrase,
+                    response.headers.get("Retry-After"),
+                    detail,
+                    f"{what} of {path}",
+                )
+            self._pause_before_retry(error, attempt, delay)
             attempt += 1
 
+    def _open_stream(
+        self, path: str, accept: str, what: str
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """GET with retries, over `http.client`: a body to read from the socket as it comes
+        (`broker.dicom.multipart`), without an HTTP library's handling of every 64 KiB. The
+        caller closes both the response and the connection."""
+        target = urllib.parse.urlsplit(f"{self._base}{path}")
+        host, port = target.hostname or "", target.port
+        request_path = target.path + (f"?{target.query}" if target.query else "")
+        headers = {"Accept": accept, **_REQUEST_HEADERS}
+        attempt = 0
+        while True:
+            delay: float | None = None
+            connection: http.client.HTTPConnection
+            if target.scheme == "https":
+                connection = http.client.HTTPSConnection(
+                    host, port, timeout=self.endpoint.timeout, context=_https_context()
+                )
+            else:
+                connection = http.client.HTTPConnection(host, port, timeout=self.endpoint.timeout)
+            try:
+                connection.connect()
+            except OSError as exc:
+                connection.close()
+                error = self._socket_error(exc, what, stage="connect")
+            else:  # http.client sets TCP_NODELAY
+                try:
+                    connection.request("GET", request_path, headers=headers)
+                    response = connection.getresponse()
+                except (OSError, http.client.HTTPException) as exc:
+                    connection.close()
+                    error = self._socket_error(exc, what, stage="answer")
+                else:
+                    if 200 <= response.status < 300:
+                        return connection, response
+                    error, delay = self._status_error(
+                        response.status,
+                        response.reason,
+                        response.getheader("Retry-After"),
+                        _raw_error_detail(response),
+                        what,
+                    )
+                    connection.close()
+            self._pause_before_retry(error, attempt, delay)
+            attempt += 1
+
+    def _pause_before_retry(self, error: ArchiveError, attempt: int, delay: float | None) -> None:
+        """Raise `error` unless it is worth another attempt; then wait (backoff or
+        Retry-After)."""
+        if (
+            not error.retryable
+            or attempt >= self.endpoint.retries
+            or (delay is not None and delay > _MAX_RETRY_AFTER_SECONDS)
+        ):
+            raise error
+        if delay is None:
+            delay = min(_BACKOFF_MAX_SECONDS, _BACKOFF_BASE_SECONDS * 2**attempt)
+            delay *= 1 + random.random() / 4  # noqa: S311 - jitter, not cryptography
+        time.sleep(delay)
+
     def _status_error(
-        self, response: httpx.Response, what: str, stream: bool
+        self, status: int, reason: str, retry_after_header: str | None, detail: str, what: str
     ) -> tuple[ArchiveError, float | None]:
-        status = response.status_code
-        detail = _error_detail(response, stream)
-        message = f"{what}: HTTP {status} {response.reason_phrase}{detail}"
+        message = f"{what}: HTTP {status} {reason}{detail}"
         if status == 404:
             return self._error(ArchiveNotFound, message), None
         if status in {401, 403}:
             return self._error(ArchiveRefused, message), None
         if status not in _RETRY_STATUSES:
             return self._error(ArchiveProtocolError, message), None
-        retry_after = _retry_after(response.headers.get("Retry-After"))
+        retry_after = _retry_after(retry_after_header)
         if retry_after is not None and retry_after > _MAX_RETRY_AFTER_SECONDS:
             message += f" (Retry-After {retry_after:.0f} s: too long to wait here)"
         return self._error(ArchiveProtocolError, message, retryable=True), retry_after
+
+    def _socket_error(self, exc: Exception, what: str, *, stage: str) -> ArchiveError:
+        """An error of `http.client` or of the socket under it, at the `stage` "connect",
+        "answer" (before the body) or "midstream"."""
+        reason = str(exc) or type(exc).__name__
+        timeout = self.endpoint.timeout
+        if isinstance(exc, TimeoutError):
+            if stage == "connect":
+                return self._error(ArchiveTimeout, f"{what}: no connection within {timeout:g} s")
+            return self._error(ArchiveTimeout, f"{what}: no answer within {timeout:g} s (read)")
+        if stage == "connect":
+            return self._error(ArchiveUnreachable, f"{what}: cannot connect ({reason})")
+        # (RemoteDisconnected, no status line at all, is a ConnectionResetError)
+        if isinstance(exc, ConnectionError | ssl.SSLError | http.client.IncompleteRead):
+            when = "in the middle of the answer" if stage == "midstream" else "before answering"
+            return self._error(
+                ArchiveProtocolError,
+                f"{what}: the archive closed the connection {when} ({reason})",
+                retryable=True,
+            )
+        return self._error(ArchiveProtocolError, f"{what}: {type(exc).__name__}: {reason}")
 
     def _transport_error(self, exc: httpx.HTTPError, what: str, *, midstream: bool) -> ArchiveError:
         reason = str(exc) or type(exc).__name__
@@ -997,8 +1086,8 @@ class DicomWebArchive:
             )
         return self._error(ArchiveProtocolError, f"{what}: {type(exc).__name__}: {reason}")
 
-    def _boundary(self, response: httpx.Response, what: str) -> bytes:
-        content_type = response.headers.get("Content-Type", "")
+    def _boundary(self, content_type: str | None, what: str) -> bytes:
+        content_type = content_type or ""
         message = email.message.Message()
         message["Content-Type"] = content_type
         boundary = message.get_param("boundary")
@@ -1161,6 +1250,16 @@ def _error_detail(response: httpx.Response, stream: bool) -> str:
     return f": {text}" if text else ""
 
 
+def _raw_error_detail(response: http.client.HTTPResponse) -> str:
+    """The start of an error answer's body (`http.client`), for the message."""
+    try:
+        body = response.read(_MAX_ERROR_BODY_BYTES)
+    except (OSError, http.client.HTTPException):
+        body = b""
+    text = " ".join(body.decode("utf-8", "replace").split())
+    return f": {text}" if text else ""
+
+
 def _query_safe(value: str) -> bool:
     return all(char in _QUERY_SAFE for char in value)
 
@@ -1189,182 +1288,6 @@ def _retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
-
-
-class _MalformedMultipart(Exception):
-    pass
-
-
-class _MultipartReader:
-    """Incremental reader of a multipart body: `feed` chunks, get each part's body once whole.
-
-    RFC 2046 §5.1.1: a preamble, then parts each introduced by CRLF "--" boundary (the first
-    CRLF may be missing at the very start), transport padding and CRLF, headers, an empty line
-    and the body; "--" after a delimiter closes the body, an epilogue may follow.
-
-    When a part gives its Content-Length (Orthanc's do), its body is gathered as the chunks
-    arrive and joined once, one copy, without searching it; the length is trusted only if the
-    delimiter comes right after, else the body is searched for the delimiter as when there is
-    no length.
-    """
-
-    _PREAMBLE, _DELIMITER, _HEADERS, _BODY, _DONE = range(5)
-
-    def __init__(self, boundary: bytes) -> None:
-        self._delimiter = b"\r\n--" + boundary
-        self._buffer = bytearray(b"\r\n")  # a body starting with "--boundary" needs no CRLF
-        self._state = self._PREAMBLE
-        self._scan_from = 0
-        self._length: int | None = None  # Content-Length of the part being received
-        self._pieces: list[bytes | memoryview] = []  # its body so far, when the length is known
-        self._received = 0
-        self.parts = 0
-
-    @property
-    def finished(self) -> bool:
-        return self._state == self._DONE
-
-    @property
-    def where(self) -> str:
-        if self._state in {self._PREAMBLE, self._DELIMITER} and self.parts == 0:
-            return "before the first instance"
-        if self._state in {self._HEADERS, self._BODY}:
-            return f"in the middle of instance {self.parts + 1}"
-        return f"after {self.parts} instance(s), without the closing boundary"
-
-    def feed(self, chunk: bytes) -> Iterator[bytes]:
-        """Take one more chunk; yield each part's body completed by it."""
-        if self._state == self._DONE:
-            return  # the epilogue
-        if self._state == self._BODY and self._length is not None and not self._buffer:
-            needed = self._length - self._received
-            if len(chunk) < needed:  # the common case: the chunk is all body
-                self._pieces.append(chunk)
-                self._received += len(chunk)
-                return
-            view = memoryview(chunk)
-            self._pieces.append(view[:needed])
-            self._received += needed
-            self._buffer += view[needed:]
-        else:
-            self._buffer += chunk
-        while self._state != self._DONE:
-            progressed, part = self._step()
-            if part is not None:
-                yield part
-            if not progressed:
-                return
-
-    def _step(self) -> tuple[bool, bytes | None]:
-        """Advance by one state if the buffer allows: (progressed, the part completed if any)."""
-        buffer = self._buffer
-        if self._state == self._PREAMBLE:
-            index = buffer.find(self._delimiter)
-            if index < 0:
-                keep = len(self._delimiter) - 1
-                if len(buffer) > keep:
-                    del buffer[: len(buffer) - keep]
-                return False, None
-            del buffer[: index + len(self._delimiter)]
-            self._state = self._DELIMITER
-            return True, None
-        if self._state == self._DELIMITER:
-            # after a delimiter: "--" (close), or transport padding and CRLF
-            if len(buffer) < 2:
-                return False, None
-            if buffer.startswith(b"--"):
-                self._state = self._DONE
-                del buffer[:]
-                return True, None
-            end = buffer.find(b"\r\n")
-            if end < 0:
-                if len(buffer) > _MAX_PART_HEADER_BYTES:
-                    raise _MalformedMultipart("no line end after a boundary")
-                return False, None
-            if buffer[:end].strip(b" \t"):
-                raise _MalformedMultipart("unexpected bytes after a boundary")
-            del buffer[: end + 2]
-            self._state = self._HEADERS
-            return True, None
-        if self._state == self._HEADERS:
-            if buffer.startswith(b"\r\n"):
-                header_end, body_start = 0, 2
-            else:
-                header_end = buffer.find(b"\r\n\r\n")
-                if header_end < 0:
-                    if len(buffer) > _MAX_PART_HEADER_BYTES:
-                        raise _MalformedMultipart("part headers too long")
-                    return False, None
-                body_start = header_end + 4
-            self._length = self._part_headers(bytes(buffer[:header_end]))
-            del buffer[:body_start]
-            self._scan_from = 0
-            self._state = self._BODY
-            return True, None
-        if self._length is not None:
-            return self._step_known_length(self._length)
-        index = buffer.find(self._delimiter, self._scan_from)
-        if index < 0:
-            self._scan_from = max(0, len(buffer) - len(self._delimiter) + 1)
-            return False, None
-        with memoryview(buffer) as view:
-            part = bytes(view[:index])
-        del buffer[: index + len(self._delimiter)]
-        return True, self._part_done(part)
-
-    def _step_known_length(self, length: int) -> tuple[bool, bytes | None]:
-        buffer, delimiter = self._buffer, self._delimiter
-        needed = length - self._received
-        if needed and buffer:
-            taken = min(needed, len(buffer))
-            with memoryview(buffer) as view:
-                self._pieces.append(bytes(view[:taken]))
-            del buffer[:taken]
-            self._received += taken
-            needed -= taken
-        if needed or len(buffer) < len(delimiter):
-            return False, None
-        body = b"".join(self._pieces)
-        self._pieces.clear()
-        self._received = 0
-        if buffer.startswith(delimiter):
-            del buffer[: len(delimiter)]
-            return True, self._part_done(body)
-        # the length was wrong: search the body for the delimiter instead
-        buffer[:0] = body
-        self._length = None
-        self._scan_from = 0
-        return True, None
-
-    def _part_done(self, part: bytes) -> bytes:
-        if not part:
-            raise _MalformedMultipart(f"part {self.parts + 1} is empty")
-        self._state = self._DELIMITER
-        self._length = None
-        self._scan_from = 0
-        self.parts += 1
-        return part
-
-    @staticmethod
-    def _part_headers(raw: bytes) -> int | None:
-        length = None
-        for line in raw.split(b"\r\n") if raw else ():
-            name, sep, value = line.partition(b":")
-            if not sep:
-                raise _MalformedMultipart(f"malformed part header {line[:80]!r}")
-            key = name.strip().lower()
-            if key == b"content-type":
-                media = value.split(b";")[0].strip().lower()
-                if media != b"application/dicom":
-                    raise _MalformedMultipart(
-                        f"a part is {media.decode('latin-1')!r}, not application/dicom"
-                    )
-            elif key == b"content-length":
-                text = value.strip()
-                if not text.isdigit():
-                    raise _MalformedMultipart(f"invalid part Content-Length {text[:20]!r}")
-                length = int(text)
-        return length
 
 
 # --------------------------------------------------------------------------- DIMSE

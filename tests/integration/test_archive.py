@@ -41,8 +41,8 @@ from broker.dicom.archive import (
     Transport,
     archive_client,
 )
-from broker.dicom.archive import _MultipartReader as MultipartReader
 from broker.dicom.kos import INS_NIA_OID, INS_NIR_OID, build_kos, parse_kos
+from broker.dicom.multipart import MalformedMultipart, MultipartParts
 from broker.dicom.network import NODELAY_HANDLERS, TLSFiles, tls_client_context, tls_server_context
 from tests.peers.certificates import CertificateAuthority
 from tests.peers.fixtures import BROKER_MODALITY, OrthancRegion
@@ -723,7 +723,27 @@ def multipart(
     return body + b"--" + boundary + b"--\r\n"
 
 
-@settings(max_examples=150, deadline=None)
+class Arrivals(io.RawIOBase):
+    """A raw stream handing out `body` in the pieces `cuts` make, as a socket would."""
+
+    def __init__(self, body: bytes, cuts: list[int]) -> None:
+        self.body, self.at = body, 0
+        self.ends = [*sorted({c % (len(body) + 1) for c in cuts if c}), len(body)]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self.ends and self.ends[0] <= self.at:
+            self.ends.pop(0)
+        end = min(self.ends[0] if self.ends else len(self.body), self.at + len(buffer))
+        size = end - self.at
+        buffer[:size] = self.body[self.at : end]
+        self.at = end
+        return size
+
+
+@settings(max_examples=200, deadline=None)
 @given(
     parts=st.lists(
         st.binary(min_size=1, max_size=300).map(lambda b: b.replace(b"\r\n--q", b"\r\n-q")),
@@ -732,13 +752,15 @@ def multipart(
     ),
     lengths=st.sampled_from(["given", "absent", "one too short", "one too long"]),
     cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=12),
+    buffer_size=st.sampled_from([1, 7, 64, 8192]),
+    preamble=st.sampled_from([b"", b"\r\n", b"preamble\r\n", b"a long line " * 2000 + b"\r\n"]),
 )
 def test_the_multipart_reader_finds_the_same_parts_however_the_bytes_arrive(
-    parts: list[bytes], lengths: str, cuts: list[int]
+    parts: list[bytes], lengths: str, cuts: list[int], buffer_size: int, preamble: bytes
 ) -> None:
     """Parts may hold CRLF, "--" and most of the boundary; a wrong Content-Length is caught."""
     boundary = b"q:b"
-    body = b"preamble\r\n"
+    body = preamble
     for part in parts:
         body += b"--" + boundary + b"\r\nContent-Type: application/dicom\r\n"
         declared = {"given": 0, "one too short": -1, "one too long": 1}.get(lengths)
@@ -746,15 +768,35 @@ def test_the_multipart_reader_finds_the_same_parts_however_the_bytes_arrive(
             body += f"Content-Length: {len(part) + declared}\r\n".encode()
         body += b"\r\n" + part + b"\r\n"
     body += b"--" + boundary + b"--\r\nepilogue"
-    reader = MultipartReader(boundary)
-    received: list[bytes] = []
-    start = 0
-    for cut_at in [*sorted({c % (len(body) + 1) for c in cuts}), len(body)]:
-        received += reader.feed(body[start:cut_at])
-        start = cut_at
+    reader = MultipartParts(io.BufferedReader(Arrivals(body, cuts), buffer_size), boundary)
 
-    assert received == parts
+    assert list(reader) == parts
     assert reader.finished
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (b"--q:b\r\nContent-Type: text/plain\r\n\r\nx\r\n--q:b--", "not application/dicom"),
+        (b"--q:b\r\nContent-Length: -1\r\n\r\nx\r\n--q:b--", "invalid part Content-Length"),
+        (b"--q:b\r\nno colon\r\n\r\nx\r\n--q:b--", "malformed part header"),
+        (b"--q:b\r\n\r\n\r\n--q:b--", "part 1 is empty"),
+        (b"--q:bX\r\n\r\nx\r\n--q:b--", "unexpected bytes after a boundary"),
+        (b"--q:b\r\n" + b"X-Long: " + b"y" * 17000 + b"\r\n\r\nx\r\n--q:b--", "too long"),
+    ],
+)
+def test_a_malformed_multipart_body_is_named(body: bytes, error: str) -> None:
+    with pytest.raises(MalformedMultipart, match=error):
+        list(MultipartParts(io.BufferedReader(io.BytesIO(body)), b"q:b"))
+
+
+def test_a_lying_content_length_costs_memory_only_as_the_bytes_arrive() -> None:
+    """A part claiming a terabyte is read in bounded pieces, then found cut short."""
+    body = b"--q:b\r\nContent-Length: 999999999999\r\n\r\nDICM"
+    reader = MultipartParts(io.BufferedReader(io.BytesIO(body)), b"q:b")
+    with pytest.raises(MalformedMultipart, match="cut"):
+        list(reader)
+    assert reader.where == "in the middle of instance 1"
 
 
 def test_wado_multipart_is_parsed_as_it_dribbles_in_until_the_connection_closes() -> None:
@@ -797,6 +839,69 @@ def test_a_wado_answer_that_is_not_multipart_is_a_protocol_error() -> None:
         scripted_http(status(200, b"{}", Content_Type="application/json")) as (url, _asked),
         web_archive(url) as archive,
         pytest.raises(ArchiveProtocolError, match="multipart"),
+    ):
+        list(archive.retrieve("1.2.3"))
+
+
+def test_a_wado_retrieval_is_retried_before_its_answer_and_fails_with_typed_errors() -> None:
+    def hang_up(handler: http.server.BaseHTTPRequestHandler) -> None:
+        handler.close_connection = True
+        handler.connection.shutdown(socket.SHUT_RDWR)
+
+    parts = [b"instance"]
+    content_type = 'multipart/related; type="application/dicom"; boundary="xyz"'
+    answer = dribble(content_type, multipart(b"xyz", parts, lengths=True), 4096)
+    with (
+        scripted_http(status(503, Retry_After="0"), hang_up, answer) as (url, asked),
+        web_archive(url, retries=2) as archive,
+    ):
+        assert list(archive.retrieve("1.2.3")) == parts
+    assert asked == ["/dicom-web/studies/1.2.3"] * 3
+    with (
+        scripted_http(status(404, b"Unknown study")) as (url, asked),
+        web_archive(url, retries=2) as archive,
+        pytest.raises(ArchiveNotFound, match="HTTP 404 Not Found: Unknown study"),
+    ):
+        list(archive.retrieve("1.2.3"))
+    with (
+        scripted_http(status(503, Retry_After="0")) as (url, asked),
+        web_archive(url, retries=1) as archive,
+        pytest.raises(ArchiveProtocolError, match="HTTP 503") as raised,
+    ):
+        list(archive.retrieve("1.2.3"))
+    assert len(asked) == 2
+    assert raised.value.retryable
+
+
+def test_a_wado_retrieval_from_an_archive_down_or_silent() -> None:
+    port = free_port()
+    with (
+        web_archive(f"http://127.0.0.1:{port}/dicom-web", retries=0) as archive,
+        pytest.raises(ArchiveUnreachable, match="cannot connect"),
+    ):
+        list(archive.retrieve("1.2.3"))
+    with (
+        silent_listener() as port,
+        web_archive(f"http://127.0.0.1:{port}", retries=0, timeout=0.3) as archive,
+        pytest.raises(ArchiveTimeout, match=r"no answer within 0\.3 s") as raised,
+    ):
+        list(archive.retrieve("1.2.3"))
+    assert raised.value.retryable
+
+
+def test_a_wado_answer_that_stalls_mid_instance_times_out() -> None:
+    def stall(handler: http.server.BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", 'multipart/related; boundary="xyz"')
+        handler.end_headers()
+        handler.wfile.write(b"--xyz\r\nContent-Length: 100\r\n\r\nDICM")
+        handler.wfile.flush()
+        time.sleep(1.0)
+
+    with (
+        scripted_http(stall) as (url, _asked),
+        web_archive(url, retries=3, timeout=0.3) as archive,
+        pytest.raises(ArchiveTimeout, match=r"no answer within 0\.3 s"),
     ):
         list(archive.retrieve("1.2.3"))
 
