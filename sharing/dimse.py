@@ -22,10 +22,12 @@ from django.db import transaction
 from django.db.models import Q
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from audit.events import EventCode, Outcome
 from audit.services import Actor, audit_record
 from broker.archives import institution_archive
+from broker.dicom.matching import matches
 from broker.identity import patient_ref
 from broker.models import Institution, Manifest, ManifestInstance, ManifestStatus
 from consent import policy
@@ -73,47 +75,149 @@ def institution_reachable(institution: Institution, now: dt.datetime) -> dict[st
     return reachable
 
 
-def find_studies(
-    *, institution: Institution, query: Dataset, actor: Actor, now: dt.datetime
+class QueryRefused(Exception):
+    """A C-FIND that cannot be answered (the DIMSE status says why)."""
+
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(comment)
+        self.status = status
+        self.comment = comment
+
+
+# Identifier does not match SOP class: a level or a key the Study Root model does not allow.
+STATUS_IDENTIFIER_MISMATCH = 0xA900
+LEVELS = ("STUDY", "SERIES", "IMAGE")
+# The matching keys supported at each level, with their VR; any other key is a return key.
+_STUDY_KEYS = {
+    "StudyInstanceUID": "UI",
+    "PatientID": "LO",
+    "IssuerOfPatientID": "LO",
+    "PatientName": "PN",
+    "StudyDate": "DA",
+    "StudyTime": "TM",
+    "AccessionNumber": "SH",
+    "StudyDescription": "LO",
+    "ModalitiesInStudy": "CS",
+}
+_SERIES_KEYS = {"SeriesInstanceUID": "UI", "Modality": "CS", "BodyPartExamined": "CS"}
+_IMAGE_KEYS = {"SOPInstanceUID": "UI", "SOPClassUID": "UI"}
+# Unique keys (Study Root, hierarchical): always returned at and above the level asked.
+_UNIQUE = {"STUDY": ("StudyInstanceUID",), "SERIES": ("StudyInstanceUID", "SeriesInstanceUID")}
+_UNIQUE["IMAGE"] = (*_UNIQUE["SERIES"], "SOPInstanceUID")
+
+
+def find(
+    *, institution: Institution, query: Dataset, actor: Actor, now: dt.datetime, ae_title: str
 ) -> list[Dataset]:
-    """C-FIND (Study Root, STUDY level) over what the institution's tickets reach."""
-    wanted = str(getattr(query, "StudyInstanceUID", "") or "")
-    patient_id = str(getattr(query, "PatientID", "") or "")
+    """C-FIND (Study Root; STUDY, SERIES or IMAGE level) over what the institution's tickets
+    reach. Matching follows PS3.4 C.2.2.2 (`broker.dicom.matching`); each answer holds the
+    keys asked for, the unique keys down to the level, and the broker's AE title as the
+    Retrieve AE Title (the PACS retrieves through the broker). Audited."""
+    level = str(query.get("QueryRetrieveLevel", "") or "").strip().upper()
+    if level not in LEVELS:
+        raise QueryRefused(STATUS_IDENTIFIER_MISMATCH, f"unknown query level {level!r}")
+    wanted: dict[str, str] = {
+        element.keyword: _key_text(element.value) for element in query if element.keyword
+    }
+    if level != "STUDY":
+        for keyword in _UNIQUE[level][:-1]:  # hierarchical: one value of each level above
+            value = wanted.get(keyword, "")
+            if not value or "\\" in value or "*" in value or "?" in value:
+                raise QueryRefused(
+                    STATUS_IDENTIFIER_MISMATCH, f"{keyword} must be one UID at {level} level"
+                )
     answers = []
-    for uid, found in sorted(institution_reachable(institution, now).items()):
-        if wanted and uid not in wanted.split("\\"):
+    for _uid, found in sorted(institution_reachable(institution, now).items()):
+        study = _study_attributes(found.manifest, ae_title)
+        if not _all_match(study, wanted, _STUDY_KEYS):
             continue
-        manifest = found.manifest
-        if patient_id and patient_id.strip("*") not in manifest.source_identifier.value:
+        if level == "STUDY":
+            answers.append(_answer(study, wanted, level))
             continue
-        ds = Dataset()
-        ds.QueryRetrieveLevel = "STUDY"
-        ds.StudyInstanceUID = uid
-        ds.StudyDate = manifest.study_date.strftime("%Y%m%d") if manifest.study_date else ""
-        ds.StudyTime = manifest.study_time.strftime("%H%M%S") if manifest.study_time else ""
-        ds.AccessionNumber = manifest.accession_number
-        ds.StudyDescription = manifest.study_description
-        ds.ModalitiesInStudy = list(manifest.modalities)
-        ds.PatientID = manifest.source_identifier.value
-        ds.IssuerOfPatientID = manifest.source_identifier.issuer
-        ds.PatientName = "^".join(
-            filter(
-                None,
-                (manifest.source_identifier.family_name, manifest.source_identifier.given_names),
-            )
-        )
-        ds.NumberOfStudyRelatedSeries = manifest.series_count
-        ds.NumberOfStudyRelatedInstances = manifest.instance_count
-        ds.RetrieveAETitle = ""
-        answers.append(ds)
+        for series in found.manifest.series.all().order_by("id"):
+            series_attributes = {
+                **study,
+                "SeriesInstanceUID": series.series_instance_uid,
+                "Modality": series.modality,
+                "BodyPartExamined": series.body_part,
+                "NumberOfSeriesRelatedInstances": series.instance_count,
+            }
+            if not _all_match(series_attributes, wanted, _SERIES_KEYS):
+                continue
+            if level == "SERIES":
+                answers.append(_answer(series_attributes, wanted, level))
+                continue
+            for instance in series.instances.all().order_by("id"):
+                image = {
+                    **series_attributes,
+                    "SOPInstanceUID": instance.sop_instance_uid,
+                    "SOPClassUID": instance.sop_class_uid,
+                }
+                if _all_match(image, wanted, _IMAGE_KEYS):
+                    answers.append(_answer(image, wanted, level))
     with transaction.atomic():
         audit_record(
             code=EventCode.GATEWAY_QUERY,
             actor=actor,
             now=now,
-            details={"dimse": "C-FIND", "study": wanted, "results": len(answers)},
+            details={
+                "dimse": "C-FIND",
+                "level": level,
+                "study": wanted.get("StudyInstanceUID", ""),
+                "results": len(answers),
+            },
         )
     return answers
+
+
+def _key_text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join(str(item) for item in value)
+    return str(value)
+
+
+def _study_attributes(manifest: Manifest, ae_title: str) -> dict[str, object]:
+    identifier = manifest.source_identifier
+    return {
+        "StudyInstanceUID": manifest.study_instance_uid,
+        "StudyDate": manifest.study_date.strftime("%Y%m%d") if manifest.study_date else "",
+        "StudyTime": manifest.study_time.strftime("%H%M%S") if manifest.study_time else "",
+        "AccessionNumber": manifest.accession_number,
+        "StudyDescription": manifest.study_description,
+        "ModalitiesInStudy": list(manifest.modalities),
+        "PatientID": identifier.value,
+        "IssuerOfPatientID": identifier.issuer,
+        "PatientName": "^".join(filter(None, (identifier.family_name, identifier.given_names))),
+        "NumberOfStudyRelatedSeries": manifest.series_count,
+        "NumberOfStudyRelatedInstances": manifest.instance_count,
+        "RetrieveAETitle": ae_title,
+    }
+
+
+def _all_match(attributes: dict[str, object], wanted: dict[str, str], keys: dict[str, str]) -> bool:
+    for keyword, vr in keys.items():
+        pattern = wanted.get(keyword)
+        if pattern is None:
+            continue
+        value = attributes.get(keyword) or ""
+        if not matches(value if isinstance(value, list) else str(value), pattern, vr):
+            return False
+    return True
+
+
+def _answer(attributes: dict[str, object], wanted: dict[str, str], level: str) -> Dataset:
+    """The identifier answered: the keys asked for that the broker knows, and the unique keys
+    down to the level (PS3.4 C.4.1.1.3.2)."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.QueryRetrieveLevel = level
+    for keyword in (*_UNIQUE[level], *wanted):
+        if keyword in attributes and keyword not in ds:
+            value = attributes[keyword]
+            setattr(ds, keyword, value if value is not None else "")
+    return ds
 
 
 @dataclass
@@ -123,6 +227,7 @@ class MovePlan:
     manifest: Manifest
     ticket: AccessRequest
     allowed: frozenset[str]
+    series: str | None = None  # one series asked for: only it is fetched from the source
 
 
 class MoveRefused(Exception):
@@ -147,8 +252,11 @@ def move_plan(
     destination: str,
     actor: Actor,
     now: dt.datetime,
+    series_instance_uids: frozenset[str] = frozenset(),
+    sop_instance_uids: frozenset[str] = frozenset(),
 ) -> MovePlan:
-    """The decision for a C-MOVE by ``institution``'s PACS; audited, permit or deny."""
+    """The decision for a C-MOVE by ``institution``'s PACS (a study, some of its series, or
+    some of its instances); audited, permit or deny."""
     if destination.strip() != institution.ae_title:
         _audit_move(actor, now, None, False, f"destination {destination!r} is not registered")
         raise MoveRefused(STATUS_MOVE_DESTINATION_UNKNOWN, "unknown move destination")
@@ -157,6 +265,18 @@ def move_plan(
         _audit_move(actor, now, None, False, "no live ticket of this institution reaches it")
         raise MoveRefused(STATUS_REFUSED, "no ticket reaches this study")
     ticket, manifest = found.ticket, found.manifest
+    instances = ManifestInstance.objects.filter(series__manifest=manifest)
+    if series_instance_uids:
+        instances = instances.filter(series__series_instance_uid__in=series_instance_uids)
+    if sop_instance_uids:
+        instances = instances.filter(sop_instance_uid__in=sop_instance_uids)
+    allowed = frozenset(instances.values_list("sop_instance_uid", flat=True))
+    if not allowed:
+        _audit_move(
+            actor, now, ticket, False, "nothing asked for is in the study's manifest",
+            study=study_instance_uid,
+        )  # fmt: skip
+        raise MoveRefused(STATUS_REFUSED, "nothing asked for is in the manifest")
     holder = ticket.recipient if ticket.purpose == Purpose.AVIS else ticket.requester
     with transaction.atomic():
         decision = None
@@ -186,12 +306,8 @@ def move_plan(
         )
     if not permit:
         raise MoveRefused(STATUS_REFUSED, "the patient's consent denies it")
-    allowed = frozenset(
-        ManifestInstance.objects.filter(series__manifest=manifest).values_list(
-            "sop_instance_uid", flat=True
-        )
-    )
-    return MovePlan(manifest=manifest, ticket=ticket, allowed=allowed)
+    one_series = next(iter(series_instance_uids)) if len(series_instance_uids) == 1 else None
+    return MovePlan(manifest=manifest, ticket=ticket, allowed=allowed, series=one_series)
 
 
 def move_instances(plan: MovePlan, actor: Actor) -> Iterator[Dataset]:
@@ -206,7 +322,7 @@ def move_instances(plan: MovePlan, actor: Actor) -> Iterator[Dataset]:
     outcome, error = Outcome.SERIOUS_FAILURE, ""
     client = institution_archive(manifest.source_institution)
     try:
-        for data in client.retrieve(manifest.study_instance_uid):
+        for data in client.retrieve(manifest.study_instance_uid, plan.series):
             if media_storage_sop_instance_uid(data) not in plan.allowed:
                 continue
             yield dcmread(io.BytesIO(data))

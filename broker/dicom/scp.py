@@ -27,6 +27,7 @@ from typing import Any
 from django.db import DatabaseError, close_old_connections, connection, transaction
 from django.utils import timezone
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pynetdicom import AE, evt
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -254,22 +255,26 @@ class BrokerSCP:
         return self.register(peer, event.encoded_dataset(include_meta=True))
 
     def on_c_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
-        """Study Root C-FIND at STUDY level over what the institution's tickets reach."""
-        from sharing.dimse import find_studies
+        """Study Root C-FIND (STUDY, SERIES or IMAGE level) over what the institution's
+        tickets reach."""
+        from sharing.dimse import QueryRefused, find
 
         peer = getattr(event.assoc, "relais_peer", None)
         if not isinstance(peer, Peer):
             yield STATUS_NOT_AUTHORIZED, None
             return
-        query = event.identifier
-        if str(getattr(query, "QueryRetrieveLevel", "")) != "STUDY":
-            yield 0xA900, None  # identifier does not match SOP class: STUDY level only
-            return
         try:
             close_old_connections()
-            answers = find_studies(
-                institution=peer.institution, query=query, actor=peer.actor(), now=timezone.now()
+            answers = find(
+                institution=peer.institution,
+                query=event.identifier,
+                actor=peer.actor(),
+                now=timezone.now(),
+                ae_title=self.config.ae_title,
             )
+        except QueryRefused as refused:
+            yield _status(refused.status, refused.comment), None
+            return
         except Exception:
             logger.exception("C-FIND from %s failed", peer.ae_title)
             yield 0xC000, None
@@ -290,14 +295,24 @@ class BrokerSCP:
         peer = getattr(event.assoc, "relais_peer", None)
         query = event.identifier
         study = str(getattr(query, "StudyInstanceUID", "") or "")
-        if not isinstance(peer, Peer) or str(getattr(query, "QueryRetrieveLevel", "")) != "STUDY":
-            yield None, None
+        level = str(getattr(query, "QueryRetrieveLevel", "") or "").strip().upper()
+        series, instances = _uids(query, "SeriesInstanceUID"), _uids(query, "SOPInstanceUID")
+        if (
+            not isinstance(peer, Peer)
+            or level not in {"STUDY", "SERIES", "IMAGE"}
+            or "\\" in study
+            or (level != "STUDY" and not series)
+            or (level == "IMAGE" and (len(series) != 1 or not instances))
+        ):
+            yield None, None  # pynetdicom answers "identifier does not match SOP class"
             return
         try:
             close_old_connections()
             plan = move_plan(
                 institution=peer.institution,
                 study_instance_uid=study,
+                series_instance_uids=series if level != "STUDY" else frozenset(),
+                sop_instance_uids=instances if level == "IMAGE" else frozenset(),
                 destination=str(event.move_destination, "ascii", "replace")
                 if isinstance(event.move_destination, bytes)
                 else str(event.move_destination),
@@ -552,6 +567,15 @@ def _status(status: int, comment: str = "") -> Dataset:
 def _close_connection() -> None:
     """Each association thread has its own database connection: close it as it ends."""
     connection.close()
+
+
+def _uids(query: Dataset, keyword: str) -> frozenset[str]:
+    """The UIDs of a list-of-UID key (empty when absent)."""
+    value = query.get(keyword)
+    if not value:
+        return frozenset()
+    items = value if isinstance(value, list | tuple | MultiValue) else str(value).split("\\")
+    return frozenset(str(item).strip() for item in items if str(item).strip())
 
 
 def _move_kwargs() -> dict[str, Any]:

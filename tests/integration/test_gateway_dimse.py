@@ -192,3 +192,83 @@ def test_c_move_refusals(world):
         "destination 'ELSEWHERE' is not registered",
         "no live ticket of this institution reaches it",
     }
+
+
+def find(world, level: str, *keys: str) -> str:
+    found = run_tool(
+        "findscu",
+        [
+            "-S", "-aet", PACS_AE, "-aec", "RELAIS", "127.0.0.1", world["port"],
+            "-k", f"QueryRetrieveLevel={level}", *(a for key in keys for a in ("-k", key)),
+        ],
+    )  # fmt: skip
+    assert found.returncode == 0, found.stdout + found.stderr
+    return found.stdout + found.stderr
+
+
+def test_queries_at_study_series_and_image_level_with_matching(world):
+    study = world["study"]
+    uid = study.study_instance_uid
+    name = study.patient.family
+    date = study.study_date.strftime("%Y%m%d")
+    # Study level: a wildcard on the name, a date range; only the keys asked for come back.
+    answer = find(
+        world,
+        "STUDY",
+        f"PatientName={name[:3].lower()}*",
+        f"StudyDate=-{date}",
+        "StudyInstanceUID",
+        "RetrieveAETitle",
+    )
+    assert uid in answer
+    assert "RELAIS" in answer
+    assert "AccessionNumber" not in answer
+    assert uid not in find(world, "STUDY", f"StudyDate={int(date) + 1}-", "StudyInstanceUID")
+    # Series level: each series of the manifest.
+    answer = find(world, "SERIES", f"StudyInstanceUID={uid}", "SeriesInstanceUID", "Modality")
+    assert all(series in answer for series in study.series_uids)
+    assert answer.count("Find Response:") == len(study.series_uids)
+    # Image level: the instances of one series.
+    series = study.series_uids[0]
+    answer = find(
+        world, "IMAGE", f"StudyInstanceUID={uid}", f"SeriesInstanceUID={series}", "SOPInstanceUID"
+    )
+    assert answer.count("Find Response:") == len(study.sop_instance_uids(1))
+    assert all(sop in answer for sop in study.sop_instance_uids(1))
+    # Below the study level, the study must be named.
+    refused = find(world, "SERIES", "StudyInstanceUID", "SeriesInstanceUID")
+    assert "Final Find Response (Error: DataSetDoesNotMatchSOPClass)" in refused  # 0xA900
+    # The study no ticket reaches stays invisible at every level.
+    other = world["other"].study_instance_uid
+    assert "Find Response:" not in find(
+        world, "SERIES", f"StudyInstanceUID={other}", "SeriesInstanceUID"
+    )
+
+
+def test_a_pacs_moves_one_series_only(world):
+    study = world["study"]
+    series = study.series_uids[1]
+    moved = run_tool(
+        "movescu",
+        [
+            "-S", "-aet", PACS_AE, "-aec", "RELAIS", "-aem", PACS_AE, "127.0.0.1", world["port"],
+            "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study.study_instance_uid}",
+            "-k", f"SeriesInstanceUID={series}",
+        ],
+        timeout=120,
+    )  # fmt: skip
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert dicom_files(world["received"]).keys() == set(study.sop_instance_uids(2))
+    # A series that is not the study's: refused, audited, nothing sent.
+    refused = run_tool(
+        "movescu",
+        [
+            "-S", "-aet", PACS_AE, "-aec", "RELAIS", "-aem", PACS_AE, "127.0.0.1", world["port"],
+            "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study.study_instance_uid}",
+            "-k", "SeriesInstanceUID=1.2.3.4",
+        ],
+    )  # fmt: skip
+    assert "Received Final Move Response (Failed" in refused.stdout + refused.stderr
+    assert len(list(world["received"].iterdir())) == len(study.sop_instance_uids(2))
+    denied = AuditEvent.objects.filter(code=EventCode.ACCESS_DECIDE, outcome=4).last()
+    assert denied.details["why"] == "nothing asked for is in the study's manifest"
