@@ -48,14 +48,21 @@ processes) and of interrupts (much of loopback TCP); the broker's RSS peak (VmRS
 50 ms, and VmHWM reset before each run). Before the timed runs, once per path (also the
 warm-up), the study is moved to a storescp that writes the files: the SOP Instance UIDs
 received must be the study's, and each instance's Pixel Data the uploaded one (SHA-256).
-After the runs, the audit trail is read back: one successful Instances Transferred record per
-broker move, with the study's instance count.
+A move that fails (its final status, or fewer sub-operations than instances) is reported
+with what the broker logged meanwhile, kept out of the figures and tried again (``--retries``,
+default 2); the failures are listed at the end. After the runs, the audit trail is read back:
+one Instances Transferred record per broker move, successful and with the study's instance
+count for each move that succeeded.
 
 ``--profile`` records the broker process with py-spy (``--py-spy PATH``; ``record --rate 250
---format raw``) during ``--profile-runs`` broker moves (not timed) and prints where the
-samples fall: by thread (the association's, the DUL reader/writer threads), by stage (archive
-fetch, dcmread, dataset encoding, P-DATA fragmentation, PDU encoding and socket send, ...),
-and the top functions, self and inclusive.
+--format raw --threads``, one record per move) during ``--profile-runs`` broker moves (not
+timed), twice: with ``--gil`` (only the thread holding the GIL: where the interpreter's time
+goes) and without (every thread py-spy does not find idle: pynetdicom's reactors, which sleep
+0.1 ms at a time, look busy there). It prints each thread's CPU per move (/proc/PID/task:
+the association thread running the C-MOVE handler, the DUL thread of the sub-association to
+storescp, the DUL thread of movescu's association, ...) with its share of the samples, the
+samples by stage (archive fetch, dcmread, dataset encoding, DIMSE command sets, P-DATA
+fragmentation, PDU encoding, socket, waits, ...), and the top functions, self and inclusive.
 """
 
 from __future__ import annotations
@@ -73,6 +80,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -132,6 +140,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--profile-runs", type=int, default=2)
     parser.add_argument("--py-spy", default=shutil.which("py-spy") or "")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per move")
+    parser.add_argument(
+        "--retries", type=int, default=2, help="a failed move is reported, then tried again"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder and DB")
     return parser.parse_args()
 
@@ -255,10 +266,18 @@ class Move:
     failed: int | None
     warning: int | None
     output: str
+    broker_log: str = ""  # what the broker logged during the move (warnings and errors)
 
     @property
     def ok(self) -> bool:
         return self.returncode == 0 and self.status == "Success" and not self.failed
+
+    def why(self) -> str:
+        """The broker's first warnings and its last words, in a line or two."""
+        lines = [line for line in self.broker_log.splitlines() if line.strip()]
+        noted = [line for line in lines if " WARNING " in line or " ERROR " in line]
+        shown = [*noted[:3], *(lines[-1:] if lines and lines[-1] not in noted[:3] else [])]
+        return " | ".join(line[:300] for line in shown) or "(the broker logged nothing)"
 
 
 _SUBOPS = re.compile(r"(Completed|Failed|Warning) Suboperations\s*:\s*(\d+)")
@@ -299,6 +318,10 @@ def movescu(port: int, called: str, study_uid: str, timeout: float) -> Move:
     )
 
 
+def tail_of(text: str, lines: int) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
 def pixel_hashes(instances: Iterator[bytes], into: dict[str, str]) -> Iterator[bytes]:
     """Pass the instances on, noting each one's SOP Instance UID and Pixel Data SHA-256."""
     import pydicom
@@ -334,98 +357,241 @@ def empty(folder: Path) -> int:
 
 # --------------------------------------------------------------------------- the profile
 
-# Stages of the broker's C-MOVE, matched from the leaf up: the first frame that names one.
+# Leaves that are a thread waiting rather than working (py-spy counts a thread that sleeps
+# 0.1 ms at a time, as pynetdicom's reactors do, as active).
+WAITS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "reactor loops' own lines (mostly time.sleep polling: DUL 0.1 ms, association 1 ms)",
+        ("run_reactor (pynetdicom/dul.py", "_run_reactor (pynetdicom/association.py"),
+    ),
+    (
+        "waiting (Condition/Event wait, select)",
+        ("Condition.wait (", "Event.wait (", ".select (selectors.py", "Queue.get (queue.py"),
+    ),
+)
+# Then the stages of the broker's C-MOVE, in this order: the first whose marker is anywhere
+# in the stack (the command set's encoding, inside the DIMSE message, before the dataset's).
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("dcmread (instance decoded for pynetdicom)", ("dcmread (pydicom/filereader.py",)),
     (
-        "dataset encoding (pynetdicom dsutils.encode -> pydicom write)",
-        ("encode (pynetdicom/dsutils.py", "dcmwrite (pydicom/filewriter.py"),
-    ),
-    (
-        "P-DATA fragmentation (encode_msg, PDVs)",
-        ("encode_msg (pynetdicom/dimse_messages.py", "_generate_pdv_fragments ("),
-    ),
-    ("PDU encoding (pynetdicom pdu/pdu_items)", ("pynetdicom/pdu.py", "pynetdicom/pdu_items.py")),
-    (
-        "socket send/recv (pynetdicom transport)",
-        ("send (pynetdicom/transport.py", "recv (pynetdicom/transport.py", "ready (pynetdicom"),
-    ),
-    (
-        "archive fetch (WADO-RS read, multipart parsing / C-GET)",
+        "archive fetch (WADO-RS read and multipart parsing, or C-GET)",
         ("broker/dicom/archive.py", "broker/dicom/multipart.py", "http/client.py", "httpx/"),
     ),
-    ("SOP UID check (media_storage_sop_instance_uid)", ("media_storage_sop_instance_uid (",)),
-    ("database (decision, audit)", ("django/", "psycopg/")),
-    ("DUL reactor loop / queues (pynetdicom dul)", ("pynetdicom/dul.py",)),
-    ("DIMSE provider / queues", ("pynetdicom/dimse.py", "queue.py", "threading.py")),
-    ("C-MOVE service class", ("pynetdicom/service_class.py",)),
-    ("association", ("pynetdicom/association.py",)),
+    ("dcmread of each instance (sharing/dimse.py)", ("dcmread (pydicom/filereader.py",)),
+    ("database (decision, audit)", ("django/db/", "psycopg/")),
+    (
+        "DIMSE messages: command sets built, encoded, decoded (pynetdicom dimse_messages)",
+        (
+            "primitive_to_message (pynetdicom",
+            "message_to_primitive (pynetdicom",
+            "_set_command_group_length (pynetdicom",
+            "DIMSEMessage.__init__ (pynetdicom",
+            "decode_msg (pynetdicom",
+        ),
+    ),
+    (
+        "dataset encoding for C-STORE (dsutils.encode -> pydicom write_dataset)",
+        ("encode (pynetdicom/dsutils.py",),
+    ),
+    (
+        "P-DATA fragmentation (encode_msg, PDV fragments)",
+        ("encode_msg (pynetdicom/dimse_messages.py", "_generate_pdv_fragments (pynetdicom"),
+    ),
+    ("pynetdicom events (evt.trigger, Event objects, handlers)", ("trigger (pynetdicom/events",)),
+    (
+        "PDU encoding / decoding (pynetdicom pdu, pdu_items, primitives)",
+        ("pynetdicom/pdu.py", "pynetdicom/pdu_items.py", "pynetdicom/pdu_primitives.py"),
+    ),
+    ("socket send / recv / select (pynetdicom transport)", ("pynetdicom/transport.py",)),
+    ("state machine (pynetdicom fsm)", ("pynetdicom/fsm.py",)),
+    ("queues and locks (queue, threading)", ("(queue.py", "(threading.py")),
+    ("DUL reactor (pynetdicom dul)", ("pynetdicom/dul.py",)),
+    ("DIMSE provider (pynetdicom dimse)", ("pynetdicom/dimse.py",)),
+    (
+        "C-MOVE handler, service class, association (the rest)",
+        ("sharing/dimse.py", "broker/dicom/scp.py", "pynetdicom/"),
+    ),
 )
 
 
-def thread_kind(frames: list[str]) -> str:
-    text = ";".join(frames)
-    if "run_reactor (pynetdicom/dul.py" in text:
-        return "DUL threads (PDU reading, encoding, sending)"
-    if "pynetdicom/association.py" in text:
-        return "association threads (handler, C-STORE sub-operations)"
-    if "serve_forever (socketserver.py" in text:
-        return "server accept loop"
-    return "other (main thread, ...)"
-
-
 def stage_of(frames: list[str]) -> str:
-    for frame in reversed(frames):
-        for stage, markers in STAGES:
-            if any(marker in frame for marker in markers):
+    for stage, markers in WAITS:
+        if any(marker in frames[-1] for marker in markers):
+            return stage
+    for stage, markers in STAGES:
+        if stage.startswith("queues"):  # only as the leaf
+            if any(marker in frames[-1] for marker in markers):
                 return stage
+        elif any(marker in frame for frame in frames for marker in markers):
+            return stage
     return "other"
 
 
-def profile_broker(py_spy: str, pid: int, run: Callable[[], None], out: Path) -> dict[str, Any]:
-    """py-spy record of the broker process while ``run()`` runs; samples by thread kind,
-    by stage, and by function (self: the leaf; inclusive: anywhere in the stack)."""
-    recorder = subprocess.Popen(
-        [py_spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "-o", str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    time.sleep(1.5)  # attached
-    started = time.perf_counter()
-    run()
-    wall = time.perf_counter() - started
-    time.sleep(0.3)
-    recorder.send_signal(signal.SIGINT)
-    _, errors = recorder.communicate(timeout=60)
-    if not out.exists():
-        raise SystemExit(f"py-spy wrote nothing: {errors.decode(errors='replace')[-500:]}")
-    kinds: Counter[str] = Counter()
+class TaskCpu:
+    """CPU seconds (utime + stime) each thread of ``pid`` spends while the block runs, read
+    from /proc/PID/task every ``interval`` (a thread that ends loses at most that much)."""
+
+    def __init__(self, pid: int, interval: float = 0.02) -> None:
+        self.pid, self.interval = pid, interval
+        self.base: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _read(self) -> dict[int, float]:
+        tick = os.sysconf("SC_CLK_TCK")
+        found = {}
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            try:
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # ended meanwhile
+            found[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
+        return found
+
+    def __enter__(self) -> TaskCpu:
+        self.base = self._read()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.last.update(self._read())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.last.update(self._read())
+
+    @property
+    def used(self) -> dict[int, float]:
+        return {tid: cpu - self.base.get(tid, 0.0) for tid, cpu in self.last.items()}
+
+
+ROLES = {
+    "acceptor": "movescu's association thread (C-MOVE handler: fetch, dcmread, encode, "
+    "fragment, C-STORE sub-operations)",
+    "dul_acceptor": "DUL thread of movescu's association (move responses)",
+    "dul_requestor": "DUL thread of the sub-association to storescp (P-DATA PDUs sent)",
+    "requestor": "sub-association's requestor thread (association set-up)",
+    "dul": "DUL thread (of which association: not told apart)",
+    "server": "server accept loop",
+    "main": "main thread (waits for a signal)",
+    "other": "other",
+}
+
+
+MOVE_THREADS = ("acceptor", "dul_acceptor", "requestor", "dul_requestor")
+
+
+def thread_roles(threads: dict[int, str]) -> dict[int, str]:
+    """Each thread of one move's recording (tid -> Python name) by its role: pynetdicom
+    names association threads ``AcceptorThread@…`` / ``RequestorThread@…``, and each
+    starts a DUL thread (``Thread-N (run_reactor)``): the acceptor's first."""
+    roles: dict[int, str] = {}
+    duls = []
+    for tid, name in threads.items():
+        if name.startswith("AcceptorThread@"):
+            roles[tid] = "acceptor"
+        elif name.startswith("RequestorThread@"):
+            roles[tid] = "requestor"
+        elif name == "MainThread":
+            roles[tid] = "main"
+        elif found := re.fullmatch(r"Thread-(\d+) \(run_reactor\)", name):
+            duls.append((int(found.group(1)), tid))
+        elif "serve_forever" in name:
+            roles[tid] = "server"
+        else:
+            roles[tid] = "other"
+    if len(duls) == 2:
+        (_, first), (_, second) = sorted(duls)
+        roles[first], roles[second] = "dul_acceptor", "dul_requestor"
+    # else: told apart by the order the threads started (`profile_broker`), or left "dul"
+    return roles
+
+
+def profile_broker(
+    py_spy: str, pid: int, move: Callable[[], None], runs: int, workdir: Path, *, gil: bool
+) -> dict[str, Any]:
+    """py-spy records of the broker process, one per move (so that a thread id the system
+    reuses in the next move is not taken for the same thread), and each thread's CPU
+    (/proc) during the move: samples by thread role, by stage, by function (self: the leaf
+    line; inclusive: anywhere in the stack), CPU seconds per move by role.
+
+    ``gil``: only the thread holding the GIL is sampled (``--gil``): where the
+    interpreter's one core goes; else every thread py-spy does not find idle (a thread that
+    sleeps 0.1 ms at a time, as pynetdicom's reactors do, looks active)."""
+    roles: Counter[str] = Counter()
     stages: Counter[str] = Counter()
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
+    cpu: Counter[str] = Counter()
     total = 0
-    for line in out.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = [f for f in stack.split(";") if not f.startswith(("process ", "thread "))]
-        if not frames:
-            continue
-        total += count
-        kinds[thread_kind(frames)] += count
-        stages[stage_of(frames)] += count
-        own[frames[-1]] += count  # the leaf with its line
-        for frame in {re.sub(r":\d+\)$", ")", f) for f in frames}:
-            inclusive[frame] += count
+    wall = process_cpu = 0.0
+    for run in range(runs):
+        out = workdir / f"pyspy-{'gil' if gil else 'all'}-{run}.txt"
+        command = [
+            py_spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw",
+            "--threads", *(["--gil"] if gil else []), "-o", str(out),
+        ]  # fmt: skip
+        recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(1.5)  # attached
+        started = time.perf_counter()
+        with TaskCpu(pid) as tasks:
+            move()
+        wall += time.perf_counter() - started
+        time.sleep(0.3)
+        recorder.send_signal(signal.SIGINT)
+        _, errors = recorder.communicate(timeout=60)
+        if not out.exists():
+            raise SystemExit(f"py-spy wrote nothing: {errors.decode(errors='replace')[-500:]}")
+        stacks = []
+        names: dict[int, str] = {}
+        for line in out.read_text().splitlines():
+            stack, _, count_text = line.rpartition(" ")
+            head = re.match(r"thread \((\d+)\): ([^;]*);", stack)
+            if not head or not count_text.isdigit():
+                continue
+            tid = int(head.group(1))
+            frames = [f for f in stack.split(";") if not f.startswith(("process ", "thread "))]
+            if names.get(tid) != "serve_forever":
+                names[tid] = head.group(2)
+            if any("serve_forever (socketserver.py" in f for f in frames):
+                names[tid] = "serve_forever"
+            stacks.append((tid, frames, int(count_text)))
+        role_of = thread_roles(names)
+        # A thread py-spy never sampled (with --gil: never held the GIL) has no name: the
+        # threads a move starts are, in order, the acceptor, its DUL, the requestor, its DUL.
+        started_threads = sorted(tid for tid in tasks.last if tid not in tasks.base)
+        if len(started_threads) == len(MOVE_THREADS):
+            for tid, role in zip(started_threads, MOVE_THREADS, strict=True):
+                role_of.setdefault(tid, role)
+        for tid, name in names.items():
+            role_of.setdefault(tid, "dul" if "run_reactor" in name else "other")
+        for tid, frames, count in stacks:
+            total += count
+            roles[role_of[tid]] += count
+            stages[stage_of(frames)] += count
+            own[frames[-1]] += count
+            for frame in {re.sub(r":\d+\)$", ")", f) for f in frames}:
+                inclusive[frame] += count
+        for tid, seconds in tasks.used.items():
+            cpu[role_of.get(tid, "other")] += seconds
+            process_cpu += seconds
     if not total:
         raise SystemExit("py-spy recorded no sample of the broker")
     return {
+        "gil": gil,
+        "runs": runs,
         "samples": total,
         "seconds": wall,
-        # 250 samples/s of each thread on CPU: samples / 250 / wall = cores busy in Python.
-        "cores_busy": total / 250 / wall,
-        "threads": [(k, n / total) for k, n in kinds.most_common()],
+        # 250 samples/s of each thread sampled: samples / 250 / wall = threads busy on
+        # average (with --gil: the share of the time the GIL is held).
+        "busy": total / 250 / wall,
+        "cpu_s_per_move": process_cpu / runs,
+        "roles": [
+            (ROLES[role], cpu[role] / runs, roles[role] / total)
+            for role in sorted(set(cpu) | set(roles), key=lambda r: -cpu[r])
+        ],
         "stages": [(k, n / total) for k, n in stages.most_common()],
         "self": [(frame, n / total) for frame, n in own.most_common(20)],
         "inclusive": [(frame, n / total) for frame, n in inclusive.most_common(30)],
@@ -582,14 +748,53 @@ def main() -> None:
         ports = {"direct": archive.dicom_port, "broker": broker_port}
         called = {"direct": ARCHIVE_AE, "broker": BROKER_AE}
 
+        broker_log = workdir / "broker.log"
+        failures: list[dict[str, Any]] = []
+
         def move(name: str) -> Move:
-            return movescu(ports[name], called[name], study.uid, args.timeout)
+            offset = broker_log.stat().st_size if broker_log.exists() else 0
+            got = movescu(ports[name], called[name], study.uid, args.timeout)
+            if broker_log.exists():
+                with broker_log.open("rb") as log:
+                    log.seek(offset)
+                    got.broker_log = log.read().decode(errors="replace")
+            return got
+
+        def complete(got: Move) -> bool:
+            return got.ok and got.completed in (None, study.instances)
+
+        def note_failure(name: str, got: Move, where: str) -> None:
+            """A failed move is recorded and reported, then tried again (``--retries``)."""
+            failures.append(
+                {
+                    "where": where,
+                    "path": name,
+                    "seconds": got.seconds,
+                    "status": got.status,
+                    "completed": got.completed,
+                    "failed": got.failed,
+                    "why": got.why(),
+                }
+            )
+            print(
+                f"  {where} {name}: MOVE FAILED after {got.seconds:.1f} s (status "
+                f"{got.status!r}, completed {got.completed}, failed {got.failed}): {got.why()}",
+                file=sys.stderr,
+            )
+            if args.store_files or where == "verification":
+                empty(received_dir)
 
         def failed(name: str, got: Move) -> SystemExit:
-            tail = "\n".join(got.output.splitlines()[-25:])
+            """The move's failure, with movescu's last words and the logs of the broker and
+            of storescp (the temporary folder is removed)."""
+            logs = [f"movescu:\n{tail_of(got.output, 12)}"]
+            for log in ("broker.log", "storescp.log"):
+                if (workdir / log).exists():
+                    text = (workdir / log).read_text(errors="replace")
+                    logs.append(f"{log}:\n{tail_of(text, 40)}")
             return SystemExit(
                 f"{name} C-MOVE failed: exit {got.returncode}, status {got.status!r}, "
-                f"completed {got.completed}, failed {got.failed}\n{tail}"
+                f"completed {got.completed}, failed {got.failed}\n" + "\n".join(logs)
             )
 
         # Once per path, to a storescp that writes: every instance, the uploaded pixels.
@@ -602,9 +807,13 @@ def main() -> None:
         verified: dict[str, dict[str, Any]] = {}
         moves = 0
         for name in PATHS:
-            got = move(name)
-            moves += name == "broker"
-            if not got.ok:
+            for _ in range(args.retries + 1):
+                got = move(name)
+                moves += name == "broker"
+                if complete(got):
+                    break
+                note_failure(name, got, "verification")
+            else:
                 raise failed(name, got)
             found = received(received_dir)
             empty(received_dir)
@@ -652,17 +861,19 @@ def main() -> None:
         for run in range(args.runs):
             order = PATHS if run % 2 == 0 else PATHS[::-1]
             for name in order:
-                reset_hwm(broker_pid)
-                before = snapshot()
-                with RssSampler(broker_pid) as sampler:
-                    got = move(name)
-                after = snapshot()
-                moves += name == "broker"
-                if not got.ok:
+                for _ in range(args.retries + 1):
+                    reset_hwm(broker_pid)
+                    before = snapshot()
+                    with RssSampler(broker_pid) as sampler:
+                        got = move(name)
+                    after = snapshot()
+                    moves += name == "broker"
+                    if complete(got):
+                        break
+                    note_failure(name, got, f"run {run + 1}")
+                else:
                     raise failed(name, got)
                 files = empty(received_dir) if args.store_files else None
-                if got.completed is not None and got.completed != study.instances:
-                    raise failed(name, got)
                 if files is not None and files != study.instances:
                     raise SystemExit(f"{name}: {files} files of {study.instances}")
                 hwm = status_kb(broker_pid, "VmHWM") if hwm_resettable else 0
@@ -691,20 +902,27 @@ def main() -> None:
 
         if args.profile:
 
-            def broker_moves() -> None:
-                for _ in range(args.profile_runs):
+            def broker_move() -> None:
+                nonlocal moves
+                for _ in range(args.retries + 1):
                     got = move("broker")
-                    if not got.ok:
-                        raise failed("broker", got)
-                    if args.store_files:
-                        empty(received_dir)
+                    moves += 1
+                    if complete(got):
+                        break
+                    note_failure("broker", got, "profile")
+                else:
+                    raise failed("broker", got)
+                if args.store_files:
+                    empty(received_dir)
 
-            results["profile"] = profile_broker(
-                args.py_spy, broker_pid, broker_moves, workdir / "pyspy.txt"
-            )
-            moves += args.profile_runs
+            for key, gil in (("profile_gil", True), ("profile_all", False)):
+                results[key] = profile_broker(
+                    args.py_spy, broker_pid, broker_move, args.profile_runs, workdir, gil=gil
+                )
 
-        results["audit"] = audit_check(study, moves)
+        results["failures"] = failures
+        broker_failures = sum(f["path"] == "broker" for f in failures)
+        results["audit"] = audit_check(study, moves, broker_failures)
         results["instances"] = study.instances
         results["stored_mb"] = study.stored_bytes / MB
     finally:
@@ -723,8 +941,9 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=2, default=str))
 
 
-def audit_check(study: Study, moves: int) -> dict[str, Any]:
-    """One successful C-MOVE Instances Transferred record per broker move, every instance."""
+def audit_check(study: Study, moves: int, failed: int) -> dict[str, Any]:
+    """One C-MOVE Instances Transferred record per broker move: successful, with every
+    instance, for each move that succeeded; a failure for each one that failed."""
     from django.db import connections
 
     from audit.events import EventCode
@@ -732,12 +951,16 @@ def audit_check(study: Study, moves: int) -> dict[str, Any]:
 
     ends = AuditEvent.objects.filter(code=EventCode.TRANSFER_END, details__dimse="C-MOVE")
     outcomes = Counter(ends.values_list("outcome", flat=True))
-    counts = Counter(d.get("instances") for d in ends.values_list("details", flat=True))
+    counts = Counter(
+        d.get("instances") for d in ends.filter(outcome=0).values_list("details", flat=True)
+    )
     figures = {
         "moves": moves,
+        "failed_moves": failed,
         "end_records": ends.count(),
         "outcomes": dict(outcomes),
-        "every_instance": dict(counts) == {study.instances: moves},
+        "every_instance": dict(counts) == {study.instances: moves - failed}
+        and outcomes.get(0, 0) == moves - failed,
     }
     connections.close_all()
     return figures
@@ -767,12 +990,12 @@ def report(results: dict[str, Any]) -> None:
             return " / ".join(f"{median([r['cpu_s_per_gb'][k] for r in runs]):.2f}" for k in which)
 
         completed = {r["completed"] for r in runs}
+        peak = f"{max(r['broker_rss_peak_mb'] for r in runs):.1f}" if name == "broker" else "-"
         print(
             f"| {name} | {spread([r['mb_per_s'] for r in runs])} "
             f"| {spread([r['seconds'] for r in runs], '{:.2f}')} "
             f"| {', '.join(str(c) for c in sorted(completed, key=str))} "
-            f"| {cpu(keys[:4])} | {cpu(keys[4:])} "
-            f"| {max(r['broker_rss_peak_mb'] for r in runs):.1f} |"
+            f"| {cpu(keys[:4])} | {cpu(keys[4:])} | {peak} |"
         )
     ratio = median(results["ratio_runs"])
     ratio_of_medians = median([r["mb_per_s"] for r in rows["broker"]]) / median(
@@ -806,20 +1029,43 @@ def report(results: dict[str, Any]) -> None:
     )
     audit = results["audit"]
     print(
-        f"Audit: {audit['moves']} broker moves, {audit['end_records']} C-MOVE Instances "
-        f"Transferred records, outcomes {audit['outcomes']}, every instance: "
+        f"Audit: {audit['moves']} broker moves ({audit['failed_moves']} failed), "
+        f"{audit['end_records']} C-MOVE Instances Transferred records, outcomes "
+        f"{audit['outcomes']}, every successful move with every instance: "
         f"{audit['every_instance']}"
     )
-    if "profile" in results:
-        profile = results["profile"]
-        print(
-            f"\npy-spy, broker process, {profile['samples']} samples in {profile['seconds']:.1f} s "
-            f"of broker moves (~{profile['cores_busy']:.2f} cores busy in Python on average)"
+    failures = results["failures"]
+    print(
+        f"Failed moves (tried again, not in the figures): {len(failures)}"
+        + "".join(
+            f"\n  {f['where']} {f['path']}: {f['seconds']:.1f} s, status {f['status']!r}, "
+            f"completed {f['completed']}, failed {f['failed']}: {f['why']}"
+            for f in failures
         )
-        for title, key in (("by thread", "threads"), ("by stage", "stages")):
-            print(f"{title}:")
-            for name, share in profile[key]:
-                print(f"  {100 * share:5.1f} %  {name}")
+    )
+    for key in ("profile_gil", "profile_all"):
+        if key not in results:
+            continue
+        profile = results[key]
+        what = (
+            f"only the thread holding the GIL (--gil): held {100 * profile['busy']:.0f} % "
+            "of the time"
+            if profile["gil"]
+            else f"every thread not idle: {profile['busy']:.2f} threads on average"
+        )
+        print(
+            f"\npy-spy, broker process, {profile['runs']} moves, {profile['samples']} samples "
+            f"in {profile['seconds']:.1f} s, {what}"
+        )
+        print(
+            f"by thread: CPU s per move (/proc; {profile['cpu_s_per_move']:.2f} s in all), "
+            "share of the samples"
+        )
+        for role, seconds, share in profile["roles"]:
+            print(f"  {seconds:5.2f} s  {100 * share:5.1f} %  {role}")
+        print("by stage (a wait by its leaf, else the first of STAGES named in the stack):")
+        for name, share in profile["stages"]:
+            print(f"  {100 * share:5.1f} %  {name}")
         print("self (leaf line):")
         for frame, share in profile["self"]:
             print(f"  {100 * share:5.1f} %  {frame}")

@@ -74,7 +74,8 @@ The broker proposes no maximum PDU length (0): the archive sends PDUs as large a
 allows (C-GET from Orthanc with MaximumPduLength 65536: 80 MB/s when pynetdicom's default of
 16 kB is proposed, 113 MB/s without limit). Queries carry Specific Character Set "ISO_IR 192" so
 that non-ASCII values match. pynetdicom 3.0.4 leaves the socket of a failed connection open (a
-ResourceWarning per unreachable archive): `_AE` gives it a socket that closes.
+ResourceWarning per unreachable archive): `network.RelaisAE` gives it a socket that closes, and
+associations whose reactor cannot take a response meant for a request (pynetdicom's race).
 
 - `find_studies`: one STUDY-level C-FIND (Study Root).
 - `describe_study`: one association, two C-FINDs: STUDY level for the patient and study
@@ -164,7 +165,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pydicom.valuerep import PersonName
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context, build_role
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -174,7 +175,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 from pynetdicom.status import code_to_category
-from pynetdicom.transport import AddressInformation, AssociationSocket
 
 from broker.dicom.kos import (
     OtherPatientId,
@@ -184,7 +184,7 @@ from broker.dicom.kos import (
     StudyDescription,
 )
 from broker.dicom.multipart import MalformedMultipart, MultipartCutShort, MultipartParts
-from broker.dicom.network import NODELAY_HANDLERS
+from broker.dicom.network import NODELAY_HANDLERS, RelaisAE
 
 Transport: TypeAlias = Literal["dicomweb", "dimse"]
 DICOMWEB: Final = "dicomweb"
@@ -1352,7 +1352,7 @@ class DimseArchive:
         if not endpoint.has_dimse:
             raise ValueError(f"archive of {endpoint.name!r} has no DIMSE AE title, host and port")
         self.endpoint = endpoint
-        self._ae = _AE(ae_title=endpoint.calling_ae_title)
+        self._ae = RelaisAE(ae_title=endpoint.calling_ae_title)
         self._ae.connection_timeout = endpoint.timeout
         self._ae.acse_timeout = endpoint.timeout
         self._ae.dimse_timeout = endpoint.timeout
@@ -1511,7 +1511,6 @@ class DimseArchive:
             started = time.monotonic()
             final: Dataset | None = None
             try:
-                _quiesce(assoc)  # the C-FIND above ran on this association
                 for status, _identifier in assoc.send_c_move(query, destination, _MOVE_MODEL):
                     final = status
             except (ValueError, RuntimeError) as exc:
@@ -1802,7 +1801,6 @@ class DimseArchive:
         matches: list[Dataset] = []
         final: Dataset | None = None
         try:
-            _quiesce(assoc)
             for status, identifier in assoc.send_c_find(query, _FIND_MODEL):
                 if status and code_to_category(int(status.Status)) == "Pending":
                     if identifier is not None:
@@ -1953,35 +1951,6 @@ class DimseArchive:
         raise self._error(kind, message, retryable=retryable)
 
 
-class _AssociationSocket(AssociationSocket):
-    """pynetdicom 3.0.4 never closes the socket of a connection that failed (its
-    `_shutdown_socket` calls `shutdown`, which raises on an unconnected socket, and skips
-    `close`): a ResourceWarning for every unreachable archive. Close it regardless."""
-
-    def _shutdown_socket(self) -> None:
-        sock = self.socket
-        if sock is None:
-            return
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(OSError):
-            sock.close()
-
-
-class _AE(AE):
-    def _create_socket(
-        self,
-        assoc: Association,
-        address: AddressInformation,
-        tls_args: tuple[ssl.SSLContext, str] | None,
-    ) -> AssociationSocket:
-        sock = _AssociationSocket(assoc, address=address)
-        sock.tls_args = tls_args
-        # before the association's threads start (see _quiesce)
-        assoc._reactor_checkpoint = _Checkpoint()
-        return sock
-
-
 def _query(level: str, **keys: object) -> Dataset:
     query = Dataset()
     query.SpecificCharacterSet = "ISO_IR 192"
@@ -1989,59 +1958,6 @@ def _query(level: str, **keys: object) -> Dataset:
     for keyword, value in keys.items():
         setattr(query, keyword, value)
     return query
-
-
-class _Checkpoint(threading.Event):
-    """pynetdicom's reactor checkpoint, telling when the reactor is parked on it.
-
-    Each `clear()` opens a new generation; a waiter that blocks on the cleared flag records
-    the generation it blocked in (under the event's own lock). A reactor seen parked in the
-    current generation cannot go on until the checkpoint is set again; one parked in an
-    older generation may already have been woken by a `set()` and be about to run.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.generation = 0
-        self.parked_in: int | None = None
-        self.set()
-
-    def clear(self) -> None:
-        with self._cond:  # type: ignore[attr-defined]
-            self.generation += 1
-            self._flag = False
-
-    def wait(self, timeout: float | None = None) -> bool:
-        with self._cond:  # type: ignore[attr-defined]
-            if self._flag:
-                return True
-            self.parked_in = self.generation
-            try:
-                return bool(self._cond.wait(timeout))  # type: ignore[attr-defined]
-            finally:
-                self.parked_in = None
-
-
-def _quiesce(assoc: Association) -> None:
-    """Park the association's reactor thread before a request on a reused association.
-
-    pynetdicom 3.0 pauses its reactor when a request is sent and lets it run again when the
-    last response is read; its own pause test (``_is_paused``) can be true while the
-    reactor has already passed its checkpoint, and that reactor then takes the next
-    request's first response off the queue ("Received unexpected C-FIND service message":
-    a query silently loses a match; pynetdicom issue 875). With `_Checkpoint` installed
-    (`_AE`), wait until the reactor is really parked; it can then take nothing.
-    """
-    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
-    if not isinstance(checkpoint, _Checkpoint) or not assoc.is_alive():
-        return
-    checkpoint.clear()
-    generation = checkpoint.generation
-    deadline = time.monotonic() + 2.0
-    while checkpoint.parked_in != generation:
-        if not assoc.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the association's reactor did not pause")
-        time.sleep(0.0001)
 
 
 def _join(assoc: Association) -> None:

@@ -41,7 +41,7 @@ from audit.events import EventCode, Outcome
 from audit.services import audit_record
 from audit.types import Actor, ActorKind
 from broker.dicom.kos import KOS_SOP_CLASS_UID
-from broker.dicom.network import NODELAY_HANDLERS
+from broker.dicom.network import NODELAY_HANDLERS, RelaisAE
 from broker.errors import Conflict, DomainError, UnprocessableManifest
 from broker.intake import IntakeRegistrar, intake_receive
 from broker.models import Institution
@@ -535,7 +535,9 @@ class _DeferredHandshakeServer(ThreadedAssociationServer):
         return client, address
 
 
-class _BrokerAE(AE):
+class _BrokerAE(RelaisAE):
+    """The SCP's AE; the associations it requests (C-MOVE destinations) are `RelaisAE`'s."""
+
     def make_server(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["server_class"] = _DeferredHandshakeServer
         return super().make_server(*args, **kwargs)
