@@ -14,13 +14,11 @@ for the institution (its archive entry), never to another: an unknown destinatio
 from __future__ import annotations
 
 import datetime as dt
-import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from django.db import transaction
 from django.db.models import Q
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
@@ -28,6 +26,8 @@ from audit.events import EventCode, Outcome
 from audit.services import Actor, audit_record
 from broker.archives import institution_archive
 from broker.dicom.matching import matches
+from broker.dicom.network import EncodedInstance
+from broker.dicom.part10 import file_meta
 from broker.identity import patient_ref
 from broker.models import Institution, Manifest, ManifestInstance, ManifestStatus
 from consent import policy
@@ -38,7 +38,6 @@ from sharing.decision import (
     ticket_relationship,
     ticket_studies,
 )
-from sharing.gateway import media_storage_sop_instance_uid
 from sharing.models import AccessRequest, Purpose, RequestState
 
 
@@ -312,7 +311,8 @@ def move_plan(
 
 def move_instances(plan: MovePlan, actor: Actor) -> Iterator[Dataset]:
     """The instances of the plan, fetched from the source archive one at a time (C-GET or
-    WADO-RS), decoded for pynetdicom's C-STORE sub-operations. Begin Transferring before,
+    WADO-RS), for the C-STORE sub-operations, which send them as stored
+    (`network.EncodedInstance`). Begin Transferring before,
     Instances Transferred (count, bytes, outcome) after, however it ends."""
     from django.utils import timezone
 
@@ -323,9 +323,10 @@ def move_instances(plan: MovePlan, actor: Actor) -> Iterator[Dataset]:
     client = institution_archive(manifest.source_institution)
     try:
         for data in client.retrieve(manifest.study_instance_uid, plan.series):
-            if media_storage_sop_instance_uid(data) not in plan.allowed:
+            meta = file_meta(data)
+            if meta is None or meta.sop_instance_uid not in plan.allowed:
                 continue
-            yield dcmread(io.BytesIO(data))
+            yield EncodedInstance(data, meta)  # sent as stored, not decoded
             sent += 1
             size += len(data)
         outcome = Outcome.SUCCESS

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import struct
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from audit.events import EventCode, Outcome
 from audit.services import Actor, PatientRef, audit_record
 from broker.archives import institution_archive
 from broker.dicom.archive import ArchiveError
+from broker.dicom.part10 import file_meta
 from broker.errors import NotFound
 from broker.identity import patient_ref
 from broker.models import Manifest, ManifestInstance, ManifestSeries, ManifestStatus
@@ -318,26 +318,10 @@ def _next_allowed(
 
 
 def media_storage_sop_instance_uid(data: bytes) -> str | None:
-    """(0002,0003) of a Part 10 file's meta group (explicit VR little endian), read from its
-    first bytes only; None when it is not there."""
-    if data[128:132] != b"DICM":
-        return None
-    offset, end = 132, min(len(data), 132 + 4096)
-    while offset + 8 <= end:
-        group, element = struct.unpack_from("<HH", data, offset)
-        if group != 0x0002:
-            return None
-        vr = data[offset + 4 : offset + 6]
-        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
-            (length,) = struct.unpack_from("<I", data, offset + 8)
-            value_at = offset + 12
-        else:
-            (length,) = struct.unpack_from("<H", data, offset + 6)
-            value_at = offset + 8
-        if element == 0x0003:
-            return data[value_at : value_at + length].rstrip(b"\x00 ").decode("ascii", "replace")
-        offset = value_at + length
-    return None
+    """(0002,0003) of a Part 10 file's meta group, read from its first bytes only; None when
+    the file has no valid meta group."""
+    meta = file_meta(data)
+    return meta.sop_instance_uid if meta is not None else None
 
 
 def _outcome(exc: ArchiveError) -> Outcome:

@@ -15,16 +15,23 @@ thread cannot take the response to a request (`PauseSafeAssociation`).
 from __future__ import annotations
 
 import contextlib
+import io
 import socket
 import ssl
+import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import AddressInformation, AssociationSocket
+
+from broker.dicom.part10 import FileMeta
 
 # pynetdicom's DUL thread sleeps this long whenever it finds nothing to do (1 ms by
 # default), which adds up to a millisecond to every PDU in each direction; 0.1 ms costs
@@ -107,6 +114,51 @@ class PauseSafeAssociation(Association):
 
         provider.get_msg = get_msg  # type: ignore[method-assign]
 
+    def send_c_store(  # type: ignore[override]
+        self,
+        dataset: Dataset,
+        msg_id: int = 1,
+        priority: int = 2,
+        originator_aet: str | None = None,
+        originator_id: int | None = None,
+    ) -> Dataset:
+        """C-STORE; an `EncodedInstance` is sent as stored, without pynetdicom's encoding."""
+        if not isinstance(dataset, EncodedInstance):
+            return super().send_c_store(dataset, msg_id, priority, originator_aet, originator_id)
+        meta = dataset.meta
+        try:
+            context = self._get_valid_context(
+                meta.sop_class_uid, meta.transfer_syntax_uid, "scu", allow_conversion=False
+            )
+        except ValueError:  # not accepted as stored: pynetdicom converts what it can
+            return super().send_c_store(
+                dataset.decoded(), msg_id, priority, originator_aet, originator_id
+            )
+        if not self.is_established:
+            raise RuntimeError("the association is not established")
+        command = _store_command(meta, msg_id, priority, originator_aet, originator_id)
+        self._reactor_checkpoint.clear()
+        try:
+            with self._dimse_gate:  # a read the reactor began before is over
+                pass
+            _send_pdvs(self, cast(int, context.context_id), command, dataset.encoded, meta)
+            _context_id, response = self.dimse.get_msg(block=True)
+        finally:
+            self._reactor_checkpoint.set()
+        status = Dataset()
+        if response is None:  # the DIMSE timeout, or the association went away
+            self.abort()
+            return status
+        if not isinstance(response, C_STORE) or response.MessageIDBeingRespondedTo != msg_id:
+            self.abort()
+            raise RuntimeError(f"unexpected answer to C-STORE {msg_id}: {response!r}")
+        status.Status = response.Status
+        for keyword in ("ErrorComment", "OffendingElement", "ErrorID"):
+            value = getattr(response, keyword, None)
+            if value is not None:
+                setattr(status, keyword, value)
+        return status
+
     @property
     def _is_paused(self) -> bool:
         if not self._reactor_checkpoint.is_set():
@@ -117,6 +169,28 @@ class PauseSafeAssociation(Association):
     @_is_paused.setter
     def _is_paused(self, value: bool) -> None:
         self.__dict__["_is_paused"] = value
+
+
+class EncodedInstance(Dataset):
+    """An instance to send by C-STORE as it is stored (Part 10 bytes), not decoded.
+
+    It is a `Dataset` holding only SOP Class and SOP Instance UID, so that pynetdicom's
+    C-MOVE service (which sends what a handler yields, and lists failed instances) takes it;
+    `PauseSafeAssociation.send_c_store` sends its data set bytes as they are.
+    """
+
+    encoded: bytes
+    meta: FileMeta
+
+    def __init__(self, data: bytes, meta: FileMeta) -> None:
+        super().__init__()
+        self.SOPClassUID = meta.sop_class_uid
+        self.SOPInstanceUID = meta.sop_instance_uid
+        self.encoded = data
+        self.meta = meta
+
+    def decoded(self) -> Dataset:
+        return dcmread(io.BytesIO(self.encoded), force=True)
 
 
 class _ClosingSocket(AssociationSocket):
@@ -149,3 +223,76 @@ class RelaisAE(AE):
         sock = _ClosingSocket(assoc, address=address)
         sock.tls_args = tls_args
         return sock
+
+
+def _store_command(
+    meta: FileMeta,
+    msg_id: int,
+    priority: int,
+    originator_aet: str | None,
+    originator_id: int | None,
+) -> bytes:
+    """A C-STORE-RQ command set (PS3.7 9.3.1.1), implicit VR little endian."""
+    elements = [
+        _element(0x0002, _even(meta.sop_class_uid.encode("ascii"), b"\0")),
+        _element(0x0100, struct.pack("<H", 0x0001)),
+        _element(0x0110, struct.pack("<H", msg_id)),
+        _element(0x0700, struct.pack("<H", priority)),
+        _element(0x0800, struct.pack("<H", 0x0000)),  # a data set follows
+        _element(0x1000, _even(meta.sop_instance_uid.encode("ascii"), b"\0")),
+    ]
+    if originator_aet:
+        elements.append(_element(0x1030, _even(originator_aet.encode("ascii"), b" ")))
+    if originator_id is not None:
+        elements.append(_element(0x1031, struct.pack("<H", originator_id)))
+    body = b"".join(elements)
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def _element(element: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", 0x0000, element, len(value)) + value
+
+
+def _even(value: bytes, pad: bytes) -> bytes:
+    return value + pad if len(value) % 2 else value
+
+
+def _send_pdvs(
+    assoc: Association, context_id: int, command: bytes, data: bytes, meta: FileMeta
+) -> None:
+    """The command and the data set as P-DATA-TF PDUs of one PDV each (PS3.8 9.3.5), no larger
+    than the peer accepts, written to the association's socket; the data set's fragments
+    are sent from the instance's bytes, not copied."""
+    sock = assoc.dul.socket.socket  # type: ignore[union-attr]
+    if sock is None:
+        raise RuntimeError("the association has no socket")
+    peer_maximum = assoc.acceptor.maximum_length or 0
+    fragment = (peer_maximum - 6) if peer_maximum else len(data)
+    fragment = max(fragment, 1)
+
+    def pdu(control: int, payload: memoryview | bytes) -> bytes:
+        return struct.pack(
+            ">BBIIBB", 0x04, 0, len(payload) + 6, len(payload) + 2, context_id, control
+        )
+
+    sock.sendall(pdu(0x03, command) + command)  # command, last fragment
+    view = memoryview(data)[meta.dataset_offset :]
+    vectored = not isinstance(sock, ssl.SSLSocket)
+    for start in range(0, max(len(view), 1), fragment):
+        piece = view[start : start + fragment]
+        header = pdu(0x02 if start + fragment >= len(view) else 0x00, piece)
+        if vectored:
+            _send_all(sock, header, piece)
+        else:
+            sock.sendall(header + piece.tobytes())
+
+
+def _send_all(sock: socket.socket, header: bytes, piece: memoryview) -> None:
+    sent = sock.sendmsg([header, piece])
+    if sent >= len(header) + len(piece):
+        return
+    if sent < len(header):  # a partial send (a socket with a timeout may do it)
+        sock.sendall(header[sent:])
+        sock.sendall(piece)
+    else:
+        sock.sendall(piece[sent - len(header) :])

@@ -3,16 +3,29 @@ request (pynetdicom 3.0's pause race, `network.PauseSafeAssociation`)."""
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
-from pynetdicom import AE
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import read_dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_ECHO
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import CTImageStorage, Verification
 
-from broker.dicom.network import NODELAY_HANDLERS, PauseSafeAssociation, RelaisAE
+from broker.dicom.network import (
+    NODELAY_HANDLERS,
+    EncodedInstance,
+    PauseSafeAssociation,
+    RelaisAE,
+)
+from broker.dicom.part10 import FileMeta, file_meta
 
 
 @pytest.fixture
@@ -77,3 +90,95 @@ def test_many_requests_on_one_association_lose_no_response(echo_port: int) -> No
     finally:
         assoc.release()
     assert all(status and status.Status == 0x0000 for status in statuses)
+
+
+def part10(transfer_syntax: str = ExplicitVRLittleEndian) -> tuple[bytes, FileMeta]:
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.PatientID = "CHU0012345"
+    ds.Rows = ds.Columns = 64
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = bytes(range(256)) * 32
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    meta = file_meta(data)
+    assert meta is not None
+    return data, meta
+
+
+@contextmanager
+def store_scp(*syntaxes: str, max_pdu: int = 16384) -> Iterator[tuple[int, list[Any]]]:
+    """A storage SCP accepting CT images in these transfer syntaxes; yields its port and
+    what it received: (transfer syntax, the data set's bytes as they came)."""
+    received: list[Any] = []
+
+    def on_store(event: Any) -> int:
+        received.append((event.context.transfer_syntax, event.request.DataSet.getvalue()))
+        return 0x0000
+
+    ae = AE(ae_title="STORE")
+    ae.maximum_pdu_size = max_pdu
+    ae.add_supported_context(CTImageStorage, list(syntaxes))
+    server = ae.start_server(
+        ("127.0.0.1", 0),
+        block=False,
+        evt_handlers=[*NODELAY_HANDLERS, (evt.EVT_C_STORE, on_store)],
+    )
+    try:
+        yield server.server_address[1], received
+    finally:
+        server.shutdown()
+
+
+def store(port: int, instance: EncodedInstance) -> Dataset:
+    ae = RelaisAE(ae_title="RELAIS")
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", port, evt_handlers=NODELAY_HANDLERS)
+    try:
+        return assoc.send_c_store(instance, msg_id=7, originator_aet="PM_PACS", originator_id=3)
+    finally:
+        assoc.release()
+
+
+@pytest.mark.parametrize("max_pdu", [16384, 0])
+def test_an_instance_is_sent_as_stored_in_pdus_the_peer_accepts(max_pdu: int) -> None:
+    data, meta = part10()
+    with store_scp(ExplicitVRLittleEndian, max_pdu=max_pdu) as (port, received):
+        status = store(port, EncodedInstance(data, meta))
+    assert status.Status == 0x0000
+    ((syntax, dataset),) = received
+    assert syntax == ExplicitVRLittleEndian
+    assert dataset == data[meta.dataset_offset :]  # byte for byte, not re-encoded
+
+
+def test_an_instance_the_peer_takes_only_in_another_syntax_is_converted() -> None:
+    data, meta = part10()
+    with store_scp(ImplicitVRLittleEndian) as (port, received):
+        status = store(port, EncodedInstance(data, meta))
+    assert status.Status == 0x0000
+    ((syntax, dataset),) = received
+    assert syntax == ImplicitVRLittleEndian
+    original = dcmread(io.BytesIO(data))
+    copy = read_dataset(io.BytesIO(dataset), is_implicit_VR=True, is_little_endian=True)
+    assert copy.SOPInstanceUID == original.SOPInstanceUID
+    assert copy.PixelData == original.PixelData
+
+
+def test_the_meta_of_a_part10_file() -> None:
+    data, meta = part10()
+    assert meta.transfer_syntax_uid == ExplicitVRLittleEndian
+    assert meta.sop_class_uid == CTImageStorage
+    assert data[meta.dataset_offset : meta.dataset_offset + 4] == b"\x08\x00\x16\x00"
+    assert file_meta(data[:100]) is None
+    assert file_meta(data[:128] + b"DICX" + data[132:]) is None
+    assert file_meta(data[: meta.dataset_offset - 10]) is None  # cut in the meta group
