@@ -50,7 +50,13 @@ from broker.dicom.archive import (
     ArchiveUnreachable,
     StudySummary,
 )
-from broker.dicom.kos import KOSError, StudyDescription, build_kos, derive_kos_uids
+from broker.dicom.kos import (
+    KOSError,
+    ParsedKOS,
+    StudyDescription,
+    build_kos_parsed,
+    derive_kos_uids,
+)
 from broker.errors import Conflict
 from broker.models import (
     HarvestCheckpoint,
@@ -344,7 +350,9 @@ def _described(
                 clients.append(client)
         limiter.acquire()
         try:
-            return client.describe_study(study.study_instance_uid)
+            return client.describe_study(
+                study.study_instance_uid, expected_instances=study.number_of_instances
+            )
         except ArchiveError as exc:
             return exc
         except Exception as exc:  # a UID the client refuses (legacy data), a bad answer...
@@ -420,7 +428,7 @@ def _harvest_chunk(
     ).values_list("study_instance_uid", "sop_instance_uid", "status"):
         existing.setdefault(study_uid, {})[sop_uid] = status
     now = timezone.now()
-    pending: list[tuple[StudySummary, bytes]] = []
+    pending: list[tuple[StudySummary, bytes, ParsedKOS]] = []
     for study, described in described_ok:
         try:
             derived, series_instance_uid = derive_kos_uids(described)
@@ -430,7 +438,7 @@ def _harvest_chunk(
                 counts["unchanged"] += 1
                 continue
             sop_instance_uid = next(uid for uid in candidates if uid not in used)
-            data = build_kos(
+            data, parsed = build_kos_parsed(
                 described,
                 now=now,
                 sop_instance_uid=sop_instance_uid,
@@ -440,18 +448,19 @@ def _harvest_chunk(
             counts["failed"] += 1
             failures.append((study.study_instance_uid, f"{exc.code}: {exc.message}"))
             continue
-        pending.append((study, data))
+        pending.append((study, data, parsed))
     last = chunk[-1][0]
     with transaction.atomic():
         if pending:
             results = manifests_register(
-                documents=[data for _, data in pending],
+                documents=[data for _, data, _ in pending],
+                parsed=[parsed for _, _, parsed in pending],
                 institution=institution,
                 actor=actor,
                 now=now,
                 correlation_id=correlation_id,
             )
-            for (study, _), result in zip(pending, results, strict=True):
+            for (study, _, _), result in zip(pending, results, strict=True):
                 if result.error is not None:
                     counts["failed"] += 1
                     failures.append(

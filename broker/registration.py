@@ -131,10 +131,19 @@ def manifests_register(
     actor: Actor,
     now: datetime,
     correlation_id: uuid.UUID | None = None,
+    parsed: Sequence[ParsedKOS] | None = None,
 ) -> list[RegistrationResult]:
-    """Register a batch of manifests published by ``institution``: one result per document."""
+    """Register a batch of manifests published by ``institution``: one result per document.
+
+    ``parsed``: what `parse_kos` gave for each document, when the caller has it (a harvest
+    builds its manifests with `kos.build_kos_parsed`); they are not parsed again."""
     correlation_id = correlation_id or uuid.uuid4()
-    batch = [_prepare(data, institution) for data in documents]
+    if parsed is not None and len(parsed) != len(documents):
+        raise ValueError("one parsed manifest per document")
+    batch = [
+        _prepare(data, institution, parsed[index] if parsed is not None else None)
+        for index, data in enumerate(documents)
+    ]
     # A concurrent writer may take a unique key first (PostgreSQL: same new patient, same
     # manifest); the batch then runs again and sees the other one's rows.
     for attempt in range(3):
@@ -195,7 +204,7 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _prepare(data: bytes, institution: Institution) -> _Document:
+def _prepare(data: bytes, institution: Institution, kos: ParsedKOS | None = None) -> _Document:
     document = _Document(data=data, sha256=_sha256(data))
     try:
         if not institution.active:
@@ -206,7 +215,8 @@ def _prepare(data: bytes, institution: Institution) -> _Document:
         limit = settings.RELAIS_MAX_MANIFEST_BYTES
         if len(data) > limit:
             raise KOSError("kos:too-large", f"The manifest is larger than {limit} bytes")
-        kos = parse_kos(data)
+        if kos is None:
+            kos = parse_kos(data)
         _check_lengths(kos)
         document.primary = resolve_patient_id(
             kos,

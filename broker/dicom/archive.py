@@ -424,7 +424,9 @@ class ArchiveClient(Protocol):
         patient_id: str | None = None,
     ) -> list[StudySummary]: ...
 
-    def describe_study(self, study_instance_uid: str) -> StudyDescription: ...
+    def describe_study(
+        self, study_instance_uid: str, *, expected_instances: int | None = None
+    ) -> StudyDescription: ...
 
     def retrieve(
         self,
@@ -756,13 +758,20 @@ class DicomWebArchive:
             studies = [study for study in studies if study.patient_id == patient]
         return _sort_studies(studies)
 
-    def describe_study(self, study_instance_uid: str) -> StudyDescription:
+    def describe_study(
+        self, study_instance_uid: str, *, expected_instances: int | None = None
+    ) -> StudyDescription:
+        """``expected_instances``: the study's instance count from its listing, when known; a
+        short first page of exactly that many is then taken as the whole study, without
+        asking for the next, empty, page (one request of three)."""
         study_uid = _check_uid(study_instance_uid, "Study Instance UID")
         path = f"/studies/{study_uid}/instances"
         params = [("includefield", tag) for tag in _INSTANCE_FIELDS]
         rows = [
             self._instance_row(item)
-            for item in self._get_pages(path, params, "QIDO-RS instance query")
+            for item in self._get_pages(
+                path, params, "QIDO-RS instance query", expected=expected_instances
+            )
         ]
         if not rows:
             self._fail(ArchiveNotFound, f"study {study_uid} not found (no instance)")
@@ -908,7 +917,7 @@ class DicomWebArchive:
         return series_uid
 
     def _get_pages(
-        self, path: str, params: list[tuple[str, str]], what: str
+        self, path: str, params: list[tuple[str, str]], what: str, *, expected: int | None = None
     ) -> Iterator[dict[str, Any]]:
         offset = 0
         first_of_previous: dict[str, Any] | None = None
@@ -928,8 +937,11 @@ class DicomWebArchive:
             first_of_previous = page[0]
             yield from page
             # A short page is not the end: an archive may cap `limit` below what was asked
-            # (a harvest that stopped there would take the rest for gone). Only an empty one is.
+            # (a harvest that stopped there would take the rest for gone). Only an empty one
+            # is, or a short first page holding exactly the count the caller expects.
             offset += len(page)
+            if offset == expected and len(page) < self.page_size and offset == len(page):
+                return
 
     def _get_json(self, path: str, params: list[tuple[str, str]], what: str) -> Any:
         response = self._send(path, params, "application/dicom+json", what, stream=False)
@@ -1409,7 +1421,9 @@ class DimseArchive:
             matches = self._find(assoc, watch, query)
         return _sort_studies(self._study_summary(match) for match in matches)
 
-    def describe_study(self, study_instance_uid: str) -> StudyDescription:
+    def describe_study(
+        self, study_instance_uid: str, *, expected_instances: int | None = None
+    ) -> StudyDescription:
         study_uid = _check_uid(study_instance_uid, "Study Instance UID")
         study_query = _query(
             "STUDY",

@@ -1798,6 +1798,26 @@ def build_kos(
     Raises KOSError when the description cannot make a manifest the broker itself would accept
     (the result is parsed back before it is returned).
     """
+    data, _parsed = build_kos_parsed(
+        study,
+        now=now,
+        sop_instance_uid=sop_instance_uid,
+        series_instance_uid=series_instance_uid,
+        uid_root=uid_root,
+    )
+    return data
+
+
+def build_kos_parsed(
+    study: StudyDescription,
+    *,
+    now: dt.datetime,
+    sop_instance_uid: str | None = None,
+    series_instance_uid: str | None = None,
+    uid_root: str | None = None,
+) -> tuple[bytes, ParsedKOS]:
+    """`build_kos`, with what `parse_kos` reads back from the bytes: a caller that registers
+    them need not parse them again."""
     try:
         if sop_instance_uid is None or series_instance_uid is None:
             # A lone surrogate in a description cannot be hashed: refused like any bad value.
@@ -1826,8 +1846,7 @@ def build_kos(
         raise KOSError(
             KOSErrorCode.INVALID_VALUE, f"the manifest cannot be encoded: {_describe(exc)}"
         ) from exc
-    parse_kos(data)
-    return data
+    return data, parse_kos(data)
 
 
 class _Draft:

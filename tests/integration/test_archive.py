@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import http.server
 import io
+import json
 import socket
 import threading
 import time
@@ -927,3 +928,32 @@ def test_the_client_asks_for_no_compression_and_keeps_the_connection(
             f"{chub.dicomweb_url}/studies", headers={"Accept-Encoding": "identity"}
         )
     assert "content-encoding" not in response.headers
+
+
+def test_describing_a_study_asks_for_no_empty_page_when_its_count_is_known() -> None:
+    rows = [
+        {
+            "00080016": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.2"]},
+            "00080018": {"vr": "UI", "Value": [f"1.2.3.4.{n}"]},
+            "0020000E": {"vr": "UI", "Value": ["1.2.3.4"]},
+            "00100020": {"vr": "LO", "Value": ["CHU1"]},
+        }
+        for n in (1, 2)
+    ]
+    metadata = [{**rows[0], "00100010": {"vr": "PN", "Value": [{"Alphabetic": "A^B"}]}}]
+    pages = [json.dumps(rows).encode(), json.dumps(metadata).encode()]
+    with (
+        scripted_http(*(status(200, page, **EMPTY_JSON) for page in pages)) as (url, asked),
+        web_archive(url) as archive,
+    ):
+        described = archive.describe_study("1.2.3", expected_instances=2)
+    assert len(asked) == 2  # the instances, then one instance's metadata
+    assert [s.series_instance_uid for s in described.series] == ["1.2.3.4"]
+    with (
+        scripted_http(
+            *(status(200, page, **EMPTY_JSON) for page in [pages[0], b"[]", pages[1]])
+        ) as (url, asked),
+        web_archive(url) as archive,
+    ):
+        archive.describe_study("1.2.3", expected_instances=3)  # the study changed: page on
+    assert len(asked) == 3
