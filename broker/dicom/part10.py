@@ -59,3 +59,47 @@ def file_meta(data: bytes) -> FileMeta | None:
         transfer_syntax_uid=values[0x0010],
         dataset_offset=offset,
     )
+
+
+def part10_file(
+    dataset: bytes,
+    *,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax_uid: str,
+    implementation_class_uid: str,
+    implementation_version_name: str,
+    source_ae_title: str = "",
+) -> bytes:
+    """A data set received as it is (a C-STORE's), made a Part 10 file: preamble, "DICM" and
+    the meta group, written here without building a pydicom dataset (a C-STORE SCP does it
+    for every object it receives)."""
+    elements = [
+        _meta_long(0x0001, b"OB", b"\x00\x01"),
+        _meta_short(0x0002, b"UI", _padded(sop_class_uid, b"\x00")),
+        _meta_short(0x0003, b"UI", _padded(sop_instance_uid, b"\x00")),
+        _meta_short(0x0010, b"UI", _padded(transfer_syntax_uid, b"\x00")),
+        _meta_short(0x0012, b"UI", _padded(implementation_class_uid, b"\x00")),
+        _meta_short(0x0013, b"SH", _padded(implementation_version_name, b" ")),
+    ]
+    if source_ae_title:
+        elements.append(_meta_short(0x0016, b"AE", _padded(source_ae_title, b" ")))
+    group = b"".join(elements)
+    length = _meta_short(0x0000, b"UL", struct.pack("<I", len(group)))
+    return b"\x00" * 128 + b"DICM" + length + group + dataset
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    value = text.encode("ascii")
+    return value + pad if len(value) % 2 else value
+
+
+def _meta_short(element: int, vr: bytes, value: bytes) -> bytes:
+    if len(value) > 0xFFFF:
+        raise ValueError(f"(0002,{element:04X}) is too long")
+    return struct.pack("<HH", 0x0002, element) + vr + struct.pack("<H", len(value)) + value
+
+
+def _meta_long(element: int, vr: bytes, value: bytes) -> bytes:
+    header = struct.pack("<HH", 0x0002, element) + vr + b"\x00\x00"
+    return header + struct.pack("<I", len(value)) + value

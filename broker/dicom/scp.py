@@ -40,8 +40,13 @@ from pynetdicom.transport import ThreadedAssociationServer
 from audit.events import EventCode, Outcome
 from audit.services import audit_record
 from audit.types import Actor, ActorKind
-from broker.dicom.kos import KOS_SOP_CLASS_UID
+from broker.dicom.kos import (
+    KOS_SOP_CLASS_UID,
+    RELAIS_IMPLEMENTATION_CLASS_UID,
+    RELAIS_IMPLEMENTATION_VERSION_NAME,
+)
 from broker.dicom.network import NODELAY_HANDLERS, RelaisAE
+from broker.dicom.part10 import part10_file
 from broker.errors import Conflict, DomainError, UnprocessableManifest
 from broker.intake import IntakeRegistrar, intake_receive
 from broker.models import Institution
@@ -252,7 +257,16 @@ class BrokerSCP:
                 STATUS_SOP_CLASS_NOT_SUPPORTED,
                 "Relais stores Key Object Selection manifests only",
             )
-        return self.register(peer, event.encoded_dataset(include_meta=True))
+        data = part10_file(
+            event.request.DataSet.getvalue(),
+            sop_class_uid=sop_class,
+            sop_instance_uid=str(event.request.AffectedSOPInstanceUID),
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            implementation_class_uid=RELAIS_IMPLEMENTATION_CLASS_UID,
+            implementation_version_name=RELAIS_IMPLEMENTATION_VERSION_NAME,
+            source_ae_title=peer.ae_title,
+        )
+        return self.register(peer, data)
 
     def on_c_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
         """Study Root C-FIND (STUDY, SERIES or IMAGE level) over what the institution's
