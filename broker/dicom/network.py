@@ -48,20 +48,26 @@ DUL_LOOP_DELAY = 0.0001
 
 # Each association's reactor thread (pynetdicom.association) sleeps a hard-coded 1 ms per
 # turn: a request received waits half of that on average before its handler runs (an SCP
-# answering C-STOREs one after another loses about a tenth of its rate to it). It is made to
-# sleep as long as the DUL's; pynetdicom's other sleeps in that module are left as they are.
+# answering C-STOREs one after another loses about a tenth of its rate to it). The reactors
+# of the associations the broker accepts sleep as long as the DUL's instead. Those of the
+# associations it requests keep 1 ms: their requests do not wait on the reactor
+# (`PauseSafeAssociation`), and a faster loop would only take the GIL from a C-MOVE.
+# pynetdicom's other sleeps in that module are left as they are.
 REACTOR_LOOP_DELAY = DUL_LOOP_DELAY
 
 
 class _ReactorClock:
-    """`time`, as pynetdicom.association sees it, with the reactor's 1 ms sleep shortened."""
+    """`time`, as pynetdicom.association sees it, with an acceptor reactor's 1 ms sleep
+    shortened."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
 
     @staticmethod
     def sleep(seconds: float) -> None:
-        time.sleep(REACTOR_LOOP_DELAY if seconds == 0.001 else seconds)
+        if seconds == 0.001 and getattr(threading.current_thread(), "mode", "") == "acceptor":
+            seconds = REACTOR_LOOP_DELAY
+        time.sleep(seconds)
 
 
 setattr(pynetdicom_association, "time", _ReactorClock())  # noqa: B010 - a module global
