@@ -131,8 +131,8 @@ def peer_dimse(archive, workers: int, date_range: str) -> float:  # type: ignore
     from pydicom.dataset import Dataset
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND  # type: ignore[attr-defined]
 
-    from broker.dicom.archive import _AE, _IMAGE_KEYS, _PATIENT_KEYS, _STUDY_KEYS, _quiesce
-    from broker.dicom.network import NODELAY_HANDLERS
+    from broker.dicom.archive import _IMAGE_KEYS, _PATIENT_KEYS, _STUDY_KEYS
+    from broker.dicom.network import NODELAY_HANDLERS, RelaisAE
 
     def query(level: str, **keys: str) -> Dataset:
         ds = Dataset()
@@ -142,7 +142,7 @@ def peer_dimse(archive, workers: int, date_range: str) -> float:  # type: ignore
         return ds
 
     def associate():  # type: ignore[no-untyped-def]
-        ae = _AE(ae_title="RELAIS")  # pynetdicom's AE, its reactor parkable (see _quiesce)
+        ae = RelaisAE(ae_title="RELAIS")  # as the broker: pause-safe associations
         ae.add_requested_context(FIND)
         return ae.associate(
             "127.0.0.1", archive.dicom_port, ae_title=archive.aet, evt_handlers=NODELAY_HANDLERS
@@ -176,10 +176,8 @@ def peer_dimse(archive, workers: int, date_range: str) -> float:  # type: ignore
         )
         one.IssuerOfPatientIDQualifiersSequence = []
         one.OtherPatientIDsSequence = []
-        _quiesce(local.assoc)  # pynetdicom's race on a reused association (see archive.py)
         list(local.assoc.send_c_find(one, FIND))
         images = query("IMAGE", StudyInstanceUID=uid, **dict.fromkeys(_IMAGE_KEYS, ""))
-        _quiesce(local.assoc)
         list(local.assoc.send_c_find(images, FIND))
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
