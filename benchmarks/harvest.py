@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Harvest rate against a real Orthanc, next to Orthanc answering the same queries alone.
 
-    .venv/bin/python benchmarks/harvest.py [--studies 400] [--database-url URL]
+    .venv/bin/python benchmarks/harvest.py [--studies 400] [--database-url URL] [--rounds 3]
                                            [--transport dicomweb dimse] [--workers 2]
 
-One Orthanc is loaded with N synthetic studies (2 series x 3 small images each). For each
-transport, in the same run:
+One Orthanc. In each round, for each transport in turn, it is loaded with N new synthetic
+studies (2 series x 3 small images each, their own issuer and date range), and:
 
 - the peer: the queries a harvest makes (the study list, then for each study its instances,
   and its patient: DICOMweb one instance-level QIDO and one WADO-RS metadata; DIMSE a STUDY
@@ -15,7 +15,8 @@ transport, in the same run:
   ``relais_bench_harvest`` on the server of ``--database-url``, or a SQLite file): the same
   queries through the archive client, a KOS built, registered and audited per study.
 
-The figure is the ratio of the two rates (studies/s).
+The figure is the ratio of the two rates (studies/s), median over the rounds: alternating
+keeps a busy moment of the shared machine from landing on one side only.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ import datetime as dt
 import json
 import os
 import pstats
+import statistics
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -44,6 +47,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL", ""))
     parser.add_argument("--transport", nargs="+", default=["dicomweb", "dimse"])
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds, each transport in turn (new studies each)"
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument(
         "--profile", action="store_true", help="cProfile the harvest's main thread (figures off)"
@@ -194,6 +200,77 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def one_round(  # type: ignore[no-untyped-def]
+    args: argparse.Namespace, archive, transport: str, n: int, actor, now: dt.datetime
+) -> dict[str, Any]:
+    """One transport's round: new studies, the peer's queries over them, the harvest."""
+    from broker.archives import institution_archive
+    from broker.harvest import harvest_run
+    from broker.models import Manifest
+    from broker.services import institution_create
+
+    since = dt.date(1950 + (args.studies // 365 + 1) * n, 1, 1)
+    until = since + dt.timedelta(days=args.studies - 1)
+    date_range = f"{since:%Y%m%d}-{until:%Y%m%d}"
+    load_archive(archive, args.studies, f"BENCH-{transport}-{n}", since)
+    institution = institution_create(
+        finess=f"35{n:06d}1",
+        name=f"Hôpital du banc ({transport}, {n})",
+        patient_id_issuer=f"BENCH-{transport}-{n}",
+        ae_title=archive.aet,
+        dicom_host="127.0.0.1",
+        dicom_port=archive.dicom_port,
+        dicomweb_url=archive.dicomweb_url,
+        actor=actor,
+        now=now,
+    )
+    peer = peer_dicomweb if transport == "dicomweb" else peer_dimse
+    peer(archive, args.workers, date_range)  # warm Orthanc's cache
+    orthanc_cpu, own_cpu = cpu_seconds(archive.process.pid), time.process_time()
+    peer_seconds = peer(archive, args.workers, date_range)
+    peer_cpu = (cpu_seconds(archive.process.pid) - orthanc_cpu, time.process_time() - own_cpu)
+    orthanc_cpu, own_cpu = cpu_seconds(archive.process.pid), time.process_time()
+    profiler = cProfile.Profile() if args.profile else None
+    if profiler is not None:
+        profiler.enable()
+    started = time.perf_counter()
+    summary = harvest_run(
+        institution=institution,
+        client_factory=lambda: institution_archive(institution, transport),
+        transport=transport,
+        actor=actor,
+        since=since,
+        until=until,
+        workers=args.workers,
+    )
+    harvest_seconds = time.perf_counter() - started
+    harvest_cpu = (cpu_seconds(archive.process.pid) - orthanc_cpu, time.process_time() - own_cpu)
+    if profiler is not None:
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
+    registered = Manifest.objects.filter(source_institution=institution).count()
+    if summary.counts["failed"] or registered != args.studies:
+        raise SystemExit(f"{transport}: {registered} registered, {summary.failures[:3]}")
+    row = {
+        "peer_studies_per_s": args.studies / peer_seconds,
+        "harvest_studies_per_s": args.studies / harvest_seconds,
+        "ratio": peer_seconds / harvest_seconds,
+        # CPU ms per study: (Orthanc, this process) for the peer and the harvest
+        "peer_cpu_ms_per_study": [1000 * c / args.studies for c in peer_cpu],
+        "harvest_cpu_ms_per_study": [1000 * c / args.studies for c in harvest_cpu],
+    }
+    print(
+        f"  round {n}: {transport} peer {row['peer_studies_per_s']:.0f}/s, "
+        f"harvest {row['harvest_studies_per_s']:.0f}/s, ratio {row['ratio']:.2f}",
+        flush=True,
+    )
+    return row
+
+
 def main() -> None:
     args = parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="relais-bench-harvest-"))
@@ -209,10 +286,6 @@ def main() -> None:
     from django.core.management import call_command
 
     from audit.types import Actor
-    from broker.archives import institution_archive
-    from broker.harvest import harvest_run
-    from broker.models import Manifest
-    from broker.services import institution_create
     from tests.peers.orthanc import start_orthanc
 
     call_command("migrate", verbosity=0)
@@ -227,82 +300,46 @@ def main() -> None:
     try:
         actor = Actor.system("benchmark")
         now = dt.datetime.now(dt.UTC)
-        for n, transport in enumerate(args.transport):
-            # Each transport harvests its own studies (its own issuer and date range).
-            since = dt.date(2000 + 20 * n, 1, 1)
-            until = since + dt.timedelta(days=args.studies - 1)
-            date_range = f"{since:%Y%m%d}-{until:%Y%m%d}"
-            load_archive(archive, args.studies, f"BENCH-{transport}", since)
-            institution = institution_create(
-                finess=f"35000{n:03d}1"[:9],
-                name=f"Hôpital du banc ({transport})",
-                patient_id_issuer=f"BENCH-{transport}",
-                ae_title=archive.aet,
-                dicom_host="127.0.0.1",
-                dicom_port=archive.dicom_port,
-                dicomweb_url=archive.dicomweb_url,
-                actor=actor,
-                now=now,
-            )
-            peer = peer_dicomweb if transport == "dicomweb" else peer_dimse
-            peer(archive, args.workers, date_range)  # warm Orthanc's cache
-            orthanc_cpu, own_cpu = cpu_seconds(archive.process.pid), time.process_time()
-            peer_seconds = peer(archive, args.workers, date_range)
-            peer_cpu = (
-                cpu_seconds(archive.process.pid) - orthanc_cpu,
-                time.process_time() - own_cpu,
-            )
-            orthanc_cpu, own_cpu = cpu_seconds(archive.process.pid), time.process_time()
-            profiler = cProfile.Profile() if args.profile else None
-            if profiler is not None:
-                profiler.enable()
-            started = time.perf_counter()
-            summary = harvest_run(
-                institution=institution,
-                client_factory=lambda i=institution, t=transport: institution_archive(i, t),
-                transport=transport,
-                actor=actor,
-                since=since,
-                until=until,
-                workers=args.workers,
-            )
-            harvest_seconds = time.perf_counter() - started
-            harvest_cpu = (
-                cpu_seconds(archive.process.pid) - orthanc_cpu,
-                time.process_time() - own_cpu,
-            )
-            if profiler is not None:
-                profiler.disable()
-                pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
-            registered = Manifest.objects.filter(source_institution=institution).count()
-            if summary.counts["failed"] or registered != args.studies:
-                raise SystemExit(f"{transport}: {registered} registered, {summary.failures[:3]}")
+        rows: dict[str, list[dict[str, Any]]] = {transport: [] for transport in args.transport}
+        # Rounds, each transport in turn: its own new studies (own issuer and date range), the
+        # peer's queries over them (once to warm Orthanc's cache, once measured), then the
+        # harvest. A busy moment on the shared machine then touches a round, not a side.
+        for round_number in range(args.rounds):
+            for n, transport in enumerate(args.transport):
+                rows[transport].append(
+                    one_round(
+                        args, archive, transport, round_number * len(args.transport) + n, actor, now
+                    )
+                )
+        for transport, measured in rows.items():
             results[transport] = {
-                "peer_studies_per_s": args.studies / peer_seconds,
-                "harvest_studies_per_s": args.studies / harvest_seconds,
-                "ratio": peer_seconds / harvest_seconds,
-                # CPU ms per study: (Orthanc, this process) for the peer and the harvest
-                "peer_cpu_ms_per_study": [1000 * c / args.studies for c in peer_cpu],
-                "harvest_cpu_ms_per_study": [1000 * c / args.studies for c in harvest_cpu],
+                "rounds": measured,
+                "ratio": median([row["ratio"] for row in measured]),
+                "peer_studies_per_s": median([row["peer_studies_per_s"] for row in measured]),
+                "harvest_studies_per_s": median([row["harvest_studies_per_s"] for row in measured]),
             }
     finally:
         archive.stop()
     print(
-        f"| Harvest, {results['database']}, {args.studies} studies of 6 images, "
-        f"{args.workers} workers | Orthanc answering the queries alone (studies/s) "
-        "| harvest (studies/s) | ratio | CPU ms/study, Orthanc + client, alone "
-        "| CPU ms/study, Orthanc + broker, harvest |"
+        f"| Harvest, {results['database']}, {args.studies} studies of 6 images a round, "
+        f"{args.workers} workers, {args.rounds} rounds | Orthanc answering the queries alone "
+        "(studies/s) | harvest (studies/s) | ratio, median (rounds) | CPU ms/study, "
+        "Orthanc + client, alone | CPU ms/study, Orthanc + broker, harvest |"
     )
     print("|---|---|---|---|---|---|")
     for transport in args.transport:
         figures = results[transport]
         assert isinstance(figures, dict)
+        measured = figures["rounds"]
+        ratios = ", ".join(f"{row['ratio']:.2f}" for row in measured)
+        peer_cpu = [median([row["peer_cpu_ms_per_study"][i] for row in measured]) for i in (0, 1)]
+        harvest_cpu = [
+            median([row["harvest_cpu_ms_per_study"][i] for row in measured]) for i in (0, 1)
+        ]
         print(
             f"| {transport} | {figures['peer_studies_per_s']:.0f} "
-            f"| {figures['harvest_studies_per_s']:.0f} | {figures['ratio']:.2f} "
-            "| {:.1f} + {:.1f} | {:.1f} + {:.1f} |".format(
-                *figures["peer_cpu_ms_per_study"], *figures["harvest_cpu_ms_per_study"]
-            )
+            f"| {figures['harvest_studies_per_s']:.0f} | {figures['ratio']:.2f} ({ratios}) "
+            f"| {peer_cpu[0]:.1f} + {peer_cpu[1]:.1f} | {harvest_cpu[0]:.1f} + {harvest_cpu[1]:.1f} |"
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -25,7 +25,7 @@ from pydicom.multival import MultiValue
 from audit.events import EventCode, Outcome
 from audit.services import Actor, audit_record
 from broker.archives import institution_archive
-from broker.dicom.matching import matches
+from broker.dicom.matching import KeyTooLong, matches
 from broker.dicom.network import EncodedInstance
 from broker.dicom.part10 import file_meta
 from broker.identity import patient_ref
@@ -125,6 +125,28 @@ def find(
                 raise QueryRefused(
                     STATUS_IDENTIFIER_MISMATCH, f"{keyword} must be one UID at {level} level"
                 )
+    try:
+        answers = _answers(institution, wanted, level, ae_title, now)
+    except KeyTooLong as exc:
+        raise QueryRefused(STATUS_IDENTIFIER_MISMATCH, str(exc)) from None
+    with transaction.atomic():
+        audit_record(
+            code=EventCode.GATEWAY_QUERY,
+            actor=actor,
+            now=now,
+            details={
+                "dimse": "C-FIND",
+                "level": level,
+                "study": wanted.get("StudyInstanceUID", "")[:1024],
+                "results": len(answers),
+            },
+        )
+    return answers
+
+
+def _answers(
+    institution: Institution, wanted: dict[str, str], level: str, ae_title: str, now: dt.datetime
+) -> list[Dataset]:
     answers = []
     for _uid, found in sorted(institution_reachable(institution, now).items()):
         study = _study_attributes(found.manifest, ae_title)
@@ -154,18 +176,6 @@ def find(
                 }
                 if _all_match(image, wanted, _IMAGE_KEYS):
                     answers.append(_answer(image, wanted, level))
-    with transaction.atomic():
-        audit_record(
-            code=EventCode.GATEWAY_QUERY,
-            actor=actor,
-            now=now,
-            details={
-                "dimse": "C-FIND",
-                "level": level,
-                "study": wanted.get("StudyInstanceUID", ""),
-                "results": len(answers),
-            },
-        )
     return answers
 
 
@@ -227,6 +237,7 @@ class MovePlan:
     ticket: AccessRequest
     allowed: frozenset[str]
     series: str | None = None  # one series asked for: only it is fetched from the source
+    sop_classes: frozenset[str] = frozenset()  # of the instances, for the destination's contexts
 
 
 class MoveRefused(Exception):
@@ -247,21 +258,42 @@ STATUS_REFUSED = 0xC000
 def move_plan(
     *,
     institution: Institution,
-    study_instance_uid: str,
+    level: str,
+    study_instance_uids: frozenset[str],
     destination: str,
     actor: Actor,
     now: dt.datetime,
     series_instance_uids: frozenset[str] = frozenset(),
     sop_instance_uids: frozenset[str] = frozenset(),
 ) -> MovePlan:
-    """The decision for a C-MOVE by ``institution``'s PACS (a study, some of its series, or
-    some of its instances); audited, permit or deny."""
+    """The decision for a C-MOVE by ``institution``'s PACS (Study Root: a study, some of its
+    series, or some instances of one series); audited, permit or deny."""
+    study_instance_uid = next(iter(study_instance_uids)) if len(study_instance_uids) == 1 else ""
+    asked = {
+        "study": study_instance_uid or sorted(study_instance_uids)[:10],
+        "level": level[:16],
+        "series": sorted(series_instance_uids)[:100],
+        "instances": len(sop_instance_uids),
+    }
     if destination.strip() != institution.ae_title:
-        _audit_move(actor, now, None, False, f"destination {destination!r} is not registered")
+        why = f"destination {destination[:64]!r} is not registered"
+        _audit_move(actor, now, None, False, why, asked=asked)
         raise MoveRefused(STATUS_MOVE_DESTINATION_UNKNOWN, "unknown move destination")
+    malformed = _move_identifier_problem(
+        level, study_instance_uids, series_instance_uids, sop_instance_uids
+    )
+    if malformed:
+        _audit_move(actor, now, None, False, malformed, asked=asked)
+        raise MoveRefused(STATUS_IDENTIFIER_MISMATCH, malformed)
+    if level == "STUDY":
+        series_instance_uids = sop_instance_uids = frozenset()
+    elif level == "SERIES":
+        sop_instance_uids = frozenset()
     found = institution_reachable(institution, now).get(study_instance_uid)
     if found is None:
-        _audit_move(actor, now, None, False, "no live ticket of this institution reaches it")
+        _audit_move(
+            actor, now, None, False, "no live ticket of this institution reaches it", asked=asked
+        )
         raise MoveRefused(STATUS_REFUSED, "no ticket reaches this study")
     ticket, manifest = found.ticket, found.manifest
     instances = ManifestInstance.objects.filter(series__manifest=manifest)
@@ -269,12 +301,13 @@ def move_plan(
         instances = instances.filter(series__series_instance_uid__in=series_instance_uids)
     if sop_instance_uids:
         instances = instances.filter(sop_instance_uid__in=sop_instance_uids)
-    allowed = frozenset(instances.values_list("sop_instance_uid", flat=True))
+    rows = list(instances.values_list("sop_instance_uid", "sop_class_uid"))
+    allowed = frozenset(sop for sop, _ in rows)
+    sop_classes = frozenset(sop_class for _, sop_class in rows)
     if not allowed:
         _audit_move(
-            actor, now, ticket, False, "nothing asked for is in the study's manifest",
-            study=study_instance_uid,
-        )  # fmt: skip
+            actor, now, ticket, False, "nothing asked for is in the study's manifest", asked=asked
+        )
         raise MoveRefused(STATUS_REFUSED, "nothing asked for is in the manifest")
     holder = ticket.recipient if ticket.purpose == Purpose.AVIS else ticket.requester
     with transaction.atomic():
@@ -301,12 +334,33 @@ def move_plan(
             ticket,
             permit,
             "; ".join(r.text for r in decision.reasons) if decision else "no holder",
-            study=study_instance_uid,
+            asked=asked,
         )
     if not permit:
         raise MoveRefused(STATUS_REFUSED, "the patient's consent denies it")
     one_series = next(iter(series_instance_uids)) if len(series_instance_uids) == 1 else None
-    return MovePlan(manifest=manifest, ticket=ticket, allowed=allowed, series=one_series)
+    return MovePlan(
+        manifest=manifest,
+        ticket=ticket,
+        allowed=allowed,
+        series=one_series,
+        sop_classes=sop_classes,
+    )
+
+
+def _move_identifier_problem(
+    level: str, studies: frozenset[str], series: frozenset[str], instances: frozenset[str]
+) -> str:
+    """What makes a C-MOVE identifier unusable (Study Root, hierarchical), or ""."""
+    if level not in LEVELS:
+        return f"unknown retrieve level {level[:16]!r}"
+    if len(studies) != 1:
+        return "a C-MOVE names exactly one Study Instance UID"
+    if level != "STUDY" and not series:
+        return f"a {level}-level C-MOVE names the series"
+    if level == "IMAGE" and (len(series) != 1 or not instances):
+        return "an IMAGE-level C-MOVE names one series and its instances"
+    return ""
 
 
 def move_instances(plan: MovePlan, actor: Actor) -> Iterator[Dataset]:
@@ -356,7 +410,7 @@ def _audit_move(
     permit: bool,
     why: str,
     *,
-    study: str = "",
+    asked: dict[str, object],
 ) -> None:
     with transaction.atomic():
         audit_record(
@@ -368,7 +422,7 @@ def _audit_move(
             objects=([{"type": "access-request", "id": str(ticket.public_id)}] if ticket else []),
             purpose_of_use=ticket.purpose if ticket else "",
             correlation_id=ticket.public_id if ticket else None,
-            details={"dimse": "C-MOVE", "permit": permit, "why": why, "study": study},
+            details={"dimse": "C-MOVE", "permit": permit, "why": why, **asked},
         )
 
 

@@ -212,7 +212,7 @@ _DICOM_MULTIPART: Final = 'multipart/related; type="application/dicom"; transfer
 
 # Transfer syntaxes proposed for C-GET, most common first: each gets its own presentation
 # context so that the archive can send an instance as stored.
-_RETRIEVE_SYNTAXES: Final[tuple[UID, ...]] = (
+RETRIEVE_SYNTAXES: Final[tuple[UID, ...]] = (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGLosslessSV1,
@@ -706,6 +706,9 @@ class DicomWebArchive:
             raise ValueError("page_size must be at least 1")
         self.endpoint = endpoint
         self.page_size = page_size
+        # The fewest matches the archive was seen to answer for a page that was not the
+        # last: it caps `limit` there (None until seen).
+        self._page_cap: int | None = None
         self._base = endpoint.wado_base_url
         self._client = httpx.Client(
             timeout=httpx.Timeout(endpoint.timeout),
@@ -921,6 +924,7 @@ class DicomWebArchive:
     ) -> Iterator[dict[str, Any]]:
         offset = 0
         first_of_previous: dict[str, Any] | None = None
+        previous_length: int | None = None
         while True:
             page = self._get_json(
                 path,
@@ -934,13 +938,22 @@ class DicomWebArchive:
             if offset and page[0] == first_of_previous:
                 # an archive that ignores `offset` would hand the same page forever
                 self._fail(ArchiveProtocolError, f"{what} of {path}: paging is not honoured")
-            first_of_previous = page[0]
+            if previous_length is not None and previous_length < self.page_size:
+                self._page_cap = min(self._page_cap or previous_length, previous_length)
+            first_of_previous, previous_length = page[0], len(page)
             yield from page
             # A short page is not the end: an archive may cap `limit` below what was asked
             # (a harvest that stopped there would take the rest for gone). Only an empty one
-            # is, or a short first page holding exactly the count the caller expects.
+            # is; or a short first page holding exactly the count the caller expects, when
+            # the archive was never seen to cap pages at that length or below. (An archive
+            # capping at exactly a stale count, before any cap was seen, would still fool it.)
             offset += len(page)
-            if offset == expected and len(page) < self.page_size and offset == len(page):
+            cap = self._page_cap
+            if (
+                offset == expected
+                and offset == len(page) < self.page_size
+                and (cap is None or len(page) < cap)
+            ):
                 return
 
     def _get_json(self, path: str, params: list[tuple[str, str]], what: str) -> Any:
@@ -987,7 +1000,9 @@ class DicomWebArchive:
         (`broker.dicom.multipart`), without an HTTP library's handling of every 64 KiB. The
         caller closes both the response and the connection."""
         target = urllib.parse.urlsplit(f"{self._base}{path}")
-        host, port = target.hostname or "", target.port
+        # the port always given: http.client would split an IPv6 address at its last colon
+        host = target.hostname or ""
+        port = target.port or (443 if target.scheme == "https" else 80)
         request_path = target.path + (f"?{target.query}" if target.query else "")
         headers = {"Accept": accept, **_REQUEST_HEADERS}
         attempt = 0
@@ -1009,10 +1024,20 @@ class DicomWebArchive:
                 try:
                     connection.request("GET", request_path, headers=headers)
                     response = connection.getresponse()
-                except (OSError, http.client.HTTPException) as exc:
+                except (OSError, http.client.HTTPException, ValueError) as exc:
+                    # (ValueError: a path http.client cannot send, e.g. non-ASCII)
                     connection.close()
                     error = self._socket_error(exc, what, stage="answer")
                 else:
+                    encoding = (response.getheader("Content-Encoding") or "identity").lower()
+                    if 200 <= response.status < 300 and encoding != "identity":
+                        response.close()
+                        connection.close()
+                        self._fail(
+                            ArchiveProtocolError,
+                            f"{what}: answered with Content-Encoding {encoding!r} although "
+                            "asked for identity",
+                        )
                     if 200 <= response.status < 300:
                         return connection, response
                     error, delay = self._status_error(
@@ -1679,13 +1704,13 @@ class DimseArchive:
                 ArchiveProtocolError,
                 f"{what}: {len(sop_classes)} SOP classes, more than one association can carry",
             )
-        per_class = max(1, min(len(_RETRIEVE_SYNTAXES), budget // len(sop_classes)))
+        per_class = max(1, min(len(RETRIEVE_SYNTAXES), budget // len(sop_classes)))
         contexts = []
         for sop_class in sop_classes:
             if per_class == 1:
-                contexts.append(build_context(sop_class, list(_RETRIEVE_SYNTAXES[:2])))
+                contexts.append(build_context(sop_class, list(RETRIEVE_SYNTAXES[:2])))
             else:
-                contexts += [build_context(sop_class, ts) for ts in _RETRIEVE_SYNTAXES[:per_class]]
+                contexts += [build_context(sop_class, ts) for ts in RETRIEVE_SYNTAXES[:per_class]]
         roles = [build_role(sop_class, scp_role=True) for sop_class in sop_classes]
         return contexts, roles
 

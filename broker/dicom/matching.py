@@ -16,14 +16,23 @@ multi-valued key (``CT\\MR``) when one of its values matches.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from functools import lru_cache
 
 _RANGE_VRS = frozenset({"DA", "TM", "DT"})
+# A key (other than a list of UIDs, matched by set lookup) longer than any DICOM value could
+# be, or with more values than a query needs, is refused (`KeyTooLong`): matching stays
+# cheap whatever a peer sends.
+MAX_KEY_LENGTH = 1024
+MAX_KEY_VALUES = 64
+
+
+class KeyTooLong(ValueError):
+    """A matching key too long, or with too many values, to be a sensible query."""
 
 
 def matches(value: str | Sequence[str], pattern: str, vr: str) -> bool:
+    if vr != "UI" and (len(pattern) > MAX_KEY_LENGTH or pattern.count("\\") >= MAX_KEY_VALUES):
+        raise KeyTooLong(f"a {vr} matching key of {len(pattern)} characters is refused")
     pattern = pattern.strip() if vr != "UI" else pattern.strip("\0 ")
     if pattern in ("", "*"):
         return True
@@ -46,7 +55,7 @@ def _one(value: str, key: str, vr: str) -> bool:
         value = _normalised(value, vr)
         return (not low or value >= low) and (not high or value <= high)
     if "*" in key or "?" in key:
-        return _wildcard(key, vr == "PN").fullmatch(value) is not None
+        return _glob(value, key, ignore_case=vr == "PN")
     if vr == "PN":
         return value.casefold() == key.casefold()
     if vr in _RANGE_VRS:
@@ -64,9 +73,26 @@ def _normalised(text: str, vr: str, *, upper: bool = False) -> str:
     return digits + filler[len(digits) :]
 
 
-@lru_cache(maxsize=256)
-def _wildcard(key: str, ignore_case: bool) -> re.Pattern[str]:
-    pattern = "".join(
-        ".*" if char == "*" else "." if char == "?" else re.escape(char) for char in key
-    )
-    return re.compile(pattern, re.IGNORECASE | re.DOTALL if ignore_case else re.DOTALL)
+def _glob(value: str, key: str, *, ignore_case: bool) -> bool:
+    """Wildcard matching in linear time ("*" any run, "?" one character): a greedy scan that
+    backtracks only to the last "*", never a regular expression, whose backtracking a key
+    like ``*?*?*?...!`` would make exponential (and hold the GIL meanwhile)."""
+    if ignore_case:
+        value, key = value.casefold(), key.casefold()
+    v = k = 0
+    star_k, star_v = -1, 0
+    while v < len(value):
+        if k < len(key) and (key[k] == "?" or key[k] == value[v]):
+            v += 1
+            k += 1
+        elif k < len(key) and key[k] == "*":
+            star_k, star_v = k, v
+            k += 1
+        elif star_k >= 0:
+            star_v += 1
+            v, k = star_v, star_k + 1
+        else:
+            return False
+    while k < len(key) and key[k] == "*":
+        k += 1
+    return k == len(key)

@@ -22,6 +22,10 @@ from collections.abc import Iterator
 from typing import Final, Protocol
 
 MAX_PART_HEADER_BYTES: Final = 16 * 1024
+MAX_PREAMBLE_BYTES: Final = 1024 * 1024
+# The largest instance accepted (memory holds one instance): an archive that sends more, or
+# declares more, is refused rather than followed until memory runs out.
+DEFAULT_MAX_PART_BYTES: Final = 4 * 1024**3
 _SEARCH_READ_BYTES: Final = 64 * 1024
 # A part's declared length is read in pieces of at most this: memory follows what arrives,
 # not what a header claims.
@@ -45,10 +49,17 @@ class MultipartCutShort(MalformedMultipart):
 class MultipartParts:
     """The parts of one multipart body; iterate once. `where` says how far it got."""
 
-    def __init__(self, stream: BufferedStream, boundary: bytes) -> None:
+    def __init__(
+        self,
+        stream: BufferedStream,
+        boundary: bytes,
+        *,
+        max_part_bytes: int = DEFAULT_MAX_PART_BYTES,
+    ) -> None:
         if not boundary:
             raise ValueError("empty multipart boundary")
         self._stream = stream
+        self._max_part_bytes = max_part_bytes
         self._pushback = bytearray()  # bytes read past a delimiter while searching for it
         self._dash_boundary = b"--" + boundary
         self._delimiter = b"\r\n--" + boundary
@@ -80,10 +91,14 @@ class MultipartParts:
 
     def _skip_preamble(self) -> None:
         at_line_start = True
+        skipped = 0
         while True:
             line = self._readline(MAX_PART_HEADER_BYTES)
             if not line:
                 raise MultipartCutShort("no boundary")
+            skipped += len(line)
+            if skipped > MAX_PREAMBLE_BYTES:
+                raise MalformedMultipart("no boundary in the first MiB")
             if at_line_start and line.startswith(self._dash_boundary):
                 self._after_delimiter(line[len(self._dash_boundary) :])
                 return
@@ -114,9 +129,13 @@ class MultipartParts:
 
     def _read_body(self, length: int | None) -> bytes:
         if length is not None:
+            if length > self._max_part_bytes:
+                raise MalformedMultipart(
+                    f"a part of {length} bytes (at most {self._max_part_bytes})"
+                )
             body = self._read(length)
-            if len(body) < length:
-                raise MultipartCutShort("cut in a part")
+            if len(body) < length:  # cut short, or the length overstated: search what came
+                return self._search(bytearray(body))
             after = self._read(len(self._delimiter))
             if after == self._delimiter:
                 self._after_delimiter(self._readline(MAX_PART_HEADER_BYTES))
@@ -138,6 +157,8 @@ class MultipartParts:
                 self._after_delimiter(self._readline(MAX_PART_HEADER_BYTES))
                 return body
             scan_from = max(0, len(pending) - len(delimiter) + 1)
+            if len(pending) > self._max_part_bytes:
+                raise MalformedMultipart(f"a part larger than {self._max_part_bytes} bytes")
             chunk = self._read1(_SEARCH_READ_BYTES)
             if not chunk:
                 raise MultipartCutShort("cut in a part")

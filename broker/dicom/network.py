@@ -161,7 +161,12 @@ class PauseSafeAssociation(Association):
         originator_id: int | None = None,
     ) -> Dataset:
         """C-STORE; an `EncodedInstance` is sent as stored, without pynetdicom's encoding."""
-        if not isinstance(dataset, EncodedInstance):
+        socket_ = getattr(self.dul.socket, "socket", None)
+        if not isinstance(dataset, EncodedInstance) or isinstance(socket_, ssl.SSLSocket):
+            # (over TLS, writing beside the DUL thread's reads would share one OpenSSL
+            # object between two threads: pynetdicom's own path then)
+            if isinstance(dataset, EncodedInstance):
+                dataset = dataset.decoded()
             return super().send_c_store(dataset, msg_id, priority, originator_aet, originator_id)
         meta = dataset.meta
         try:
@@ -179,7 +184,19 @@ class PauseSafeAssociation(Association):
         try:
             with self._dimse_gate:  # a read the reactor began before is over
                 pass
-            _send_pdvs(self, cast(int, context.context_id), command, dataset.encoded, meta)
+            try:
+                _send_pdvs(
+                    self,
+                    cast(int, context.context_id),
+                    command,
+                    dataset.encoded,
+                    meta,
+                    timeout=self.dimse_timeout,
+                )
+            except BaseException:
+                # a PDU may be half-written: nothing more can follow on this association
+                self.abort()
+                raise
             _context_id, response = self.dimse.get_msg(block=True)
         finally:
             self._reactor_checkpoint.set()
@@ -296,14 +313,38 @@ def _even(value: bytes, pad: bytes) -> bytes:
 
 
 def _send_pdvs(
-    assoc: Association, context_id: int, command: bytes, data: bytes, meta: FileMeta
+    assoc: Association,
+    context_id: int,
+    command: bytes,
+    data: bytes,
+    meta: FileMeta,
+    *,
+    timeout: float | None,
 ) -> None:
     """The command and the data set as P-DATA-TF PDUs of one PDV each (PS3.8 9.3.5), no larger
     than the peer accepts, written to the association's socket; the data set's fragments
-    are sent from the instance's bytes, not copied."""
+    are sent from the instance's bytes, not copied. A peer that stops reading for `timeout`
+    seconds fails the send (pynetdicom leaves the socket without a timeout)."""
     sock = assoc.dul.socket.socket  # type: ignore[union-attr]
     if sock is None:
         raise RuntimeError("the association has no socket")
+    previous = sock.gettimeout()
+    sock.settimeout(timeout)
+    try:
+        _write_pdvs(sock, assoc, context_id, command, data, meta)
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(previous)
+
+
+def _write_pdvs(
+    sock: socket.socket,
+    assoc: Association,
+    context_id: int,
+    command: bytes,
+    data: bytes,
+    meta: FileMeta,
+) -> None:
     peer_maximum = assoc.acceptor.maximum_length or 0
     fragment = (peer_maximum - 6) if peer_maximum else len(data)
     fragment = max(fragment, 1)

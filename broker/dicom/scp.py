@@ -20,7 +20,7 @@ import logging
 import socket
 import ssl
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from audit.events import EventCode, Outcome
 from audit.services import audit_record
 from audit.types import Actor, ActorKind
+from broker.dicom.archive import RETRIEVE_SYNTAXES
 from broker.dicom.kos import (
     KOS_SOP_CLASS_UID,
     RELAIS_IMPLEMENTATION_CLASS_UID,
@@ -52,6 +53,7 @@ from broker.intake import IntakeRegistrar, intake_receive
 from broker.models import Institution
 
 logger = logging.getLogger(__name__)
+_MAX_CONTEXTS = 128  # presentation contexts in one association (PS3.8)
 
 # C-STORE statuses (PS3.4 Annex B.2.3, PS3.7 Annex C).
 STATUS_SUCCESS = 0x0000
@@ -308,25 +310,19 @@ class BrokerSCP:
 
         peer = getattr(event.assoc, "relais_peer", None)
         query = event.identifier
-        study = str(getattr(query, "StudyInstanceUID", "") or "")
-        level = str(getattr(query, "QueryRetrieveLevel", "") or "").strip().upper()
-        series, instances = _uids(query, "SeriesInstanceUID"), _uids(query, "SOPInstanceUID")
-        if (
-            not isinstance(peer, Peer)
-            or level not in {"STUDY", "SERIES", "IMAGE"}
-            or "\\" in study
-            or (level != "STUDY" and not series)
-            or (level == "IMAGE" and (len(series) != 1 or not instances))
-        ):
-            yield None, None  # pynetdicom answers "identifier does not match SOP class"
+        studies = _uids(query, "StudyInstanceUID")
+        study = next(iter(studies)) if len(studies) == 1 else ""
+        if not isinstance(peer, Peer):  # cannot happen: the association was admitted
+            yield None, None
             return
         try:
             close_old_connections()
             plan = move_plan(
                 institution=peer.institution,
-                study_instance_uid=study,
-                series_instance_uids=series if level != "STUDY" else frozenset(),
-                sop_instance_uids=instances if level == "IMAGE" else frozenset(),
+                level=str(getattr(query, "QueryRetrieveLevel", "") or "").strip().upper(),
+                study_instance_uids=studies,
+                series_instance_uids=_uids(query, "SeriesInstanceUID"),
+                sop_instance_uids=_uids(query, "SOPInstanceUID"),
                 destination=str(event.move_destination, "ascii", "replace")
                 if isinstance(event.move_destination, bytes)
                 else str(event.move_destination),
@@ -343,19 +339,37 @@ class BrokerSCP:
             yield 1
             yield refused.status, None
             return
-        yield peer.institution.dicom_host, peer.institution.dicom_port, _move_kwargs()
+        yield (
+            peer.institution.dicom_host,
+            peer.institution.dicom_port,
+            _move_kwargs(plan.sop_classes),
+        )
         yield len(plan.allowed)
+        sent: set[str] = set()
         try:
             for dataset in move_instances(plan, peer.actor()):
                 if event.is_cancelled:
                     yield 0xFE00, None
                     return
+                sent.add(str(dataset.SOPInstanceUID))
                 yield 0xFF00, dataset
         except Exception:
             logger.exception("C-MOVE of %s for %s failed", study, peer.ae_title)
             yield 0xC000, None
+            return
         finally:
             _close_connection()
+        missing = sorted(plan.allowed - sent)
+        if missing:  # the archive did not give them all: not a success
+            logger.warning(
+                "C-MOVE of %s for %s: %d instance(s) not found at the source",
+                study,
+                peer.ae_title,
+                len(missing),
+            )
+            identifier = Dataset()
+            identifier.FailedSOPInstanceUIDList = missing
+            yield 0xB000, identifier  # sub-operations complete, one or more failures
 
     def on_ended(self, event: Any) -> None:
         event.assoc.relais_peer = None
@@ -594,12 +608,22 @@ def _uids(query: Dataset, keyword: str) -> frozenset[str]:
     return frozenset(str(item).strip() for item in items if str(item).strip())
 
 
-def _move_kwargs() -> dict[str, Any]:
-    """How pynetdicom associates with a C-MOVE's destination: the storage contexts (without
-    them it fails after opening a socket, and leaks it), TCP_NODELAY."""
+def _move_kwargs(sop_classes: Collection[str] = ()) -> dict[str, Any]:
+    """How pynetdicom associates with a C-MOVE's destination, TCP_NODELAY set. Without
+    contexts pynetdicom fails after opening a socket (and leaks it). For the study's SOP
+    classes, one context per transfer syntax an archive may store (compressed ones included),
+    so that an instance is sent as stored; otherwise pynetdicom's storage contexts, which
+    offer only the uncompressed syntaxes."""
     from pynetdicom import build_context
 
-    return {
-        "contexts": [build_context(c.abstract_syntax) for c in StoragePresentationContexts],
-        "evt_handlers": list(NODELAY_HANDLERS),
-    }
+    classes = sorted(sop_classes)
+    if classes and len(classes) * 2 <= _MAX_CONTEXTS:
+        per_class = max(2, min(len(RETRIEVE_SYNTAXES), _MAX_CONTEXTS // len(classes)))
+        contexts = [
+            build_context(sop_class, [syntax])
+            for sop_class in classes
+            for syntax in RETRIEVE_SYNTAXES[:per_class]
+        ]
+    else:
+        contexts = [build_context(c.abstract_syntax) for c in StoragePresentationContexts]
+    return {"contexts": contexts, "evt_handlers": list(NODELAY_HANDLERS)}

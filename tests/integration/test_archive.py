@@ -792,12 +792,28 @@ def test_a_malformed_multipart_body_is_named(body: bytes, error: str) -> None:
 
 
 def test_a_lying_content_length_costs_memory_only_as_the_bytes_arrive() -> None:
-    """A part claiming a terabyte is read in bounded pieces, then found cut short."""
-    body = b"--q:b\r\nContent-Length: 999999999999\r\n\r\nDICM"
+    """A part claiming gigabytes is read in bounded pieces, then found cut short; one
+    claiming more than an instance may be is refused at once; so is a part without length
+    that never ends, and a preamble that never does."""
+    body = b"--q:b\r\nContent-Length: 3000000000\r\n\r\nDICM"
     reader = MultipartParts(io.BufferedReader(io.BytesIO(body)), b"q:b")
     with pytest.raises(MalformedMultipart, match="cut"):
         list(reader)
     assert reader.where == "in the middle of instance 1"
+    body = b"--q:b\r\nContent-Length: 999999999999\r\n\r\nDICM"
+    with pytest.raises(MalformedMultipart, match="a part of 999999999999 bytes"):
+        list(MultipartParts(io.BufferedReader(io.BytesIO(body)), b"q:b"))
+    body = b"--q:b\r\n\r\n" + b"x" * 5000
+    with pytest.raises(MalformedMultipart, match="larger than 1000 bytes"):
+        list(MultipartParts(io.BufferedReader(io.BytesIO(body)), b"q:b", max_part_bytes=1000))
+    body = b"preamble line\r\n" * 80_000
+    with pytest.raises(MalformedMultipart, match="no boundary in the first MiB"):
+        list(MultipartParts(io.BufferedReader(io.BytesIO(body)), b"q:b"))
+
+
+def test_an_overstated_length_on_the_last_part_is_found_out() -> None:
+    body = b"--b\r\nContent-Length: 100\r\n\r\n" + b"x" * 32 + b"\r\n--b--\r\n"
+    assert list(MultipartParts(io.BufferedReader(io.BytesIO(body)), b"b")) == [b"x" * 32]
 
 
 def test_wado_multipart_is_parsed_as_it_dribbles_in_until_the_connection_closes() -> None:
@@ -957,3 +973,37 @@ def test_describing_a_study_asks_for_no_empty_page_when_its_count_is_known() -> 
     ):
         archive.describe_study("1.2.3", expected_instances=3)  # the study changed: page on
     assert len(asked) == 3
+
+
+def test_an_archive_seen_capping_pages_is_always_paged_to_the_end() -> None:
+    def rows(first: int, count: int) -> bytes:
+        return json.dumps(
+            [
+                {
+                    "00080016": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.2"]},
+                    "00080018": {"vr": "UI", "Value": [f"1.2.3.4.{n}"]},
+                    "0020000E": {"vr": "UI", "Value": ["1.2.3.4"]},
+                    "00100020": {"vr": "LO", "Value": ["CHU1"]},
+                }
+                for n in range(first, first + count)
+            ]
+        ).encode()
+
+    metadata = status(200, rows(0, 1), **EMPTY_JSON)
+    script = [
+        # a first study of 5 instances, the archive capping pages at 3: learnt
+        status(200, rows(0, 3), **EMPTY_JSON),
+        status(200, rows(3, 2), **EMPTY_JSON),
+        status(200, b"[]", **EMPTY_JSON),
+        metadata,
+        # a second study whose listing (stale) said 3: a page of 3 is not taken as the end
+        status(200, rows(10, 3), **EMPTY_JSON),
+        status(200, rows(13, 1), **EMPTY_JSON),
+        status(200, b"[]", **EMPTY_JSON),
+        metadata,
+    ]
+    with scripted_http(*script) as (url, asked), web_archive(url) as archive:
+        archive.describe_study("1.2.3", expected_instances=5)
+        second = archive.describe_study("1.2.4", expected_instances=3)
+    assert len(asked) == 8
+    assert sum(len(series.instances) for series in second.series) == 4

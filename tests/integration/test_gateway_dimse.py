@@ -272,3 +272,59 @@ def test_a_pacs_moves_one_series_only(world):
     assert len(list(world["received"].iterdir())) == len(study.sop_instance_uids(2))
     denied = AuditEvent.objects.filter(code=EventCode.ACCESS_DECIDE, outcome=4).last()
     assert denied.details["why"] == "nothing asked for is in the study's manifest"
+
+
+def test_a_malformed_move_is_refused_as_such_and_audited(world):
+    study = world["study"]
+    refused = run_tool(
+        "movescu",
+        [
+            "-S", "-aet", PACS_AE, "-aec", "RELAIS", "-aem", PACS_AE, "127.0.0.1", world["port"],
+            "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study.study_instance_uid}",
+        ],
+    )  # fmt: skip
+    output = refused.stdout + refused.stderr
+    assert "Final Move Response (Error: DataSetDoesNotMatchSOPClass)" in output, output  # A900
+    assert not list(world["received"].iterdir())
+    denied = AuditEvent.objects.filter(code=EventCode.ACCESS_DECIDE, outcome=4).last()
+    assert denied.details["why"] == "a SERIES-level C-MOVE names the series"
+    assert denied.details["study"] == study.study_instance_uid
+
+
+def test_the_destination_is_offered_the_study_in_the_syntaxes_an_archive_stores():
+    from pydicom.uid import CTImageStorage, JPEG2000Lossless, JPEGLosslessSV1
+
+    from broker.dicom.scp import _move_kwargs
+
+    contexts = _move_kwargs({CTImageStorage})["contexts"]
+    offered = {(c.abstract_syntax, c.transfer_syntax[0]) for c in contexts}
+    assert (CTImageStorage, JPEGLosslessSV1) in offered
+    assert (CTImageStorage, JPEG2000Lossless) in offered
+    assert len(_move_kwargs()["contexts"]) <= 128
+
+
+def test_a_move_missing_instances_at_the_source_is_not_a_success(world):
+    """The manifest lists an instance the archive no longer holds: the others are sent, and
+    the final status says that one failed (0xB000, with the Failed SOP Instance UID List)."""
+    from broker.models import ManifestInstance
+
+    study = world["study"]
+    manifest = Manifest.objects.get(
+        study_instance_uid=study.study_instance_uid, status=ManifestStatus.APPROVED
+    )
+    series = manifest.series.order_by("id").first()
+    gone = "1.2.826.0.1.3680043.8.498.99.1"
+    ManifestInstance.objects.create(
+        series=series, sop_instance_uid=gone, sop_class_uid=study.sop_class_uid
+    )
+    moved = run_tool(
+        "movescu",
+        [
+            "-S", "-aet", PACS_AE, "-aec", "RELAIS", "-aem", PACS_AE, "127.0.0.1", world["port"],
+            "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study.study_instance_uid}",
+        ],
+        timeout=120,
+    )  # fmt: skip
+    output = moved.stdout + moved.stderr
+    assert "Final Move Response (Warning: SubOperationsCompleteOneOrMoreFailures)" in output
+    assert len(dicom_files(world["received"])) == len(study.instances)

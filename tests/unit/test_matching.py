@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker.dicom.matching import matches
+from broker.dicom.matching import KeyTooLong, matches
 
 
 @pytest.mark.parametrize(
@@ -52,3 +52,23 @@ from broker.dicom.matching import matches
 )
 def test_matching(value: str | list[str], pattern: str, vr: str, expected: bool) -> None:
     assert matches(value, pattern, vr) is expected
+
+
+def test_wildcards_cost_linear_time_whatever_the_key() -> None:
+    """A regular expression would backtrack exponentially on this key (about 30 s at 12
+    pairs), holding the GIL: every association of the broker would stall."""
+    import time
+
+    started = time.perf_counter()
+    for pairs in range(6, 200, 20):
+        assert not matches("SCANNER THORACO-ABDOMINO-PELVIEN INJ", "*?" * pairs + "*!", "LO")
+    assert time.perf_counter() - started < 1.0
+    assert matches("SCANNER THORACO-ABDOMINO-PELVIEN INJ", "*?*?*THORAC*INJ", "LO")
+
+
+def test_an_absurd_key_is_refused() -> None:
+    with pytest.raises(KeyTooLong):
+        matches("DUPONT", "*" * 2000, "PN")
+    with pytest.raises(KeyTooLong):
+        matches("CT", "\\".join(["CT"] * 100), "CS")
+    assert matches("1.2.3", "\\".join(f"1.2.{n}" for n in range(5000)), "UI")
