@@ -75,8 +75,12 @@ def load_archive(archive, count: int, issuer: str, first_day: dt.date) -> None: 
     def instances():  # type: ignore[no-untyped-def]
         for n in range(count):
             study = synthetic_study(
-                patient=SyntheticPatient(f"PATIENT{n}", "Bench", dt.date(1960, 1, 1), "F"),
-                patient_id=f"B{n:06d}",
+                # people of their own in each round: Orthanc files studies by Patient ID
+                # (issuer ignored), and the broker would link namesakes across issuers
+                patient=SyntheticPatient(
+                    f"PATIENT{n}", issuer.replace("-", ""), dt.date(1960, 1, 1), "F"
+                ),
+                patient_id=f"{issuer}-{n:06d}",
                 issuer=issuer,
                 issuer_oid=None,
                 institution_name="Hôpital du banc",

@@ -136,7 +136,9 @@ def manifests_register(
     """Register a batch of manifests published by ``institution``: one result per document.
 
     ``parsed``: what `parse_kos` gave for each document, when the caller has it (a harvest
-    builds its manifests with `kos.build_kos_parsed`); they are not parsed again."""
+    builds its manifests with `kos.build_kos_parsed`); they are not parsed again. The caller
+    vouches that each is the parse of its document's bytes: only code that built the bytes
+    itself may pass it, never with documents received from outside."""
     correlation_id = correlation_id or uuid.uuid4()
     if parsed is not None and len(parsed) != len(documents):
         raise ValueError("one parsed manifest per document")

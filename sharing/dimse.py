@@ -64,13 +64,16 @@ def institution_reachable(institution: Institution, now: dt.datetime) -> dict[st
             ticket.shift is None or ticket.shift.cancelled_at is not None
         ):
             continue
-        uids = [ref.study_instance_uid for ref in ticket_studies(ticket)]
+        refs = {(ref.study_instance_uid, ref.source_institution) for ref in ticket_studies(ticket)}
         for manifest in Manifest.objects.filter(
-            study_instance_uid__in=uids,
+            study_instance_uid__in={uid for uid, _ in refs},
             status=ManifestStatus.APPROVED,
             source_identifier__patient_id=ticket.patient_id,
         ).select_related("source_institution", "source_identifier"):
-            reachable.setdefault(manifest.study_instance_uid, Reachable(ticket, manifest))
+            # the study as the ticket reaches it: from its source (a duty ticket's covered
+            # institutions), not the same study UID filed by another archive
+            if (manifest.study_instance_uid, manifest.source_institution.finess) in refs:
+                reachable.setdefault(manifest.study_instance_uid, Reachable(ticket, manifest))
     return reachable
 
 

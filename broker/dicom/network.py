@@ -169,6 +169,11 @@ class PauseSafeAssociation(Association):
                 dataset = dataset.decoded()
             return super().send_c_store(dataset, msg_id, priority, originator_aet, originator_id)
         meta = dataset.meta
+        peer_maximum = self.acceptor.maximum_length or 0
+        if peer_maximum and peer_maximum < 1024:  # the command set in one PDV: not here
+            return super().send_c_store(
+                dataset.decoded(), msg_id, priority, originator_aet, originator_id
+            )
         try:
             context = self._get_valid_context(
                 meta.sop_class_uid, meta.transfer_syntax_uid, "scu", allow_conversion=False
