@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import select
 import socket
 import ssl
 import struct
@@ -328,55 +329,49 @@ def _send_pdvs(
 ) -> None:
     """The command and the data set as P-DATA-TF PDUs of one PDV each (PS3.8 9.3.5), no larger
     than the peer accepts, written to the association's socket; the data set's fragments
-    are sent from the instance's bytes, not copied. A peer that stops reading for `timeout`
-    seconds fails the send (pynetdicom leaves the socket without a timeout)."""
+    are sent from the instance's bytes, not copied.
+
+    pynetdicom's DUL thread reads the same socket, blocking, so its mode is left alone: each
+    write is non-blocking by itself (MSG_DONTWAIT) and waits for room with select; a peer that
+    takes nothing for `timeout` seconds fails the send (pynetdicom sets no timeout)."""
     sock = assoc.dul.socket.socket  # type: ignore[union-attr]
     if sock is None:
         raise RuntimeError("the association has no socket")
-    previous = sock.gettimeout()
-    sock.settimeout(timeout)
-    try:
-        _write_pdvs(sock, assoc, context_id, command, data, meta)
-    finally:
-        with contextlib.suppress(OSError):
-            sock.settimeout(previous)
-
-
-def _write_pdvs(
-    sock: socket.socket,
-    assoc: Association,
-    context_id: int,
-    command: bytes,
-    data: bytes,
-    meta: FileMeta,
-) -> None:
     peer_maximum = assoc.acceptor.maximum_length or 0
-    fragment = (peer_maximum - 6) if peer_maximum else len(data)
-    fragment = max(fragment, 1)
-
-    def pdu(control: int, payload: memoryview | bytes) -> bytes:
-        return struct.pack(
-            ">BBIIBB", 0x04, 0, len(payload) + 6, len(payload) + 2, context_id, control
-        )
-
-    sock.sendall(pdu(0x03, command) + command)  # command, last fragment
     view = memoryview(data)[meta.dataset_offset :]
-    vectored = not isinstance(sock, ssl.SSLSocket)
+    fragment = max((peer_maximum - 6) if peer_maximum else len(view), 1)
+
+    def pdu(control: int, size: int) -> bytes:
+        return struct.pack(">BBIIBB", 0x04, 0, size + 6, size + 2, context_id, control)
+
+    _send_buffers(sock, [pdu(0x03, len(command)), command], timeout)  # command, last fragment
     for start in range(0, max(len(view), 1), fragment):
         piece = view[start : start + fragment]
-        header = pdu(0x02 if start + fragment >= len(view) else 0x00, piece)
-        if vectored:
-            _send_all(sock, header, piece)
-        else:
-            sock.sendall(header + piece.tobytes())
+        last = start + fragment >= len(view)
+        _send_buffers(sock, [pdu(0x02 if last else 0x00, len(piece)), piece], timeout)
 
 
-def _send_all(sock: socket.socket, header: bytes, piece: memoryview) -> None:
-    sent = sock.sendmsg([header, piece])
-    if sent >= len(header) + len(piece):
-        return
-    if sent < len(header):  # a partial send (a socket with a timeout may do it)
-        sock.sendall(header[sent:])
-        sock.sendall(piece)
-    else:
-        sock.sendall(piece[sent - len(header) :])
+def _send_buffers(
+    sock: socket.socket, buffers: list[bytes | memoryview], timeout: float | None
+) -> None:
+    """Send all of `buffers` (one vectored write when the socket takes it), without blocking
+    the socket for its other users; TimeoutError when nothing goes out for `timeout` s."""
+    views = [memoryview(buffer) for buffer in buffers]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while views:
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        _, writable, _ = select.select([], [sock], [], wait)
+        if not writable:
+            raise TimeoutError(f"the peer took nothing for {timeout:g} s")
+        try:
+            sent = sock.sendmsg(views, [], socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            continue
+        if sent and timeout is not None:
+            deadline = time.monotonic() + timeout  # progress: the wait starts again
+        while sent:
+            if sent >= len(views[0]):
+                sent -= len(views.pop(0))
+            else:
+                views[0] = views[0][sent:]
+                sent = 0

@@ -182,3 +182,51 @@ def test_the_meta_of_a_part10_file() -> None:
     assert file_meta(data[:100]) is None
     assert file_meta(data[:128] + b"DICX" + data[132:]) is None
     assert file_meta(data[: meta.dataset_offset - 10]) is None  # cut in the meta group
+
+
+def test_a_destination_that_stops_reading_fails_the_send_and_the_association() -> None:
+    """Its DUL thread stalls on the first P-DATA (a hung PACS, a full disk): the send gives
+    up after the DIMSE timeout and aborts, instead of blocking the C-MOVE for ever."""
+    stalled = threading.Event()
+    release = threading.Event()
+
+    def on_pdu(event: Any) -> None:
+        if type(event.pdu).__name__ == "P_DATA_TF" and not stalled.is_set():
+            stalled.set()
+            release.wait(15)
+
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.BitsAllocated = 16
+    ds.PixelData = b"\0" * (48 * 1024 * 1024)  # more than the kernel's buffers hold
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    meta = file_meta(data)
+    assert meta is not None
+
+    scp = AE(ae_title="STORE")
+    scp.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian])
+    server = scp.start_server(
+        ("127.0.0.1", 0),
+        block=False,
+        evt_handlers=[(evt.EVT_PDU_RECV, on_pdu), (evt.EVT_C_STORE, lambda event: 0x0000)],
+    )
+    try:
+        ae = RelaisAE(ae_title="RELAIS")
+        ae.dimse_timeout = 1
+        ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+        assoc = ae.associate("127.0.0.1", server.server_address[1], evt_handlers=NODELAY_HANDLERS)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            assoc.send_c_store(EncodedInstance(data, meta))
+        assert time.monotonic() - started < 10
+        assert not assoc.is_established
+    finally:
+        release.set()
+        server.shutdown()
