@@ -62,15 +62,17 @@ def client_address(request: object) -> str:
 
 
 def memberships_of(user: object) -> list[Membership]:
+    """The user's active memberships in active institutions (an institution taken out of
+    the region gives its staff no rights), cached on the user object for the request."""
     professional = getattr(user, "professional", None) if getattr(user, "pk", None) else None
     if professional is None:
         return []
     cached = getattr(user, "_relais_memberships", None)
     if cached is None:
         cached = list(
-            Membership.objects.filter(professional=professional, active=True).select_related(
-                "institution"
-            )
+            Membership.objects.filter(
+                professional=professional, active=True, institution__active=True
+            ).select_related("institution")
         )
         user._relais_memberships = cached  # type: ignore[attr-defined]
     return cached

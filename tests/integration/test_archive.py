@@ -1007,3 +1007,49 @@ def test_an_archive_seen_capping_pages_is_always_paged_to_the_end() -> None:
         second = archive.describe_study("1.2.4", expected_instances=3)
     assert len(asked) == 8
     assert sum(len(series.instances) for series in second.series) == 4
+
+
+def test_a_wado_retrieval_over_https_checks_the_archive_certificate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """http.client, as httpx: the certificate checked against the trusted CAs; an archive
+    whose CA is not trusted cannot be reached, one whose CA is gives its instances."""
+    import ssl
+
+    from broker.dicom import archive as archive_module
+
+    authority = CertificateAuthority(tmp_path / "ca")
+    issued = authority.issue("127.0.0.1")
+    parts = [b"instance over TLS"]
+    content_type = 'multipart/related; type="application/dicom"; boundary="xyz"'
+    reply = dribble(content_type, multipart(b"xyz", parts, lengths=True), 4096)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            reply(self)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(issued.certificate, issued.private_key)
+    server.socket = server_context.wrap_socket(server.socket, server_side=True)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
+    url = f"https://127.0.0.1:{server.server_address[1]}/dicom-web"
+    try:
+        with (
+            web_archive(url, retries=0) as archive,
+            pytest.raises(ArchiveUnreachable, match="CERTIFICATE_VERIFY_FAILED"),
+        ):
+            list(archive.retrieve("1.2.3"))
+        trusting = ssl.create_default_context(cafile=str(authority.certificate))
+        monkeypatch.setattr(archive_module, "_https_context_cache", [trusting])
+        with web_archive(url, retries=0) as archive:
+            assert list(archive.retrieve("1.2.3")) == parts
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -982,3 +982,26 @@ def test_a_cached_verification_still_checks_time_and_keys(region, dupont, referr
         pytest.raises(TokenUnknownKey),
     ):
         token_check(token, studies=[CHU_STUDY], now=NOW, verified=verified)
+
+
+def test_staff_of_an_institution_taken_out_of_the_region_act_for_it_no_more(
+    region, dupont, referring_doctor
+):
+    """An inactive institution's memberships count for nothing: its doctor can neither ask,
+    nor retrieve, nor browse the registry on its behalf (memberships and tickets are kept)."""
+    from broker.access import manifests_visible_to, patients_visible_to
+
+    ticket = ask(
+        referring_doctor, dupont, region.portmael, studies=None, source_institution=region.chu
+    )
+    token_for(referring_doctor, ticket)  # while the institution is in the region
+    assert patients_visible_to(referring_doctor).filter(pk=dupont.pk).exists()
+    region.portmael.active = False
+    region.portmael.save(update_fields=["active"])
+    referring_doctor = type(referring_doctor).objects.get(pk=referring_doctor.pk)  # no cache
+    assert not patients_visible_to(referring_doctor).exists()
+    assert not manifests_visible_to(referring_doctor).exists()
+    with pytest.raises(PermissionDenied):
+        token_for(referring_doctor, ticket)
+    with pytest.raises(PermissionDenied):
+        ask(referring_doctor, dupont, region.portmael, studies=None, source_institution=region.chu)
