@@ -28,6 +28,7 @@ from broker.archives import institution_archive
 from broker.dicom.matching import KeyTooLong, matches
 from broker.dicom.network import EncodedInstance
 from broker.dicom.part10 import file_meta
+from broker.dicom.read_ahead import ReadAhead
 from broker.identity import patient_ref
 from broker.models import Institution, Manifest, ManifestInstance, ManifestStatus
 from consent import policy
@@ -366,42 +367,77 @@ def _move_identifier_problem(
     return ""
 
 
-def move_instances(plan: MovePlan, actor: Actor) -> Iterator[Dataset]:
-    """The instances of the plan, fetched from the source archive one at a time (C-GET or
-    WADO-RS), for the C-STORE sub-operations, which send them as stored
-    (`network.EncodedInstance`). Begin Transferring before,
-    Instances Transferred (count, bytes, outcome) after, however it ends."""
-    from django.utils import timezone
+class MoveTransfer:
+    """The instances of a C-MOVE's plan, from the source archive (C-GET or WADO-RS) to the
+    C-STORE sub-operations, which send them as stored (`network.EncodedInstance`).
 
-    manifest, patient = plan.manifest, patient_ref(plan.ticket.patient)
-    _audit_transfer(EventCode.TRANSFER_BEGIN, actor, plan, patient, Outcome.SUCCESS, {})
-    sent = size = 0
-    outcome, error = Outcome.SERIOUS_FAILURE, ""
-    client = institution_archive(manifest.source_institution)
-    try:
-        for data in client.retrieve(manifest.study_instance_uid, plan.series):
-            meta = file_meta(data)
-            if meta is None or meta.sop_instance_uid not in plan.allowed:
-                continue
-            yield EncodedInstance(data, meta)  # sent as stored, not decoded
-            sent += 1
-            size += len(data)
-        outcome = Outcome.SUCCESS
-    except GeneratorExit:
-        outcome, error = Outcome.MINOR_FAILURE, "cancelled or aborted"
-        raise
-    except Exception as exc:
-        error = f"{type(exc).__name__}: {exc}"
-        raise
-    finally:
-        client.close()
+    The fetch starts at once, in a thread of its own (`ReadAhead`): the archive prepares its
+    answer while the broker records Begin Transferring and associates with the destination,
+    and it keeps a few instances ahead of the sub-operations. Iterating yields the allowed
+    instances; `close` (however the move ends, sent in full or not) stops the fetch and
+    records Instances Transferred with the count, the bytes and the outcome.
+    """
+
+    def __init__(self, plan: MovePlan, actor: Actor) -> None:
+        self.plan, self.actor = plan, actor
+        self.sent = self.size = 0
+        self.outcome, self.error = Outcome.SERIOUS_FAILURE, ""
+        self._patient = patient_ref(plan.ticket.patient)
+        self._closed = False
+        manifest = plan.manifest
+        self._client = institution_archive(manifest.source_institution)
+        self._fetched = ReadAhead(
+            self._client.retrieve(manifest.study_instance_uid, plan.series), name="C-MOVE fetch"
+        )
+        try:
+            _audit_transfer(
+                EventCode.TRANSFER_BEGIN, actor, plan, self._patient, Outcome.SUCCESS, {}
+            )
+        except BaseException:
+            self._fetched.close()
+            self._client.close()
+            self._closed = True
+            raise
+
+    def __iter__(self) -> Iterator[Dataset]:
+        try:
+            for data in self._fetched:
+                meta = file_meta(data)
+                if meta is None or meta.sop_instance_uid not in self.plan.allowed:
+                    continue
+                yield EncodedInstance(data, meta)  # sent as stored, not decoded
+                self.sent += 1
+                self.size += len(data)
+            self.outcome, self.error = Outcome.SUCCESS, ""
+        except GeneratorExit:
+            self.error = "cancelled or aborted"
+            raise
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            raise
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        from django.utils import timezone
+
+        if self.outcome != Outcome.SUCCESS:
+            self.error = self.error or "cancelled or aborted"
+            self.outcome = (
+                Outcome.MINOR_FAILURE
+                if self.error == "cancelled or aborted"
+                else Outcome.SERIOUS_FAILURE
+            )
+        self._fetched.close()
+        self._client.close()
         _audit_transfer(
             EventCode.TRANSFER_END,
-            actor,
-            plan,
-            patient,
-            outcome,
-            {"instances": sent, "bytes": size, "error": error or None},
+            self.actor,
+            self.plan,
+            self._patient,
+            self.outcome,
+            {"instances": self.sent, "bytes": self.size, "error": self.error or None},
             now=timezone.now(),
         )
 

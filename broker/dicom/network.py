@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import select
 import socket
 import ssl
-import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -31,7 +29,6 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom import association as pynetdicom_association
 from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AddressInformation, AssociationSocket
 
@@ -189,64 +186,11 @@ class PauseSafeAssociation(Association):
         originator_aet: str | None = None,
         originator_id: int | None = None,
     ) -> Dataset:
-        """C-STORE; an `EncodedInstance` is sent as stored, without pynetdicom's encoding."""
-        socket_ = getattr(self.dul.socket, "socket", None)
-        if not isinstance(dataset, EncodedInstance) or isinstance(socket_, ssl.SSLSocket):
-            # (over TLS, writing beside the DUL thread's reads would share one OpenSSL
-            # object between two threads: pynetdicom's own path then)
-            if isinstance(dataset, EncodedInstance):
-                dataset = dataset.decoded()
-            return super().send_c_store(dataset, msg_id, priority, originator_aet, originator_id)
-        meta = dataset.meta
-        peer_maximum = self.acceptor.maximum_length or 0
-        if peer_maximum and peer_maximum < 1024:  # the command set in one PDV: not here
-            return super().send_c_store(
-                dataset.decoded(), msg_id, priority, originator_aet, originator_id
-            )
-        try:
-            context = self._get_valid_context(
-                meta.sop_class_uid, meta.transfer_syntax_uid, "scu", allow_conversion=False
-            )
-        except ValueError:  # not accepted as stored: pynetdicom converts what it can
-            return super().send_c_store(
-                dataset.decoded(), msg_id, priority, originator_aet, originator_id
-            )
-        if not self.is_established:
-            raise RuntimeError("the association is not established")
-        command = _store_command(meta, msg_id, priority, originator_aet, originator_id)
-        self._reactor_checkpoint.clear()
-        try:
-            with self._dimse_gate:  # a read the reactor began before is over
-                pass
-            try:
-                _send_pdvs(
-                    self,
-                    cast(int, context.context_id),
-                    command,
-                    dataset.encoded,
-                    meta,
-                    timeout=self.dimse_timeout,
-                )
-            except BaseException:
-                # a PDU may be half-written: nothing more can follow on this association
-                self.abort()
-                raise
-            _context_id, response = self.dimse.get_msg(block=True)
-        finally:
-            self._reactor_checkpoint.set()
-        status = Dataset()
-        if response is None:  # the DIMSE timeout, or the association went away
-            self.abort()
-            return status
-        if not isinstance(response, C_STORE) or response.MessageIDBeingRespondedTo != msg_id:
-            self.abort()
-            raise RuntimeError(f"unexpected answer to C-STORE {msg_id}: {response!r}")
-        status.Status = response.Status
-        for keyword in ("ErrorComment", "OffendingElement", "ErrorID"):
-            value = getattr(response, keyword, None)
-            if value is not None:
-                setattr(status, keyword, value)
-        return status
+        """C-STORE; an `EncodedInstance` is decoded first (the C-MOVE relay sends it as
+        stored, through `store_session.StoreSession`)."""
+        if isinstance(dataset, EncodedInstance):
+            dataset = dataset.decoded()
+        return super().send_c_store(dataset, msg_id, priority, originator_aet, originator_id)
 
     @property
     def _is_paused(self) -> bool:
@@ -263,9 +207,10 @@ class PauseSafeAssociation(Association):
 class EncodedInstance(Dataset):
     """An instance to send by C-STORE as it is stored (Part 10 bytes), not decoded.
 
-    It is a `Dataset` holding only SOP Class and SOP Instance UID, so that pynetdicom's
-    C-MOVE service (which sends what a handler yields, and lists failed instances) takes it;
-    `PauseSafeAssociation.send_c_store` sends its data set bytes as they are.
+    It is a `Dataset` whose only attributes are SOP Class and SOP Instance UID, read from its
+    meta group, so that pynetdicom's C-MOVE service (which sends what a handler yields, and
+    lists failed instances) takes it; `store_session.StoreSession.send_c_store` sends its data
+    set bytes as they are.
     """
 
     encoded: bytes
@@ -273,10 +218,19 @@ class EncodedInstance(Dataset):
 
     def __init__(self, data: bytes, meta: FileMeta) -> None:
         super().__init__()
-        self.SOPClassUID = meta.sop_class_uid
-        self.SOPInstanceUID = meta.sop_instance_uid
-        self.encoded = data
-        self.meta = meta
+        object.__setattr__(self, "encoded", data)
+        object.__setattr__(self, "meta", meta)
+
+    @property
+    def SOPClassUID(self) -> str:
+        return self.meta.sop_class_uid
+
+    @property
+    def SOPInstanceUID(self) -> str:
+        return self.meta.sop_instance_uid
+
+    def __bool__(self) -> bool:  # no element of its own, yet not empty (pynetdicom tests it)
+        return True
 
     def decoded(self) -> Dataset:
         return dcmread(io.BytesIO(self.encoded), force=True)
@@ -312,94 +266,3 @@ class RelaisAE(AE):
         sock = _ClosingSocket(assoc, address=address)
         sock.tls_args = tls_args
         return sock
-
-
-def _store_command(
-    meta: FileMeta,
-    msg_id: int,
-    priority: int,
-    originator_aet: str | None,
-    originator_id: int | None,
-) -> bytes:
-    """A C-STORE-RQ command set (PS3.7 9.3.1.1), implicit VR little endian."""
-    elements = [
-        _element(0x0002, _even(meta.sop_class_uid.encode("ascii"), b"\0")),
-        _element(0x0100, struct.pack("<H", 0x0001)),
-        _element(0x0110, struct.pack("<H", msg_id)),
-        _element(0x0700, struct.pack("<H", priority)),
-        _element(0x0800, struct.pack("<H", 0x0000)),  # a data set follows
-        _element(0x1000, _even(meta.sop_instance_uid.encode("ascii"), b"\0")),
-    ]
-    if originator_aet:
-        elements.append(_element(0x1030, _even(originator_aet.encode("ascii"), b" ")))
-    if originator_id is not None:
-        elements.append(_element(0x1031, struct.pack("<H", originator_id)))
-    body = b"".join(elements)
-    return _element(0x0000, struct.pack("<I", len(body))) + body
-
-
-def _element(element: int, value: bytes) -> bytes:
-    return struct.pack("<HHI", 0x0000, element, len(value)) + value
-
-
-def _even(value: bytes, pad: bytes) -> bytes:
-    return value + pad if len(value) % 2 else value
-
-
-def _send_pdvs(
-    assoc: Association,
-    context_id: int,
-    command: bytes,
-    data: bytes,
-    meta: FileMeta,
-    *,
-    timeout: float | None,
-) -> None:
-    """The command and the data set as P-DATA-TF PDUs of one PDV each (PS3.8 9.3.5), no larger
-    than the peer accepts, written to the association's socket; the data set's fragments
-    are sent from the instance's bytes, not copied.
-
-    pynetdicom's DUL thread reads the same socket, blocking, so its mode is left alone: each
-    write is non-blocking by itself (MSG_DONTWAIT) and waits for room with select; a peer that
-    takes nothing for `timeout` seconds fails the send (pynetdicom sets no timeout)."""
-    sock = assoc.dul.socket.socket  # type: ignore[union-attr]
-    if sock is None:
-        raise RuntimeError("the association has no socket")
-    peer_maximum = assoc.acceptor.maximum_length or 0
-    view = memoryview(data)[meta.dataset_offset :]
-    fragment = max((peer_maximum - 6) if peer_maximum else len(view), 1)
-
-    def pdu(control: int, size: int) -> bytes:
-        return struct.pack(">BBIIBB", 0x04, 0, size + 6, size + 2, context_id, control)
-
-    _send_buffers(sock, [pdu(0x03, len(command)), command], timeout)  # command, last fragment
-    for start in range(0, max(len(view), 1), fragment):
-        piece = view[start : start + fragment]
-        last = start + fragment >= len(view)
-        _send_buffers(sock, [pdu(0x02 if last else 0x00, len(piece)), piece], timeout)
-
-
-def _send_buffers(
-    sock: socket.socket, buffers: list[bytes | memoryview], timeout: float | None
-) -> None:
-    """Send all of `buffers` (one vectored write when the socket takes it), without blocking
-    the socket for its other users; TimeoutError when nothing goes out for `timeout` s."""
-    views = [memoryview(buffer) for buffer in buffers]
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while views:
-        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-        _, writable, _ = select.select([], [sock], [], wait)
-        if not writable:
-            raise TimeoutError(f"the peer took nothing for {timeout:g} s")
-        try:
-            sent = sock.sendmsg(views, [], socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            continue
-        if sent and timeout is not None:
-            deadline = time.monotonic() + timeout  # progress: the wait starts again
-        while sent:
-            if sent >= len(views[0]):
-                sent -= len(views.pop(0))
-            else:
-                views[0] = views[0][sent:]
-                sent = 0

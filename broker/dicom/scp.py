@@ -19,6 +19,7 @@ import ipaddress
 import logging
 import socket
 import ssl
+import time
 import uuid
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from django.utils import timezone
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pynetdicom import AE, evt
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_MOVE
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
@@ -48,6 +51,7 @@ from broker.dicom.kos import (
 )
 from broker.dicom.network import NODELAY_HANDLERS, RelaisAE
 from broker.dicom.part10 import part10_file
+from broker.dicom.store_session import StoreSession
 from broker.errors import Conflict, DomainError, UnprocessableManifest
 from broker.intake import IntakeRegistrar, intake_receive
 from broker.models import Institution
@@ -63,6 +67,10 @@ STATUS_PROCESSING_FAILURE = 0x0110
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_PENDING = 0xFF00
+
+# Seconds between two Pending responses to a C-MOVE (`_RelayDIMSE`).
+PENDING_INTERVAL = 0.5
 
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): result, source, reason.
 REJECTED_PERMANENT = 0x01
@@ -166,9 +174,13 @@ class BrokerSCP:
     # ------------------------------------------------------------------ handlers
 
     def on_connection(self, event: Any) -> None:
-        """DICOM over TLS: the handshake, here in the connection's own thread, with a
+        """The accepted association's C-MOVE responses go through `_RelayDIMSE`.
+
+        DICOM over TLS: the handshake, here in the connection's own thread, with a
         timeout (pynetdicom would do it in its accept loop, where one silent client stops
         the server). A failed handshake is audited and the connection closed."""
+        if type(event.assoc.dimse) is DIMSEServiceProvider:
+            event.assoc.dimse.__class__ = _RelayDIMSE
         sock = getattr(event.assoc.dul.socket, "socket", None)
         if not isinstance(sock, ssl.SSLSocket):
             return
@@ -305,8 +317,9 @@ class BrokerSCP:
 
     def on_c_move(self, event: Any) -> Iterator[Any]:
         """C-MOVE of a study the institution's tickets reach, to the institution's own AE:
-        fetched from the source archive, sent by pynetdicom's C-STORE sub-operations."""
-        from sharing.dimse import MoveRefused, move_instances, move_plan
+        fetched from the source archive (`MoveTransfer`), sent by pynetdicom's C-MOVE service
+        over a `StoreSession`."""
+        from sharing.dimse import MoveRefused, MoveTransfer, move_plan
 
         peer = getattr(event.assoc, "relais_peer", None)
         query = event.identifier
@@ -339,15 +352,26 @@ class BrokerSCP:
             yield 1
             yield refused.status, None
             return
-        yield (
-            peer.institution.dicom_host,
-            peer.institution.dicom_port,
-            _move_kwargs(plan.sop_classes),
-        )
-        yield len(plan.allowed)
+        try:
+            transfer = MoveTransfer(plan, peer.actor())  # the fetch starts now
+        except Exception:
+            logger.exception(
+                "C-MOVE of %s for %s: the transfer could not start", study, peer.ae_title
+            )
+            _close_connection()
+            yield peer.institution.dicom_host, peer.institution.dicom_port, _move_kwargs()
+            yield 1
+            yield 0xC000, None
+            return
         sent: set[str] = set()
         try:
-            for dataset in move_instances(plan, peer.actor()):
+            yield (
+                peer.institution.dicom_host,
+                peer.institution.dicom_port,
+                _move_kwargs(plan.sop_classes),
+            )
+            yield len(plan.allowed)
+            for dataset in transfer:
                 if event.is_cancelled:
                     yield 0xFE00, None
                     return
@@ -358,7 +382,10 @@ class BrokerSCP:
             yield 0xC000, None
             return
         finally:
-            _close_connection()
+            try:
+                transfer.close()  # Instances Transferred, however the move ended
+            finally:
+                _close_connection()
         missing = sorted(plan.allowed - sent)
         if missing:  # the archive did not give them all: not a success
             logger.warning(
@@ -564,11 +591,48 @@ class _DeferredHandshakeServer(ThreadedAssociationServer):
 
 
 class _BrokerAE(RelaisAE):
-    """The SCP's AE; the associations it requests (C-MOVE destinations) are `RelaisAE`'s."""
+    """The SCP's AE. The association pynetdicom's C-MOVE service requests to a destination
+    (``store_session=True``, from `_move_kwargs`) is a `StoreSession`, run on the C-MOVE's
+    own thread; any other is `RelaisAE`'s."""
 
     def make_server(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["server_class"] = _DeferredHandshakeServer
         return super().make_server(*args, **kwargs)
+
+    def associate(  # type: ignore[override]
+        self, addr: str, port: int, *args: Any, store_session: bool = False, **kwargs: Any
+    ) -> Any:
+        if not store_session:
+            return super().associate(addr, port, *args, **kwargs)
+        called = kwargs.get("ae_title", "ANY-SCP")
+        return StoreSession.open(
+            addr,
+            port,
+            calling_ae_title=self.ae_title,
+            called_ae_title=called.decode("ascii") if isinstance(called, bytes) else str(called),
+            contexts=kwargs["contexts"],
+            acse_timeout=self.acse_timeout,
+            dimse_timeout=self.dimse_timeout,
+            network_timeout=self.network_timeout,
+            connection_timeout=self.connection_timeout,
+        )
+
+
+class _RelayDIMSE(DIMSEServiceProvider):
+    """The DIMSE provider of an association the broker accepted. pynetdicom's C-MOVE service
+    answers every sub-operation with a Pending response, which PS3.4 C.4.2.3.1 makes optional:
+    each costs the broker about as much as relaying the instance. At most one goes out every
+    `PENDING_INTERVAL` seconds (the first at once); the final response counts everything."""
+
+    _last_pending = -PENDING_INTERVAL
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        if isinstance(primitive, C_MOVE) and primitive.Status == STATUS_PENDING:
+            now = time.monotonic()
+            if now - self._last_pending < PENDING_INTERVAL:
+                return
+            self._last_pending = now
+        super().send_msg(primitive, context_id)
 
 
 def _refusal(error: DomainError) -> Dataset:
@@ -609,8 +673,8 @@ def _uids(query: Dataset, keyword: str) -> frozenset[str]:
 
 
 def _move_kwargs(sop_classes: Collection[str] = ()) -> dict[str, Any]:
-    """How pynetdicom associates with a C-MOVE's destination, TCP_NODELAY set. Without
-    contexts pynetdicom fails after opening a socket (and leaks it). For the study's SOP
+    """How pynetdicom's C-MOVE service associates with the destination: a `StoreSession`
+    (`_BrokerAE.associate`), proposing these presentation contexts. For the study's SOP
     classes, one context per transfer syntax an archive may store (compressed ones included),
     so that an instance is sent as stored; otherwise pynetdicom's storage contexts, which
     offer only the uncompressed syntaxes."""
@@ -626,4 +690,4 @@ def _move_kwargs(sop_classes: Collection[str] = ()) -> dict[str, Any]:
         ]
     else:
         contexts = [build_context(c.abstract_syntax) for c in StoragePresentationContexts]
-    return {"contexts": contexts, "evt_handlers": list(NODELAY_HANDLERS)}
+    return {"contexts": contexts, "store_session": True}

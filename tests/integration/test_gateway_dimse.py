@@ -5,7 +5,9 @@ from a real Orthanc."""
 from __future__ import annotations
 
 import io
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +21,7 @@ from audit.models import AuditEvent
 from broker.archives import institution_archive
 from broker.dicom.scp import BrokerSCP, SCPConfig
 from broker.harvest import harvest_run
-from broker.models import Manifest, ManifestStatus, Role
+from broker.models import Institution, Manifest, ManifestStatus, Role
 from broker.services import institution_update
 from consent.services import directive_record
 from sharing import services
@@ -328,3 +330,69 @@ def test_a_move_missing_instances_at_the_source_is_not_a_success(world):
     output = moved.stdout + moved.stderr
     assert "Final Move Response (Warning: SubOperationsCompleteOneOrMoreFailures)" in output
     assert len(dicom_files(world["received"])) == len(study.instances)
+
+
+def test_pending_responses_are_spaced_and_the_final_one_counts_everything(world, monkeypatch):
+    """Pending C-MOVE responses are optional (PS3.4 C.4.2.3.1): the broker sends the first at
+    once and then at most one every PENDING_INTERVAL; the final response counts every
+    sub-operation (here asked by pynetdicom, which hands over each response)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+
+    from broker.dicom import scp
+
+    monkeypatch.setattr(scp, "PENDING_INTERVAL", 60.0)
+    study = world["study"]
+    assert len(study.instances) >= 3
+    ae = AE(ae_title=PACS_AE)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate("127.0.0.1", world["port"], ae_title="RELAIS")
+    assert assoc.is_established
+    query = pydicom.Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = study.study_instance_uid
+    try:
+        responses = [
+            (status.Status, status)
+            for status, _identifier in assoc.send_c_move(
+                query, PACS_AE, StudyRootQueryRetrieveInformationModelMove
+            )
+        ]
+    finally:
+        assoc.release()
+    statuses = [code for code, _ in responses]
+    assert statuses == [0xFF00, 0x0000]  # one pending, then the final response
+    final = responses[-1][1]
+    assert final.NumberOfCompletedSuboperations == len(study.instances)
+    assert final.NumberOfFailedSuboperations == 0
+    assert len(dicom_files(world["received"])) == len(study.instances)
+
+
+def test_a_destination_that_is_down_fails_the_move_and_the_transfer_is_audited(world, store):
+    """The PACS's store is not listening: the move fails (0xA801, pynetdicom's answer when the
+    destination cannot be reached), nothing is left open, and the transfer the broker had
+    begun is recorded as ended, with nothing sent."""
+    study = world["study"]
+    with socket.socket() as holder:  # a port where nothing listens
+        holder.bind(("127.0.0.1", 0))
+        dead_port = holder.getsockname()[1]
+    Institution.objects.filter(ae_title=PACS_AE).update(dicom_port=dead_port)
+    moved = run_tool(
+        "movescu",
+        [
+            "-S", "-aet", PACS_AE, "-aec", "RELAIS", "-aem", PACS_AE, "127.0.0.1", world["port"],
+            "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study.study_instance_uid}",
+        ],
+        timeout=60,
+    )  # fmt: skip
+    assert "MoveDestinationUnknown" in moved.stdout + moved.stderr
+    begin = AuditEvent.objects.get(code=EventCode.TRANSFER_BEGIN)
+    end = AuditEvent.objects.get(code=EventCode.TRANSFER_END)
+    assert end.correlation_id == begin.correlation_id == world["ticket"].public_id
+    assert end.outcome != 0
+    assert end.details["instances"] == 0
+    assert not list(world["received"].iterdir())
+    deadline = time.monotonic() + 10  # the fetch stops after the instance it is reading
+    while any(t.name == "C-MOVE fetch" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the fetch thread outlived the move"
+        time.sleep(0.01)

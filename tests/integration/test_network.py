@@ -1,24 +1,33 @@
 """The associations the broker requests: their reactor thread cannot take the response to a
-request (pynetdicom 3.0's pause race, `network.PauseSafeAssociation`)."""
+request (pynetdicom 3.0's pause race, `network.PauseSafeAssociation`); the C-MOVE relay's
+association to a destination (`store_session.StoreSession`), against pynetdicom's SCP."""
 
 from __future__ import annotations
 
 import io
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, evt
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    generate_uid,
+)
+from pynetdicom import AE, build_context, evt
 from pynetdicom.dimse_primitives import C_ECHO
 from pynetdicom.sop_class import CTImageStorage, Verification
 
+from broker.dicom.archive import RETRIEVE_SYNTAXES
 from broker.dicom.network import (
     NODELAY_HANDLERS,
     EncodedInstance,
@@ -26,6 +35,7 @@ from broker.dicom.network import (
     RelaisAE,
 )
 from broker.dicom.part10 import FileMeta, file_meta
+from broker.dicom.store_session import StoreSession, StoreSessionError
 
 
 @pytest.fixture
@@ -117,16 +127,35 @@ def part10(transfer_syntax: str = ExplicitVRLittleEndian) -> tuple[bytes, FileMe
 
 
 @contextmanager
-def store_scp(*syntaxes: str, max_pdu: int = 16384) -> Iterator[tuple[int, list[Any]]]:
+def store_scp(
+    *syntaxes: str, max_pdu: int = 16384, answer: int | str = 0x0000
+) -> Iterator[tuple[int, list[Any]]]:
     """A storage SCP accepting CT images in these transfer syntaxes; yields its port and
-    what it received: (transfer syntax, the data set's bytes as they came)."""
+    what it received: (transfer syntax, the data set's bytes as they came, (originator AE,
+    originator message ID)). It answers `answer`, or aborts the association ("abort")."""
     received: list[Any] = []
 
-    def on_store(event: Any) -> int:
-        received.append((event.context.transfer_syntax, event.request.DataSet.getvalue()))
-        return 0x0000
+    def on_store(event: Any) -> Any:
+        if answer == "abort":
+            event.assoc.abort()
+            return 0x0000
+        request = event.request
+        received.append(
+            (
+                event.context.transfer_syntax,
+                request.DataSet.getvalue(),
+                (request.MoveOriginatorApplicationEntityTitle, request.MoveOriginatorMessageID),
+            )
+        )
+        if answer == 0x0000:
+            return 0x0000
+        status = Dataset()
+        status.Status = answer
+        status.ErrorComment = "disk full"
+        return status
 
     ae = AE(ae_title="STORE")
+    ae.require_called_aet = True
     ae.maximum_pdu_size = max_pdu
     ae.add_supported_context(CTImageStorage, list(syntaxes))
     server = ae.start_server(
@@ -140,25 +169,37 @@ def store_scp(*syntaxes: str, max_pdu: int = 16384) -> Iterator[tuple[int, list[
         server.shutdown()
 
 
-def store(port: int, instance: EncodedInstance) -> Dataset:
-    ae = RelaisAE(ae_title="RELAIS")
-    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate("127.0.0.1", port, evt_handlers=NODELAY_HANDLERS)
+def session(port: int, *syntaxes: str, called: str = "STORE", **timeouts: Any) -> StoreSession:
+    context = build_context(CTImageStorage, list(syntaxes or RETRIEVE_SYNTAXES[:4]))
+    return StoreSession.open(
+        "127.0.0.1",
+        port,
+        calling_ae_title="RELAIS",
+        called_ae_title=called,
+        contexts=[context],
+        **timeouts,
+    )
+
+
+def store(port: int, instance: Dataset, *syntaxes: str) -> Dataset:
+    assoc = session(port, *(syntaxes or (ExplicitVRLittleEndian, ImplicitVRLittleEndian)))
+    assert assoc.is_established, assoc.rejection
     try:
         return assoc.send_c_store(instance, msg_id=7, originator_aet="PM_PACS", originator_id=3)
     finally:
         assoc.release()
 
 
-@pytest.mark.parametrize("max_pdu", [16384, 0])
+@pytest.mark.parametrize("max_pdu", [16384, 4096, 0])
 def test_an_instance_is_sent_as_stored_in_pdus_the_peer_accepts(max_pdu: int) -> None:
     data, meta = part10()
     with store_scp(ExplicitVRLittleEndian, max_pdu=max_pdu) as (port, received):
         status = store(port, EncodedInstance(data, meta))
     assert status.Status == 0x0000
-    ((syntax, dataset),) = received
+    ((syntax, dataset, originator),) = received
     assert syntax == ExplicitVRLittleEndian
     assert dataset == data[meta.dataset_offset :]  # byte for byte, not re-encoded
+    assert originator == ("PM_PACS", 3)
 
 
 def test_an_instance_the_peer_takes_only_in_another_syntax_is_converted() -> None:
@@ -166,12 +207,77 @@ def test_an_instance_the_peer_takes_only_in_another_syntax_is_converted() -> Non
     with store_scp(ImplicitVRLittleEndian) as (port, received):
         status = store(port, EncodedInstance(data, meta))
     assert status.Status == 0x0000
-    ((syntax, dataset),) = received
+    ((syntax, dataset, _),) = received
     assert syntax == ImplicitVRLittleEndian
     original = dcmread(io.BytesIO(data))
     copy = read_dataset(io.BytesIO(dataset), is_implicit_VR=True, is_little_endian=True)
     assert copy.SOPInstanceUID == original.SOPInstanceUID
     assert copy.PixelData == original.PixelData
+
+
+def test_a_decoded_dataset_is_encoded_for_the_destination() -> None:
+    data, _meta = part10()
+    original = dcmread(io.BytesIO(data))
+    with store_scp(ImplicitVRLittleEndian) as (port, received):
+        status = store(port, original)
+    assert status.Status == 0x0000
+    ((_, dataset, _),) = received
+    copy = read_dataset(io.BytesIO(dataset), is_implicit_VR=True, is_little_endian=True)
+    assert copy.PixelData == original.PixelData
+
+
+def test_a_compressed_instance_the_peer_does_not_take_fails_alone() -> None:
+    data, meta = part10()
+    compressed = EncodedInstance(data, replace(meta, transfer_syntax_uid=JPEG2000Lossless))
+    with store_scp(ExplicitVRLittleEndian) as (port, received):
+        assoc = session(port, ExplicitVRLittleEndian, JPEG2000Lossless)
+        try:
+            with pytest.raises(ValueError, match="does not accept"):
+                assoc.send_c_store(compressed)
+            assert assoc.is_established  # nothing was sent: the next instance goes
+            assert assoc.send_c_store(EncodedInstance(data, meta)).Status == 0x0000
+        finally:
+            assoc.release()
+    assert len(received) == 1
+
+
+def test_a_failure_status_comes_back_with_its_comment() -> None:
+    data, meta = part10()
+    with store_scp(ExplicitVRLittleEndian, answer=0xA700) as (port, _received):
+        status = store(port, EncodedInstance(data, meta))
+    assert status.Status == 0xA700
+    assert status.ErrorComment == "disk full"
+
+
+def test_an_association_the_destination_rejects_is_not_established() -> None:
+    with store_scp(ExplicitVRLittleEndian) as (port, _received):
+        assoc = session(port, called="SOMEONE")
+    assert not assoc.is_established
+    assert "rejected" in assoc.rejection
+    assoc.dul.socket.close()  # what pynetdicom's C-MOVE service does then
+    with pytest.raises(StoreSessionError):
+        assoc.send_c_store(EncodedInstance(*part10()))
+
+
+def test_nobody_listening_is_not_established() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assoc = session(port)
+    assert not assoc.is_established
+    assert "cannot connect" in assoc.rejection
+
+
+def test_a_destination_that_aborts_fails_the_send_and_the_association() -> None:
+    data, meta = part10()
+    with store_scp(ExplicitVRLittleEndian, answer="abort") as (port, _received):
+        assoc = session(port, ExplicitVRLittleEndian)
+        with pytest.raises(StoreSessionError, match="aborted"):
+            assoc.send_c_store(EncodedInstance(data, meta))
+        assert not assoc.is_established
+        with pytest.raises(StoreSessionError):
+            assoc.send_c_store(EncodedInstance(data, meta))
+        assoc.release()  # nothing left to release: no error
 
 
 def test_the_meta_of_a_part10_file() -> None:
@@ -186,7 +292,7 @@ def test_the_meta_of_a_part10_file() -> None:
 
 def test_a_destination_that_stops_reading_fails_the_send_and_the_association() -> None:
     """Its DUL thread stalls on the first P-DATA (a hung PACS, a full disk): the send gives
-    up after the DIMSE timeout and aborts, instead of blocking the C-MOVE for ever."""
+    up after the network timeout and aborts, instead of blocking the C-MOVE for ever."""
     stalled = threading.Event()
     release = threading.Event()
 
@@ -218,12 +324,12 @@ def test_a_destination_that_stops_reading_fails_the_send_and_the_association() -
         evt_handlers=[(evt.EVT_PDU_RECV, on_pdu), (evt.EVT_C_STORE, lambda event: 0x0000)],
     )
     try:
-        ae = RelaisAE(ae_title="RELAIS")
-        ae.dimse_timeout = 1
-        ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
-        assoc = ae.associate("127.0.0.1", server.server_address[1], evt_handlers=NODELAY_HANDLERS)
+        assoc = session(
+            server.server_address[1], ExplicitVRLittleEndian, network_timeout=1, dimse_timeout=1
+        )
+        assert assoc.is_established
         started = time.monotonic()
-        with pytest.raises(TimeoutError):
+        with pytest.raises(StoreSessionError, match="took nothing"):
             assoc.send_c_store(EncodedInstance(data, meta))
         assert time.monotonic() - started < 10
         assert not assoc.is_established

@@ -1,0 +1,475 @@
+"""A C-STORE SCU association run on the calling thread: the C-MOVE relay's sub-operations.
+
+pynetdicom runs every association on two threads of its own (the DUL reading the socket and
+decoding PDUs, the reactor) and hands each response over through queues: about a millisecond
+of Python and several thread switches per C-STORE, which made the broker's C-MOVE four times
+slower than the archive's own. A C-MOVE's sub-operations need none of that: one thread sends
+an instance, waits for its response, and sends the next (no asynchronous operations window is
+negotiated, so nothing else can arrive).
+
+`StoreSession` is that association. pynetdicom still builds and reads the A-ASSOCIATE PDUs and
+negotiates the presentation contexts (`negotiate_as_requestor`); this module only moves PDUs:
+
+- an instance stored as Part 10 bytes (`EncodedInstance`) is sent as it is stored, in P-DATA
+  PDUs no larger than the destination takes, written from the fetched bytes without a copy;
+  when the destination accepts none of the instance's transfer syntax, an uncompressed
+  instance is decoded and re-encoded in one it accepts, and a compressed one fails;
+- the C-STORE-RSP command set is decoded by pydicom;
+- every wait has a timeout (the AE's ACSE timeout for the association, its DIMSE timeout for
+  each response, its network timeout for each write), after which the association is aborted.
+
+It answers to what pynetdicom's C-MOVE service uses of an association (`is_established`,
+`send_c_store`, `release`, and `dul.socket.close()` after a failed association), so that the
+service's status accounting, cancellation and final responses stay pynetdicom's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import socket
+import ssl
+import struct
+from collections.abc import Sequence
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import (
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+)
+from pynetdicom.dsutils import decode, encode
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+)
+from pynetdicom.presentation import PresentationContext, negotiate_as_requestor
+
+from broker.dicom.network import EncodedInstance
+
+logger = logging.getLogger(__name__)
+
+APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
+# What the broker takes in one PDU; a C-STORE-RSP is a couple of hundred bytes.
+MAXIMUM_RECEIVED_PDU = 16382
+# A peer's PDU longer than this is not a C-STORE SCP's answer: the association is aborted.
+_LARGEST_PDU_READ = 1 << 20
+# At most this many buffers in one vectored write (Linux's IOV_MAX is 1024).
+_BUFFERS_PER_WRITE = 512
+
+_A_ASSOCIATE_AC, _A_ASSOCIATE_RJ, _P_DATA_TF = 0x02, 0x03, 0x04
+_A_RELEASE_RQ, _A_RELEASE_RP, _A_ABORT = 0x05, 0x06, 0x07
+_C_STORE_RQ, _C_STORE_RSP = 0x0001, 0x8001
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+class StoreSessionError(Exception):
+    """The association failed: rejected, aborted, timed out or broken."""
+
+
+class StoreSession:
+    """One association to a Storage SCP, used by a single thread (see the module docstring).
+
+    `open` connects and negotiates; `send_c_store` sends one instance and returns the status
+    data set of the response (it raises when the instance cannot be sent, and aborts the
+    association when it is no longer usable); `release` ends it.
+    """
+
+    def __init__(self, sock: socket.socket | None) -> None:
+        self._socket = sock
+        self.is_established = False
+        self.rejection = ""  # why the association was not established
+        self.peer_maximum_pdu = 0  # 0: no limit
+        self.accepted: dict[tuple[str, str], int] = {}  # (SOP class, syntax) -> context ID
+        self.acse_timeout: float | None = 30
+        self.dimse_timeout: float | None = 30
+        self.network_timeout: float | None = 60
+
+    # ------------------------------------------------------------------ association
+
+    @classmethod
+    def open(
+        cls,
+        address: str,
+        port: int,
+        *,
+        calling_ae_title: str,
+        called_ae_title: str,
+        contexts: Sequence[PresentationContext],
+        acse_timeout: float | None = 30,
+        dimse_timeout: float | None = 30,
+        network_timeout: float | None = 60,
+        connection_timeout: float | None = None,
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> StoreSession:
+        """Connect and request the association. A session that could not be established is
+        returned with `is_established` false and `rejection` saying why (pynetdicom's
+        `AE.associate` does the same)."""
+        session = cls(None)
+        session.acse_timeout = acse_timeout
+        session.dimse_timeout = dimse_timeout
+        session.network_timeout = network_timeout
+        try:
+            sock = socket.create_connection(
+                (address, port), timeout=connection_timeout or acse_timeout
+            )
+        except OSError as exc:
+            session.rejection = f"cannot connect to {address}:{port}: {exc}"
+            return session
+        session._socket = sock
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tls is not None:
+                session._socket = sock = tls.wrap_socket(
+                    sock, server_hostname=server_hostname or address
+                )
+            session._associate(calling_ae_title, called_ae_title, list(contexts))
+        except Exception as exc:  # whatever the peer sent: not associated
+            session.rejection = session.rejection or str(exc) or type(exc).__name__
+            session.close()
+        return session
+
+    def _associate(self, calling: str, called: str, contexts: list[PresentationContext]) -> None:
+        requested = []
+        for number, context in enumerate(contexts):
+            proposed = PresentationContext()
+            proposed.context_id = 2 * number + 1
+            proposed.abstract_syntax = context.abstract_syntax
+            proposed.transfer_syntax = list(context.transfer_syntax)
+            requested.append(proposed)
+        if not 0 < len(requested) <= 128:
+            raise StoreSessionError(f"{len(requested)} presentation contexts: 1 to 128 allowed")
+        primitive = A_ASSOCIATE()
+        primitive.application_context_name = UID(APPLICATION_CONTEXT_NAME)
+        primitive.calling_ae_title = calling
+        primitive.called_ae_title = called
+        primitive.presentation_context_definition_list = requested
+        maximum = MaximumLengthNotification()
+        maximum.maximum_length_received = MAXIMUM_RECEIVED_PDU
+        implementation = ImplementationClassUIDNotification()
+        implementation.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+        version = ImplementationVersionNameNotification()
+        version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
+        primitive.user_information = [maximum, implementation, version]
+        request = A_ASSOCIATE_RQ()
+        request.from_primitive(primitive)
+        self._write([request.encode()], self.network_timeout)
+
+        kind, body = self._read_pdu(self.acse_timeout)
+        if kind == _A_ASSOCIATE_RJ:
+            rejection = A_ASSOCIATE_RJ()
+            rejection.decode(body)
+            answer = rejection.to_primitive()
+            self.rejection = (
+                f"rejected (result {answer.result}, source {answer.result_source}, "
+                f"reason {answer.diagnostic})"
+            )
+            raise StoreSessionError(self.rejection)
+        if kind != _A_ASSOCIATE_AC:
+            raise StoreSessionError(f"unexpected PDU 0x{kind:02X} in answer to A-ASSOCIATE-RQ")
+        acceptance = A_ASSOCIATE_AC()
+        acceptance.decode(body)
+        answer = acceptance.to_primitive()
+        for item in answer.user_information:
+            if isinstance(item, MaximumLengthNotification):
+                self.peer_maximum_pdu = int(item.maximum_length_received or 0)
+        results = negotiate_as_requestor(
+            requested, answer.presentation_context_definition_results_list
+        )
+        self.accepted = {
+            (str(context.abstract_syntax), str(context.transfer_syntax[0])): int(
+                context.context_id or 0
+            )
+            for context in results
+            if context.result == 0x00 and context.transfer_syntax
+        }
+        if not self.accepted:
+            self.rejection = "the destination accepted none of the presentation contexts"
+            self._abort_quietly()
+            raise StoreSessionError(self.rejection)
+        self.is_established = True
+
+    def release(self) -> None:
+        """A-RELEASE; the association is aborted when the peer does not answer in time."""
+        if not self.is_established:
+            self.close()
+            return
+        self.is_established = False
+        try:
+            self._write([struct.pack(">BBII", _A_RELEASE_RQ, 0, 4, 0)], self.network_timeout)
+            while True:
+                kind, _body = self._read_pdu(self.acse_timeout)
+                if kind in (_A_RELEASE_RP, _A_ABORT):
+                    break
+                if kind == _A_RELEASE_RQ:  # a release collision (PS3.8 7.2.2): answer it
+                    self._write([struct.pack(">BBII", _A_RELEASE_RP, 0, 4, 0)], None)
+                    break
+        except (OSError, StoreSessionError) as exc:
+            logger.info("A-RELEASE not answered (%s): association aborted", exc)
+            self._abort_quietly()
+        self.close()
+
+    def abort(self) -> None:
+        self.is_established = False
+        self._abort_quietly()
+        self.close()
+
+    def close(self) -> None:
+        sock, self._socket = self._socket, None
+        if sock is None:
+            return
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            sock.close()
+
+    @property
+    def dul(self) -> StoreSession:
+        """pynetdicom's C-MOVE service closes a failed association as
+        ``assoc.dul.socket.close()``."""
+        return self
+
+    @property
+    def socket(self) -> StoreSession:
+        return self
+
+    # ------------------------------------------------------------------ C-STORE
+
+    def send_c_store(
+        self,
+        dataset: Dataset,
+        msg_id: int = 1,
+        priority: int = 2,
+        originator_aet: str | None = None,
+        originator_id: int | None = None,
+    ) -> Dataset:
+        """Store one instance; the status data set of the response (Status, and ErrorComment,
+        OffendingElement, ErrorID when the peer gave them)."""
+        if not self.is_established:
+            raise StoreSessionError("the association is not established")
+        sop_class, sop_instance = str(dataset.SOPClassUID), str(dataset.SOPInstanceUID)
+        context_id, payload = self._payload(dataset, sop_class)
+        command = _command_set(
+            [
+                (0x0002, _text(sop_class, b"\0")),
+                (0x0100, struct.pack("<H", _C_STORE_RQ)),
+                (0x0110, struct.pack("<H", msg_id)),
+                (0x0700, struct.pack("<H", priority)),
+                (0x0800, struct.pack("<H", 0x0000)),  # a data set follows
+                (0x1000, _text(sop_instance, b"\0")),
+                *([(0x1030, _text(originator_aet, b" "))] if originator_aet else []),
+                *(
+                    [(0x1031, struct.pack("<H", originator_id))]
+                    if originator_id is not None
+                    else []
+                ),
+            ]
+        )
+        try:
+            self._write(
+                self._pdvs(context_id, command, is_command=True)
+                + self._pdvs(context_id, payload, is_command=False),
+                self.network_timeout,
+            )
+            command_set = self._read_command(self.dimse_timeout)
+        except BaseException:
+            self.abort()  # a PDU may be half-written, or its answer half-read
+            raise
+        fields = _command_fields(command_set)
+        answers = fields.get(0x0100) == _C_STORE_RSP and fields.get(0x0120) == msg_id
+        if not answers or 0x0900 not in fields:
+            self.abort()
+            raise StoreSessionError(
+                f"unexpected answer to C-STORE {msg_id}: command 0x"
+                f"{fields.get(0x0100, 0):04X}, responding to {fields.get(0x0120)}"
+            )
+        status = Dataset()
+        status.Status = fields[0x0900]
+        if status.Status != 0x0000:  # what the peer says of a failure or a warning
+            response = decode(io.BytesIO(command_set), True, True, False)
+            for keyword in ("ErrorComment", "OffendingElement", "ErrorID"):
+                value = response.get(keyword)
+                if value is not None:
+                    setattr(status, keyword, value)
+        return status
+
+    def _payload(self, dataset: Dataset, sop_class: str) -> tuple[int, memoryview]:
+        """The context and the data set bytes to send: as stored when the destination accepts
+        the stored transfer syntax, else re-encoded uncompressed (ValueError when it cannot)."""
+        if isinstance(dataset, EncodedInstance):
+            syntax = dataset.meta.transfer_syntax_uid
+            context_id = self.accepted.get((sop_class, syntax))
+            if context_id is not None:
+                return context_id, memoryview(dataset.encoded)[dataset.meta.dataset_offset :]
+            if syntax not in _UNCOMPRESSED:
+                raise ValueError(
+                    f"the destination does not accept {sop_class} in transfer syntax {syntax}"
+                )
+            decoded = dcmread(io.BytesIO(dataset.encoded), force=True)
+        else:
+            decoded = dataset
+            meta = getattr(dataset, "file_meta", None)
+            syntax = str(getattr(meta, "TransferSyntaxUID", "") or ExplicitVRLittleEndian)
+            context_id = self.accepted.get((sop_class, syntax))
+            if context_id is not None and syntax in _UNCOMPRESSED:
+                is_implicit = syntax == ImplicitVRLittleEndian
+                return context_id, memoryview(encode(decoded, is_implicit, True) or b"")
+            if syntax not in _UNCOMPRESSED:
+                raise ValueError(
+                    f"the destination does not accept {sop_class} in transfer syntax {syntax}"
+                )
+        for target in _UNCOMPRESSED:
+            context_id = self.accepted.get((sop_class, target))
+            if context_id is not None:
+                encoded = encode(decoded, target == ImplicitVRLittleEndian, True)
+                if encoded is None:
+                    raise ValueError(f"{sop_class}: cannot be encoded in {target}")
+                return context_id, memoryview(encoded)
+        raise ValueError(f"the destination accepted no context for {sop_class}")
+
+    def _pdvs(
+        self, context_id: int, data: bytes | memoryview, *, is_command: bool
+    ) -> list[bytes | memoryview]:
+        """P-DATA-TF PDUs of one PDV each (PS3.8 9.3.5, E.2): headers and the fragments of
+        `data`, no PDU larger than the peer takes."""
+        view = memoryview(data)
+        size = (self.peer_maximum_pdu - 6) if self.peer_maximum_pdu > 6 else max(len(view), 1)
+        buffers: list[bytes | memoryview] = []
+        for start in range(0, max(len(view), 1), size):
+            piece = view[start : start + size]
+            control = (0x01 if is_command else 0x00) | (0x02 if start + size >= len(view) else 0)
+            buffers.append(
+                struct.pack(
+                    ">BBIIBB", _P_DATA_TF, 0, len(piece) + 6, len(piece) + 2, context_id, control
+                )
+            )
+            buffers.append(piece)
+        return buffers
+
+    def _read_command(self, timeout: float | None) -> bytes:
+        """The next DIMSE command set, from as many P-DATA PDVs as it takes."""
+        fragments: list[bytes] = []
+        while True:
+            kind, pdu = self._read_pdu(timeout)
+            if kind == _A_ABORT:
+                self.is_established = False
+                raise StoreSessionError("the destination aborted the association")
+            if kind == _A_RELEASE_RQ:
+                self.is_established = False
+                with contextlib.suppress(OSError):
+                    self._write([struct.pack(">BBII", _A_RELEASE_RP, 0, 4, 0)], None)
+                raise StoreSessionError("the destination released the association")
+            if kind != _P_DATA_TF:
+                raise StoreSessionError(f"unexpected PDU 0x{kind:02X} during C-STORE")
+            offset = 6  # each item: length, context ID, control header, fragment
+            while offset + 6 <= len(pdu):
+                (length,) = struct.unpack_from(">I", pdu, offset)
+                control = pdu[offset + 5]
+                if length < 2 or offset + 4 + length > len(pdu):
+                    raise StoreSessionError("malformed P-DATA-TF item")
+                if not control & 0x01:
+                    raise StoreSessionError("a data set in answer to C-STORE")
+                fragments.append(pdu[offset + 6 : offset + 4 + length])
+                offset += 4 + length
+                if control & 0x02:
+                    return b"".join(fragments)
+            if offset != len(pdu):
+                raise StoreSessionError("malformed P-DATA-TF PDU")
+
+    # ------------------------------------------------------------------ transport
+
+    def _read_pdu(self, timeout: float | None) -> tuple[int, bytes]:
+        """The type and the bytes (header included) of the peer's next PDU."""
+        self._connected().settimeout(timeout)
+        header = self._read_exactly(6)
+        kind, _reserved, length = struct.unpack(">BBI", header)
+        if length > _LARGEST_PDU_READ:
+            raise StoreSessionError(f"a PDU of {length} bytes: not a Storage SCP's answer")
+        return kind, header + self._read_exactly(length)
+
+    def _read_exactly(self, size: int) -> bytes:
+        sock = self._connected()
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        got = 0
+        while got < size:
+            try:
+                count = sock.recv_into(view[got:])
+            except TimeoutError as exc:
+                raise StoreSessionError("the destination did not answer in time") from exc
+            if not count:
+                self.is_established = False
+                raise StoreSessionError("the destination closed the connection")
+            got += count
+        return bytes(buffer)
+
+    def _write(self, buffers: list[bytes | memoryview], timeout: float | None) -> None:
+        """Write every buffer; a peer that takes nothing for `timeout` s fails the write."""
+        sock = self._connected()
+        sock.settimeout(timeout)
+        try:
+            if isinstance(sock, ssl.SSLSocket):  # no vectored write over TLS
+                for buffer in buffers:
+                    sock.sendall(buffer)
+                return
+            views = [memoryview(buffer) for buffer in buffers]
+            while views:
+                sent = sock.sendmsg(views[:_BUFFERS_PER_WRITE])
+                while sent:
+                    if sent >= len(views[0]):
+                        sent -= len(views.pop(0))
+                    else:
+                        views[0] = views[0][sent:]
+                        sent = 0
+        except TimeoutError as exc:
+            raise StoreSessionError(f"the destination took nothing for {timeout:g} s") from exc
+
+    def _connected(self) -> socket.socket:
+        if self._socket is None:
+            raise StoreSessionError("the association is closed")
+        return self._socket
+
+    def _abort_quietly(self) -> None:
+        if self._socket is None:
+            return
+        abort = A_ABORT_RQ()
+        abort.source = 0x00  # service user
+        abort.reason_diagnostic = 0x00
+        with contextlib.suppress(OSError, StoreSessionError):
+            self._write([abort.encode()], 1.0)
+
+
+def _command_set(elements: list[tuple[int, bytes]]) -> bytes:
+    """A command set (group 0000, implicit VR little endian) with its group length."""
+    body = b"".join(
+        struct.pack("<HHI", 0x0000, element, len(value)) + value for element, value in elements
+    )
+    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
+
+
+def _command_fields(command_set: bytes) -> dict[int, int]:
+    """The US elements of a command set (implicit VR little endian) by element number: a
+    C-STORE-RSP's command field, message ID responded to and status, read without building a
+    pydicom data set for each of a move's thousands of responses."""
+    fields: dict[int, int] = {}
+    offset = 0
+    while offset + 8 <= len(command_set):
+        group, element, length = struct.unpack_from("<HHI", command_set, offset)
+        offset += 8
+        if group != 0x0000 or offset + length > len(command_set):
+            raise StoreSessionError("malformed command set")
+        if length == 2:
+            (fields[element],) = struct.unpack_from("<H", command_set, offset)
+        offset += length
+    return fields
+
+
+def _text(value: str, pad: bytes) -> bytes:
+    data = value.encode("ascii")
+    return data + pad if len(data) % 2 else data
