@@ -374,21 +374,30 @@ class MoveTransfer:
     The fetch starts at once, in a thread of its own (`ReadAhead`): the archive prepares its
     answer while the broker records Begin Transferring and associates with the destination,
     and it keeps a few instances ahead of the sub-operations. Iterating yields the allowed
-    instances; `close` (however the move ends, sent in full or not) stops the fetch and
-    records Instances Transferred with the count, the bytes and the outcome.
+    instances; the C-MOVE says what became of each (`record`), that it reached the
+    destination (`destination_reached`) or why it stopped (`fail`). `close`, however the move
+    ended, stops the fetch and records Instances Transferred: the instances and bytes the
+    destination took, those it refused, and the outcome.
     """
 
     def __init__(self, plan: MovePlan, actor: Actor) -> None:
         self.plan, self.actor = plan, actor
-        self.sent = self.size = 0
-        self.outcome, self.error = Outcome.SERIOUS_FAILURE, ""
+        self.sent = self.size = self.refused = 0
+        self.destination_reached = False
+        self.complete = False  # every instance the archive gave was handed over
+        self.error, self._serious = "", False
         self._patient = patient_ref(plan.ticket.patient)
         self._closed = False
         manifest = plan.manifest
         self._client = institution_archive(manifest.source_institution)
-        self._fetched = ReadAhead(
-            self._client.retrieve(manifest.study_instance_uid, plan.series), name="C-MOVE fetch"
-        )
+        try:
+            self._fetched = ReadAhead(
+                self._client.retrieve(manifest.study_instance_uid, plan.series),
+                name="C-MOVE fetch",
+            )
+        except BaseException:
+            self._client.close()
+            raise
         try:
             _audit_transfer(
                 EventCode.TRANSFER_BEGIN, actor, plan, self._patient, Outcome.SUCCESS, {}
@@ -399,22 +408,41 @@ class MoveTransfer:
             self._closed = True
             raise
 
-    def __iter__(self) -> Iterator[Dataset]:
+    def __iter__(self) -> Iterator[EncodedInstance]:
         try:
             for data in self._fetched:
                 meta = file_meta(data)
                 if meta is None or meta.sop_instance_uid not in self.plan.allowed:
                     continue
                 yield EncodedInstance(data, meta)  # sent as stored, not decoded
-                self.sent += 1
-                self.size += len(data)
-            self.outcome, self.error = Outcome.SUCCESS, ""
-        except GeneratorExit:
-            self.error = "cancelled or aborted"
-            raise
+            self.complete = True
         except Exception as exc:
-            self.error = f"{type(exc).__name__}: {exc}"
+            self.fail(f"{type(exc).__name__}: {exc}")
             raise
+
+    def record(self, instance: EncodedInstance, *, delivered: bool) -> None:
+        """What the destination answered to the sub-operation that sent `instance`."""
+        if delivered:
+            self.sent += 1
+            self.size += len(instance.encoded)
+        else:
+            self.refused += 1
+
+    def fail(self, error: str, *, serious: bool = True) -> None:
+        if not self.error:
+            self.error, self._serious = error, serious
+
+    def outcome(self) -> Outcome:
+        if not self.destination_reached:
+            self.fail("the move destination could not be associated")
+        elif not self.complete:
+            self.fail("cancelled or aborted", serious=False)
+        if self.error:
+            return Outcome.SERIOUS_FAILURE if self._serious else Outcome.MINOR_FAILURE
+        if self.refused:
+            self.error = f"{self.refused} instance(s) not stored by the destination"
+            return Outcome.MINOR_FAILURE
+        return Outcome.SUCCESS
 
     def close(self) -> None:
         if self._closed:
@@ -422,13 +450,9 @@ class MoveTransfer:
         self._closed = True
         from django.utils import timezone
 
-        if self.outcome != Outcome.SUCCESS:
-            self.error = self.error or "cancelled or aborted"
-            self.outcome = (
-                Outcome.MINOR_FAILURE
-                if self.error == "cancelled or aborted"
-                else Outcome.SERIOUS_FAILURE
-            )
+        outcome = self.outcome()
+        # The fetch stops after the instance it is reading, and closes its archive stream
+        # itself; the client's other resources (a C-FIND association) are closed here.
         self._fetched.close()
         self._client.close()
         _audit_transfer(
@@ -436,8 +460,13 @@ class MoveTransfer:
             self.actor,
             self.plan,
             self._patient,
-            self.outcome,
-            {"instances": self.sent, "bytes": self.size, "error": self.error or None},
+            outcome,
+            {
+                "instances": self.sent,
+                "bytes": self.size,
+                "refused": self.refused,
+                "error": self.error or None,
+            },
             now=timezone.now(),
         )
 

@@ -5,8 +5,8 @@ destination's answer, leaves each side idle half the time. `ReadAhead` runs the 
 iterator in a thread of its own, a bounded number of bytes ahead of the consumer: reading the
 archive's socket and sending to the destination overlap (both release the GIL while in the
 kernel), and the archive's first answer is on its way while the relay still sets up the
-other side. Memory stays bounded: at most `max_bytes` waiting, or one instance when a single
-one is larger.
+other side. Memory stays bounded: at most `max_bytes` queued (a single larger instance alone),
+plus the instance the thread holds while it waits for room.
 """
 
 from __future__ import annotations
@@ -88,7 +88,11 @@ class ReadAhead:
         try:
             for item in iterator:
                 with self._changed:
-                    while self._items and self._buffered >= self.max_bytes and not self._stopped:
+                    while (
+                        self._items
+                        and self._buffered + len(item) > self.max_bytes
+                        and not self._stopped
+                    ):
                         self._changed.wait()
                     if self._stopped:
                         return

@@ -19,6 +19,7 @@ import ipaddress
 import logging
 import socket
 import ssl
+import threading
 import time
 import uuid
 from collections.abc import Collection, Iterator
@@ -30,6 +31,7 @@ from django.utils import timezone
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_MOVE
 from pynetdicom.presentation import StoragePresentationContexts
@@ -364,6 +366,7 @@ class BrokerSCP:
             yield 0xC000, None
             return
         sent: set[str] = set()
+        event.assoc.relais_store_session = None
         try:
             yield (
                 peer.institution.dicom_host,
@@ -371,12 +374,23 @@ class BrokerSCP:
                 _move_kwargs(plan.sop_classes),
             )
             yield len(plan.allowed)
+            # pynetdicom associated with the destination (`_BrokerAE.associate`)
+            transfer.destination_reached = True
+            session: StoreSession | None = getattr(event.assoc, "relais_store_session", None)
             for dataset in transfer:
                 if event.is_cancelled:
+                    transfer.fail("cancelled by the requester", serious=False)
                     yield 0xFE00, None
                     return
+                if session is not None and not session.is_established:
+                    # the destination aborted or released: the rest would fail one by one
+                    transfer.fail("the destination ended the association")
+                    yield 0xA702, None  # unable to perform the sub-operations
+                    return
+                stored = session.stored if session is not None else 0
                 sent.add(str(dataset.SOPInstanceUID))
                 yield 0xFF00, dataset
+                transfer.record(dataset, delivered=session is None or session.stored > stored)
         except Exception:
             logger.exception("C-MOVE of %s for %s failed", study, peer.ae_title)
             yield 0xC000, None
@@ -605,7 +619,7 @@ class _BrokerAE(RelaisAE):
         if not store_session:
             return super().associate(addr, port, *args, **kwargs)
         called = kwargs.get("ae_title", "ANY-SCP")
-        return StoreSession.open(
+        session = StoreSession.open(
             addr,
             port,
             calling_ae_title=self.ae_title,
@@ -616,6 +630,12 @@ class _BrokerAE(RelaisAE):
             network_timeout=self.network_timeout,
             connection_timeout=self.connection_timeout,
         )
+        # pynetdicom's C-MOVE service runs on the thread of the association that asked for the
+        # move: its handler (`BrokerSCP.on_c_move`) finds the session there.
+        requesting = threading.current_thread()
+        if isinstance(requesting, Association):
+            requesting.relais_store_session = session  # type: ignore[attr-defined]
+        return session
 
 
 class _RelayDIMSE(DIMSEServiceProvider):

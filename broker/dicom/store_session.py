@@ -35,7 +35,13 @@ from collections.abc import Sequence
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from pynetdicom import (
     PYNETDICOM_IMPLEMENTATION_UID,
     PYNETDICOM_IMPLEMENTATION_VERSION,
@@ -49,6 +55,7 @@ from pynetdicom.pdu_primitives import (
     MaximumLengthNotification,
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_requestor
+from pynetdicom.status import STATUS_FAILURE, STORAGE_SERVICE_CLASS_STATUS
 
 from broker.dicom.network import EncodedInstance
 
@@ -66,10 +73,22 @@ _A_ASSOCIATE_AC, _A_ASSOCIATE_RJ, _P_DATA_TF = 0x02, 0x03, 0x04
 _A_RELEASE_RQ, _A_RELEASE_RP, _A_ABORT = 0x05, 0x06, 0x07
 _C_STORE_RQ, _C_STORE_RSP = 0x0001, 0x8001
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+# What can be decoded and sent again uncompressed when the destination takes it no other way.
+_CONVERTIBLE = (*_UNCOMPRESSED, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian)
 
 
 class StoreSessionError(Exception):
     """The association failed: rejected, aborted, timed out or broken."""
+
+
+class StoreSessionProtocolError(StoreSessionError):
+    """The peer broke the upper layer protocol: the association is aborted by the provider
+    (A-ABORT source 2, PS3.8 9.3.8) with this reason (1 unrecognised PDU, 2 unexpected PDU,
+    6 invalid PDU parameter value)."""
+
+    def __init__(self, message: str, reason: int = 0x02) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class StoreSession:
@@ -86,6 +105,8 @@ class StoreSession:
         self.rejection = ""  # why the association was not established
         self.peer_maximum_pdu = 0  # 0: no limit
         self.accepted: dict[tuple[str, str], int] = {}  # (SOP class, syntax) -> context ID
+        self.stored = 0  # C-STORE sub-operations answered with success or a warning
+        self.failures = 0  # the others: a failure status, or the instance could not be sent
         self.acse_timeout: float | None = 30
         self.dimse_timeout: float | None = 30
         self.network_timeout: float | None = 60
@@ -132,6 +153,10 @@ class StoreSession:
             session._associate(calling_ae_title, called_ae_title, list(contexts))
         except Exception as exc:  # whatever the peer sent: not associated
             session.rejection = session.rejection or str(exc) or type(exc).__name__
+            if isinstance(exc, StoreSessionProtocolError):
+                session._abort_quietly(exc.reason)
+            elif not isinstance(exc, OSError | StoreSessionError):  # an answer pynetdicom
+                session._abort_quietly(0x06)  # could not decode: an invalid parameter
             session.close()
         return session
 
@@ -172,7 +197,10 @@ class StoreSession:
             )
             raise StoreSessionError(self.rejection)
         if kind != _A_ASSOCIATE_AC:
-            raise StoreSessionError(f"unexpected PDU 0x{kind:02X} in answer to A-ASSOCIATE-RQ")
+            raise StoreSessionProtocolError(
+                f"unexpected PDU 0x{kind:02X} in answer to A-ASSOCIATE-RQ",
+                reason=0x02 if 0x01 <= kind <= 0x07 else 0x01,
+            )
         acceptance = A_ASSOCIATE_AC()
         acceptance.decode(body)
         answer = acceptance.to_primitive()
@@ -191,7 +219,7 @@ class StoreSession:
         }
         if not self.accepted:
             self.rejection = "the destination accepted none of the presentation contexts"
-            self._abort_quietly()
+            self._abort_quietly(None)
             raise StoreSessionError(self.rejection)
         self.is_established = True
 
@@ -207,17 +235,22 @@ class StoreSession:
                 kind, _body = self._read_pdu(self.acse_timeout)
                 if kind in (_A_RELEASE_RP, _A_ABORT):
                     break
-                if kind == _A_RELEASE_RQ:  # a release collision (PS3.8 7.2.2): answer it
-                    self._write([struct.pack(">BBII", _A_RELEASE_RP, 0, 4, 0)], None)
-                    break
+                if kind == _A_RELEASE_RQ:
+                    # A release collision (PS3.8 7.2.2, Sta9 -> Sta11): the requestor answers
+                    # first, then waits for the acceptor's answer.
+                    self._write(
+                        [struct.pack(">BBII", _A_RELEASE_RP, 0, 4, 0)], self.network_timeout
+                    )
         except (OSError, StoreSessionError) as exc:
             logger.info("A-RELEASE not answered (%s): association aborted", exc)
-            self._abort_quietly()
+            self._abort_quietly(None)
         self.close()
 
-    def abort(self) -> None:
+    def abort(self, provider_reason: int | None = None) -> None:
+        """A-ABORT by the service user, or by the provider with `provider_reason` (a protocol
+        error), then the connection closed."""
         self.is_established = False
-        self._abort_quietly()
+        self._abort_quietly(provider_reason)
         self.close()
 
     def close(self) -> None:
@@ -251,6 +284,25 @@ class StoreSession:
     ) -> Dataset:
         """Store one instance; the status data set of the response (Status, and ErrorComment,
         OffendingElement, ErrorID when the peer gave them)."""
+        try:
+            status = self._store(dataset, msg_id, priority, originator_aet, originator_id)
+        except BaseException:
+            self.failures += 1
+            raise
+        if STORAGE_SERVICE_CLASS_STATUS.get(status.Status, (STATUS_FAILURE,))[0] == STATUS_FAILURE:
+            self.failures += 1
+        else:
+            self.stored += 1
+        return status
+
+    def _store(
+        self,
+        dataset: Dataset,
+        msg_id: int,
+        priority: int,
+        originator_aet: str | None,
+        originator_id: int | None,
+    ) -> Dataset:
         if not self.is_established:
             raise StoreSessionError("the association is not established")
         sop_class, sop_instance = str(dataset.SOPClassUID), str(dataset.SOPInstanceUID)
@@ -278,17 +330,20 @@ class StoreSession:
                 self.network_timeout,
             )
             command_set = self._read_command(self.dimse_timeout)
+            fields = _command_fields(command_set)
+            answers = fields.get(0x0100) == _C_STORE_RSP and fields.get(0x0120) == msg_id
+            if not answers or 0x0900 not in fields:
+                raise StoreSessionProtocolError(
+                    f"unexpected answer to C-STORE {msg_id}: command 0x"
+                    f"{fields.get(0x0100, 0):04X}, responding to {fields.get(0x0120)}",
+                    reason=0x06,
+                )
+        except StoreSessionProtocolError as exc:
+            self.abort(exc.reason)
+            raise
         except BaseException:
             self.abort()  # a PDU may be half-written, or its answer half-read
             raise
-        fields = _command_fields(command_set)
-        answers = fields.get(0x0100) == _C_STORE_RSP and fields.get(0x0120) == msg_id
-        if not answers or 0x0900 not in fields:
-            self.abort()
-            raise StoreSessionError(
-                f"unexpected answer to C-STORE {msg_id}: command 0x"
-                f"{fields.get(0x0100, 0):04X}, responding to {fields.get(0x0120)}"
-            )
         status = Dataset()
         status.Status = fields[0x0900]
         if status.Status != 0x0000:  # what the peer says of a failure or a warning
@@ -301,13 +356,17 @@ class StoreSession:
 
     def _payload(self, dataset: Dataset, sop_class: str) -> tuple[int, memoryview]:
         """The context and the data set bytes to send: as stored when the destination accepts
-        the stored transfer syntax, else re-encoded uncompressed (ValueError when it cannot)."""
+        the stored transfer syntax, else decoded and re-encoded in an uncompressed one it
+        accepts (from an uncompressed or a deflated syntax only: ValueError otherwise)."""
         if isinstance(dataset, EncodedInstance):
             syntax = dataset.meta.transfer_syntax_uid
             context_id = self.accepted.get((sop_class, syntax))
             if context_id is not None:
-                return context_id, memoryview(dataset.encoded)[dataset.meta.dataset_offset :]
-            if syntax not in _UNCOMPRESSED:
+                payload = memoryview(dataset.encoded)[dataset.meta.dataset_offset :]
+                if not payload:
+                    raise ValueError(f"{dataset.SOPInstanceUID}: an empty data set")
+                return context_id, payload
+            if syntax not in _CONVERTIBLE:
                 raise ValueError(
                     f"the destination does not accept {sop_class} in transfer syntax {syntax}"
                 )
@@ -317,20 +376,16 @@ class StoreSession:
             meta = getattr(dataset, "file_meta", None)
             syntax = str(getattr(meta, "TransferSyntaxUID", "") or ExplicitVRLittleEndian)
             context_id = self.accepted.get((sop_class, syntax))
-            if context_id is not None and syntax in _UNCOMPRESSED:
-                is_implicit = syntax == ImplicitVRLittleEndian
-                return context_id, memoryview(encode(decoded, is_implicit, True) or b"")
-            if syntax not in _UNCOMPRESSED:
+            if context_id is not None:
+                return context_id, _encoded(decoded, syntax)
+            if syntax not in _CONVERTIBLE:
                 raise ValueError(
                     f"the destination does not accept {sop_class} in transfer syntax {syntax}"
                 )
         for target in _UNCOMPRESSED:
             context_id = self.accepted.get((sop_class, target))
             if context_id is not None:
-                encoded = encode(decoded, target == ImplicitVRLittleEndian, True)
-                if encoded is None:
-                    raise ValueError(f"{sop_class}: cannot be encoded in {target}")
-                return context_id, memoryview(encoded)
+                return context_id, _encoded(decoded, target)
         raise ValueError(f"the destination accepted no context for {sop_class}")
 
     def _pdvs(
@@ -362,25 +417,31 @@ class StoreSession:
                 raise StoreSessionError("the destination aborted the association")
             if kind == _A_RELEASE_RQ:
                 self.is_established = False
-                with contextlib.suppress(OSError):
-                    self._write([struct.pack(">BBII", _A_RELEASE_RP, 0, 4, 0)], None)
+                with contextlib.suppress(OSError, StoreSessionError):
+                    self._write(
+                        [struct.pack(">BBII", _A_RELEASE_RP, 0, 4, 0)], self.network_timeout
+                    )
+                self.close()
                 raise StoreSessionError("the destination released the association")
             if kind != _P_DATA_TF:
-                raise StoreSessionError(f"unexpected PDU 0x{kind:02X} during C-STORE")
+                raise StoreSessionProtocolError(
+                    f"unexpected PDU 0x{kind:02X} during C-STORE",
+                    reason=0x02 if 0x01 <= kind <= 0x07 else 0x01,
+                )
             offset = 6  # each item: length, context ID, control header, fragment
             while offset + 6 <= len(pdu):
                 (length,) = struct.unpack_from(">I", pdu, offset)
                 control = pdu[offset + 5]
                 if length < 2 or offset + 4 + length > len(pdu):
-                    raise StoreSessionError("malformed P-DATA-TF item")
+                    raise StoreSessionProtocolError("malformed P-DATA-TF item", reason=0x06)
                 if not control & 0x01:
-                    raise StoreSessionError("a data set in answer to C-STORE")
+                    raise StoreSessionProtocolError("a data set in answer to C-STORE")
                 fragments.append(pdu[offset + 6 : offset + 4 + length])
                 offset += 4 + length
                 if control & 0x02:
                     return b"".join(fragments)
             if offset != len(pdu):
-                raise StoreSessionError("malformed P-DATA-TF PDU")
+                raise StoreSessionProtocolError("malformed P-DATA-TF PDU", reason=0x06)
 
     # ------------------------------------------------------------------ transport
 
@@ -390,7 +451,9 @@ class StoreSession:
         header = self._read_exactly(6)
         kind, _reserved, length = struct.unpack(">BBI", header)
         if length > _LARGEST_PDU_READ:
-            raise StoreSessionError(f"a PDU of {length} bytes: not a Storage SCP's answer")
+            raise StoreSessionProtocolError(
+                f"a PDU of {length} bytes: not a Storage SCP's answer", reason=0x06
+            )
         return kind, header + self._read_exactly(length)
 
     def _read_exactly(self, size: int) -> bytes:
@@ -418,12 +481,12 @@ class StoreSession:
                 for buffer in buffers:
                     sock.sendall(buffer)
                 return
-            views = [memoryview(buffer) for buffer in buffers]
+            views = [view for view in map(memoryview, buffers) if view.nbytes]
             while views:
                 sent = sock.sendmsg(views[:_BUFFERS_PER_WRITE])
                 while sent:
-                    if sent >= len(views[0]):
-                        sent -= len(views.pop(0))
+                    if sent >= views[0].nbytes:
+                        sent -= views.pop(0).nbytes
                     else:
                         views[0] = views[0][sent:]
                         sent = 0
@@ -435,12 +498,13 @@ class StoreSession:
             raise StoreSessionError("the association is closed")
         return self._socket
 
-    def _abort_quietly(self) -> None:
+    def _abort_quietly(self, provider_reason: int | None) -> None:
+        """A-ABORT (PS3.8 9.3.8): by the service user, or by the provider with a reason."""
         if self._socket is None:
             return
         abort = A_ABORT_RQ()
-        abort.source = 0x00  # service user
-        abort.reason_diagnostic = 0x00
+        abort.source = 0x00 if provider_reason is None else 0x02
+        abort.reason_diagnostic = 0x00 if provider_reason is None else provider_reason
         with contextlib.suppress(OSError, StoreSessionError):
             self._write([abort.encode()], 1.0)
 
@@ -453,6 +517,19 @@ def _command_set(elements: list[tuple[int, bytes]]) -> bytes:
     return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
 
 
+def _encoded(dataset: Dataset, syntax: str) -> memoryview:
+    """`dataset` encoded in `syntax` (ValueError when pydicom cannot, or it is empty)."""
+    encoded = encode(
+        dataset,
+        syntax == ImplicitVRLittleEndian,
+        syntax != ExplicitVRBigEndian,
+        syntax == DeflatedExplicitVRLittleEndian,
+    )
+    if not encoded:
+        raise ValueError(f"{dataset.get('SOPInstanceUID', '')}: cannot be encoded in {syntax}")
+    return memoryview(encoded)
+
+
 def _command_fields(command_set: bytes) -> dict[int, int]:
     """The US elements of a command set (implicit VR little endian) by element number: a
     C-STORE-RSP's command field, message ID responded to and status, read without building a
@@ -463,7 +540,7 @@ def _command_fields(command_set: bytes) -> dict[int, int]:
         group, element, length = struct.unpack_from("<HHI", command_set, offset)
         offset += 8
         if group != 0x0000 or offset + length > len(command_set):
-            raise StoreSessionError("malformed command set")
+            raise StoreSessionProtocolError("malformed command set", reason=0x06)
         if length == 2:
             (fields[element],) = struct.unpack_from("<H", command_set, offset)
         offset += length

@@ -389,10 +389,55 @@ def test_a_destination_that_is_down_fails_the_move_and_the_transfer_is_audited(w
     begin = AuditEvent.objects.get(code=EventCode.TRANSFER_BEGIN)
     end = AuditEvent.objects.get(code=EventCode.TRANSFER_END)
     assert end.correlation_id == begin.correlation_id == world["ticket"].public_id
-    assert end.outcome != 0
+    assert end.outcome == 8  # serious failure
     assert end.details["instances"] == 0
+    assert end.details["error"] == "the move destination could not be associated"
     assert not list(world["received"].iterdir())
     deadline = time.monotonic() + 10  # the fetch stops after the instance it is reading
     while any(t.name == "C-MOVE fetch" for t in threading.enumerate()):
         assert time.monotonic() < deadline, "the fetch thread outlived the move"
         time.sleep(0.01)
+
+
+def test_a_destination_that_aborts_mid_move_ends_the_move_and_is_audited(world):
+    """Port-Maël's PACS takes the first instance, then aborts the association: the move ends
+    at once with a failure (not one failed sub-operation per remaining instance), and the
+    transfer is recorded with the one instance delivered."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    received: list[str] = []
+
+    def on_store(event):
+        if received:
+            event.assoc.abort()
+            return 0xA700
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    pacs = AE(ae_title=PACS_AE)
+    pacs.supported_contexts = AllStoragePresentationContexts
+    server = pacs.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    try:
+        Institution.objects.filter(ae_title=PACS_AE).update(dicom_port=server.server_address[1])
+        study = world["study"]
+        assert len(study.instances) >= 3
+        moved = run_tool(
+            "movescu",
+            [
+                "-S", "-aet", PACS_AE, "-aec", "RELAIS", "-aem", PACS_AE,
+                "127.0.0.1", world["port"], "-k", "QueryRetrieveLevel=STUDY",
+                "-k", f"StudyInstanceUID={study.study_instance_uid}",
+            ],
+            timeout=60,
+        )  # fmt: skip
+    finally:
+        server.shutdown()
+    output = moved.stdout + moved.stderr
+    assert "Final Move Response (Refused: OutOfResourcesSubOperations)" in output, output
+    assert len(received) == 1
+    end = AuditEvent.objects.get(code=EventCode.TRANSFER_END)
+    assert end.outcome == 8
+    assert end.details["instances"] == 1
+    assert end.details["error"] == "the destination ended the association"

@@ -18,6 +18,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -241,12 +242,59 @@ def test_a_compressed_instance_the_peer_does_not_take_fails_alone() -> None:
     assert len(received) == 1
 
 
+def test_an_empty_data_set_is_refused_without_sending() -> None:
+    data, meta = part10()
+    empty = data[: meta.dataset_offset]
+    with store_scp(ExplicitVRLittleEndian) as (port, received):
+        assoc = session(port, ExplicitVRLittleEndian)
+        try:
+            with pytest.raises(ValueError, match="empty data set"):
+                assoc.send_c_store(EncodedInstance(empty, meta))
+            assert assoc.is_established
+            assert assoc.failures == 1
+        finally:
+            assoc.release()
+    assert received == []
+
+
+def test_a_deflated_instance_is_inflated_for_a_destination_that_does_not_take_it() -> None:
+    data, _meta = part10(DeflatedExplicitVRLittleEndian)
+    meta = file_meta(data)
+    assert meta is not None
+    assert meta.transfer_syntax_uid == DeflatedExplicitVRLittleEndian
+    with store_scp(ExplicitVRLittleEndian) as (port, received):
+        status = store(port, EncodedInstance(data, meta), ExplicitVRLittleEndian)
+    assert status.Status == 0x0000
+    ((syntax, dataset, _),) = received
+    assert syntax == ExplicitVRLittleEndian
+    copy = read_dataset(io.BytesIO(dataset), is_implicit_VR=False, is_little_endian=True)
+    assert copy.PixelData == dcmread(io.BytesIO(data)).PixelData
+
+
 def test_a_failure_status_comes_back_with_its_comment() -> None:
     data, meta = part10()
     with store_scp(ExplicitVRLittleEndian, answer=0xA700) as (port, _received):
         status = store(port, EncodedInstance(data, meta))
     assert status.Status == 0xA700
     assert status.ErrorComment == "disk full"
+
+
+def test_the_session_counts_what_the_destination_took_and_refused() -> None:
+    data, meta = part10()
+    with store_scp(ExplicitVRLittleEndian, answer=0xA700) as (port, _received):
+        assoc = session(port, ExplicitVRLittleEndian)
+        try:
+            assoc.send_c_store(EncodedInstance(data, meta))
+        finally:
+            assoc.release()
+    assert (assoc.stored, assoc.failures) == (0, 1)
+    with store_scp(ExplicitVRLittleEndian) as (port, _received):
+        assoc = session(port, ExplicitVRLittleEndian)
+        try:
+            assoc.send_c_store(EncodedInstance(data, meta))
+        finally:
+            assoc.release()
+    assert (assoc.stored, assoc.failures) == (1, 0)
 
 
 def test_an_association_the_destination_rejects_is_not_established() -> None:

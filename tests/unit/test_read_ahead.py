@@ -89,3 +89,19 @@ def test_closing_stops_the_thread_and_closes_the_source_in_it() -> None:
     with pytest.raises(StopIteration):
         next(reader)
     assert not any(thread.name == "fetch under test" for thread in threading.enumerate())
+
+
+def test_a_large_item_waits_until_the_queue_has_room_for_it() -> None:
+    produced: list[int] = []
+
+    def source() -> Iterator[bytes]:
+        for number in range(10):
+            produced.append(number)
+            yield b"L" * 2000
+
+    reader = ReadAhead(source(), max_bytes=3000)
+    wait_until(lambda: len(produced) >= 2)
+    time.sleep(0.05)
+    assert len(produced) == 2  # one queued; the second held: both would pass the bound
+    assert reader._buffered == 2000
+    reader.close()
