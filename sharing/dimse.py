@@ -48,8 +48,12 @@ class Reachable:
     manifest: Manifest
 
 
-def institution_reachable(institution: Institution, now: dt.datetime) -> dict[str, Reachable]:
-    """The studies ``institution``'s live tickets reach, by Study Instance UID."""
+def institution_reachable(
+    institution: Institution, now: dt.datetime, *, study_instance_uid: str | None = None
+) -> dict[str, Reachable]:
+    """The studies ``institution``'s live tickets reach, by Study Instance UID (only that one
+    study when ``study_instance_uid`` is given: a C-MOVE's, without reading every ticket's
+    studies); the first ticket, in the order they were made, that reaches a study is its."""
     tickets = (
         AccessRequest.objects.filter(state=RequestState.APPROVED, not_after__gt=now)
         .filter(
@@ -65,7 +69,18 @@ def institution_reachable(institution: Institution, now: dt.datetime) -> dict[st
             ticket.shift is None or ticket.shift.cancelled_at is not None
         ):
             continue
+        if (
+            study_instance_uid is not None
+            and ticket.purpose != Purpose.TELERADIOLOGY
+            and not ticket.all_studies
+            and study_instance_uid not in (ticket.studies or ())
+        ):
+            continue  # a ticket naming its studies, not this one
         refs = {(ref.study_instance_uid, ref.source_institution) for ref in ticket_studies(ticket)}
+        if study_instance_uid is not None:
+            refs = {ref for ref in refs if ref[0] == study_instance_uid}
+            if not refs:
+                continue
         for manifest in Manifest.objects.filter(
             study_instance_uid__in={uid for uid, _ in refs},
             status=ManifestStatus.APPROVED,
@@ -75,6 +90,8 @@ def institution_reachable(institution: Institution, now: dt.datetime) -> dict[st
             # institutions), not the same study UID filed by another archive
             if (manifest.study_instance_uid, manifest.source_institution.finess) in refs:
                 reachable.setdefault(manifest.study_instance_uid, Reachable(ticket, manifest))
+        if study_instance_uid is not None and study_instance_uid in reachable:
+            break
     return reachable
 
 
@@ -293,7 +310,9 @@ def move_plan(
         series_instance_uids = sop_instance_uids = frozenset()
     elif level == "SERIES":
         sop_instance_uids = frozenset()
-    found = institution_reachable(institution, now).get(study_instance_uid)
+    found = institution_reachable(institution, now, study_instance_uid=study_instance_uid).get(
+        study_instance_uid
+    )
     if found is None:
         _audit_move(
             actor, now, None, False, "no live ticket of this institution reaches it", asked=asked

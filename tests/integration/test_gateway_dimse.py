@@ -120,6 +120,7 @@ def world(region: Region, orthanc_region: OrthancRegion, store, referring_doctor
             "received": store[1],
             "ticket": ticket,
             "other": orthanc_region.studies[CHUB_AE][1],
+            "study_source": chu,
         }
     finally:
         scp.shutdown()
@@ -441,3 +442,36 @@ def test_a_destination_that_aborts_mid_move_ends_the_move_and_is_audited(world):
     assert end.outcome == 8
     assert end.details["instances"] == 1
     assert end.details["error"] == "the destination ended the association"
+
+
+def test_the_reachable_study_of_a_move_is_the_one_a_full_listing_gives(
+    world, referring_doctor, radiologist
+):
+    """`institution_reachable` for one study (a C-MOVE's) skips the tickets that do not name
+    it, and finds what the full listing finds: here a ticket on every study of the patient,
+    made after the ticket on one study, and a study no ticket reaches."""
+    from sharing.dimse import institution_reachable
+
+    portmael = Institution.objects.get(ae_title=PACS_AE)
+    ticket = world["ticket"]
+    later = services.request_create(
+        user=referring_doctor,
+        purpose="treatment",
+        patient=ticket.patient,
+        institution=portmael,
+        studies=None,  # every study of the patient held by the CHU
+        source_institution=world["study_source"],
+        justification="bilan",
+        actor=SYSTEM,
+        now=timezone.now(),
+    )
+    if later.state == "pending":
+        services.request_approve(user=radiologist, ticket=later, actor=SYSTEM, now=timezone.now())
+    now = timezone.now()
+    everything = institution_reachable(portmael, now)
+    assert everything[world["study"].study_instance_uid].ticket == ticket  # the first made
+    for uid, found in everything.items():
+        alone = institution_reachable(portmael, now, study_instance_uid=uid)
+        assert alone.keys() == {uid}
+        assert (alone[uid].ticket, alone[uid].manifest) == (found.ticket, found.manifest)
+    assert institution_reachable(portmael, now, study_instance_uid="1.2.3.4") == {}
