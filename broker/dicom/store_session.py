@@ -66,6 +66,8 @@ APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
 MAXIMUM_RECEIVED_PDU = 16382
 # A peer's PDU longer than this is not a C-STORE SCP's answer: the association is aborted.
 _LARGEST_PDU_READ = 1 << 20
+# What one read asks of the socket.
+_RECEIVE_CHUNK = 65536
 # At most this many buffers in one vectored write (Linux's IOV_MAX is 1024).
 _BUFFERS_PER_WRITE = 512
 
@@ -105,6 +107,7 @@ class StoreSession:
         self.rejection = ""  # why the association was not established
         self.peer_maximum_pdu = 0  # 0: no limit
         self.accepted: dict[tuple[str, str], int] = {}  # (SOP class, syntax) -> context ID
+        self._received = bytearray()  # read from the socket, not yet a whole PDU
         self.stored = 0  # C-STORE sub-operations answered with success or a warning
         self.failures = 0  # the others: a failure status, or the instance could not be sent
         self.acse_timeout: float | None = 30
@@ -344,6 +347,8 @@ class StoreSession:
         except BaseException:
             self.abort()  # a PDU may be half-written, or its answer half-read
             raise
+        if fields[0x0900] == 0x0000:
+            return _SUCCESS
         status = Dataset()
         status.Status = fields[0x0900]
         if status.Status != 0x0000:  # what the peer says of a failure or a warning
@@ -446,31 +451,33 @@ class StoreSession:
     # ------------------------------------------------------------------ transport
 
     def _read_pdu(self, timeout: float | None) -> tuple[int, bytes]:
-        """The type and the bytes (header included) of the peer's next PDU."""
+        """The type and the bytes (header included) of the peer's next PDU. What the socket
+        has is read at once (a response usually comes in one read); the rest of it is kept
+        for the next PDU."""
         self._connected().settimeout(timeout)
-        header = self._read_exactly(6)
-        kind, _reserved, length = struct.unpack(">BBI", header)
+        self._fill(6)
+        kind, _reserved, length = struct.unpack_from(">BBI", self._received)
         if length > _LARGEST_PDU_READ:
             raise StoreSessionProtocolError(
                 f"a PDU of {length} bytes: not a Storage SCP's answer", reason=0x06
             )
-        return kind, header + self._read_exactly(length)
+        self._fill(6 + length)
+        pdu = bytes(self._received[: 6 + length])
+        del self._received[: 6 + length]
+        return kind, pdu
 
-    def _read_exactly(self, size: int) -> bytes:
+    def _fill(self, size: int) -> None:
+        """Read until `size` bytes are waiting."""
         sock = self._connected()
-        buffer = bytearray(size)
-        view = memoryview(buffer)
-        got = 0
-        while got < size:
+        while len(self._received) < size:
             try:
-                count = sock.recv_into(view[got:])
+                chunk = sock.recv(max(_RECEIVE_CHUNK, size - len(self._received)))
             except TimeoutError as exc:
                 raise StoreSessionError("the destination did not answer in time") from exc
-            if not count:
+            if not chunk:
                 self.is_established = False
                 raise StoreSessionError("the destination closed the connection")
-            got += count
-        return bytes(buffer)
+            self._received += chunk
 
     def _write(self, buffers: list[bytes | memoryview], timeout: float | None) -> None:
         """Write every buffer; a peer that takes nothing for `timeout` s fails the write."""
@@ -507,6 +514,28 @@ class StoreSession:
         abort.reason_diagnostic = 0x00 if provider_reason is None else provider_reason
         with contextlib.suppress(OSError, StoreSessionError):
             self._write([abort.encode()], 1.0)
+
+
+class _ReadOnlyDataset(Dataset):
+    def __setattr__(self, name: str, value: object) -> None:
+        if "_frozen" in self.__dict__:
+            raise AttributeError("a shared status data set: not to be modified")
+        super().__setattr__(name, value)
+
+    def freeze(self) -> _ReadOnlyDataset:
+        self.__dict__["_frozen"] = True
+        return self
+
+
+def _success() -> Dataset:
+    status = _ReadOnlyDataset()
+    status.Status = 0x0000
+    return status.freeze()
+
+
+# The status of most sub-operations, built once: a pydicom data set costs about 20 µs to make,
+# a sixth of the relay's own time per instance.
+_SUCCESS = _success()
 
 
 def _command_set(elements: list[tuple[int, bytes]]) -> bytes:
