@@ -18,6 +18,7 @@ import contextlib
 import io
 import socket
 import ssl
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -266,3 +267,29 @@ class RelaisAE(AE):
         sock = _ClosingSocket(assoc, address=address)
         sock.tls_args = tls_args
         return sock
+
+
+def command_set(elements: list[tuple[int, bytes]]) -> bytes:
+    """A DIMSE command set (group 0000, implicit VR little endian, PS3.7 6.3.1) from its
+    (element, encoded value) pairs in ascending order, with its group length: for the
+    messages the broker sends by the thousand, which pydicom takes about 0.3 ms to encode."""
+    body = b"".join(
+        struct.pack("<HHI", 0x0000, element, len(value)) + value for element, value in elements
+    )
+    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
+
+
+def uid_value(uid: str) -> bytes:
+    """A UI value, padded to an even length with a NUL."""
+    data = uid.encode("ascii")
+    return data + b"\0" if len(data) % 2 else data
+
+
+def ae_value(title: str) -> bytes:
+    """An AE value, padded to an even length with a space."""
+    data = title.encode("ascii")
+    return data + b" " if len(data) % 2 else data
+
+
+def us_value(number: int) -> bytes:
+    return struct.pack("<H", number)

@@ -57,7 +57,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, negotiate_as_requestor
 from pynetdicom.status import STATUS_FAILURE, STORAGE_SERVICE_CLASS_STATUS
 
-from broker.dicom.network import EncodedInstance
+from broker.dicom.network import EncodedInstance, ae_value, command_set, uid_value, us_value
 
 logger = logging.getLogger(__name__)
 
@@ -310,20 +310,16 @@ class StoreSession:
             raise StoreSessionError("the association is not established")
         sop_class, sop_instance = str(dataset.SOPClassUID), str(dataset.SOPInstanceUID)
         context_id, payload = self._payload(dataset, sop_class)
-        command = _command_set(
+        command = command_set(
             [
-                (0x0002, _text(sop_class, b"\0")),
-                (0x0100, struct.pack("<H", _C_STORE_RQ)),
-                (0x0110, struct.pack("<H", msg_id)),
-                (0x0700, struct.pack("<H", priority)),
-                (0x0800, struct.pack("<H", 0x0000)),  # a data set follows
-                (0x1000, _text(sop_instance, b"\0")),
-                *([(0x1030, _text(originator_aet, b" "))] if originator_aet else []),
-                *(
-                    [(0x1031, struct.pack("<H", originator_id))]
-                    if originator_id is not None
-                    else []
-                ),
+                (0x0002, uid_value(sop_class)),
+                (0x0100, us_value(_C_STORE_RQ)),
+                (0x0110, us_value(msg_id)),
+                (0x0700, us_value(priority)),
+                (0x0800, us_value(0x0000)),  # a data set follows
+                (0x1000, uid_value(sop_instance)),
+                *([(0x1030, ae_value(originator_aet))] if originator_aet else []),
+                *([(0x1031, us_value(originator_id))] if originator_id is not None else []),
             ]
         )
         try:
@@ -332,8 +328,8 @@ class StoreSession:
                 + self._pdvs(context_id, payload, is_command=False),
                 self.network_timeout,
             )
-            command_set = self._read_command(self.dimse_timeout)
-            fields = _command_fields(command_set)
+            received = self._read_command(self.dimse_timeout)
+            fields = _command_fields(received)
             answers = fields.get(0x0100) == _C_STORE_RSP and fields.get(0x0120) == msg_id
             if not answers or 0x0900 not in fields:
                 raise StoreSessionProtocolError(
@@ -352,7 +348,7 @@ class StoreSession:
         status = Dataset()
         status.Status = fields[0x0900]
         if status.Status != 0x0000:  # what the peer says of a failure or a warning
-            response = decode(io.BytesIO(command_set), True, True, False)
+            response = decode(io.BytesIO(received), True, True, False)
             for keyword in ("ErrorComment", "OffendingElement", "ErrorID"):
                 value = response.get(keyword)
                 if value is not None:
@@ -538,14 +534,6 @@ def _success() -> Dataset:
 _SUCCESS = _success()
 
 
-def _command_set(elements: list[tuple[int, bytes]]) -> bytes:
-    """A command set (group 0000, implicit VR little endian) with its group length."""
-    body = b"".join(
-        struct.pack("<HHI", 0x0000, element, len(value)) + value for element, value in elements
-    )
-    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
-
-
 def _encoded(dataset: Dataset, syntax: str) -> memoryview:
     """`dataset` encoded in `syntax` (ValueError when pydicom cannot, or it is empty)."""
     encoded = encode(
@@ -574,8 +562,3 @@ def _command_fields(command_set: bytes) -> dict[int, int]:
             (fields[element],) = struct.unpack_from("<H", command_set, offset)
         offset += length
     return fields
-
-
-def _text(value: str, pad: bytes) -> bytes:
-    data = value.encode("ascii")
-    return data + pad if len(data) % 2 else data
