@@ -264,7 +264,7 @@ class BrokerSCP:
     def on_c_echo(self, event: Any) -> int:
         return STATUS_SUCCESS
 
-    def on_c_store(self, event: Any) -> Dataset:
+    def on_c_store(self, event: Any) -> Dataset | int:
         peer = getattr(event.assoc, "relais_peer", None)
         if not isinstance(peer, Peer):  # cannot happen: the association was admitted
             return _status(STATUS_NOT_AUTHORIZED, "association not admitted")
@@ -419,7 +419,7 @@ class BrokerSCP:
 
     # ------------------------------------------------------------------ work
 
-    def register(self, peer: Peer, data: bytes) -> Dataset:
+    def register(self, peer: Peer, data: bytes) -> Dataset | int:
         """Check and queue one manifest received from ``peer``; the C-STORE response.
 
         Success means checked and durably queued: the registrar registers it next
@@ -441,7 +441,7 @@ class BrokerSCP:
             return _status(STATUS_OUT_OF_RESOURCES, "registry unavailable, retry later")
         if self.registrar is not None:
             self.registrar.notify()
-        return _status(STATUS_SUCCESS)
+        return STATUS_SUCCESS  # a plain status: no pydicom data set to build per manifest
 
     def shutdown(self) -> None:
         """Stop accepting associations, then the registrar (if it runs here)."""
