@@ -177,6 +177,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
 from broker.dicom.kos import (
+    RELAIS_IMPLEMENTATION_CLASS_UID,
+    RELAIS_IMPLEMENTATION_VERSION_NAME,
     OtherPatientId,
     PatientInfo,
     ReferencedInstance,
@@ -185,6 +187,7 @@ from broker.dicom.kos import (
 )
 from broker.dicom.multipart import MalformedMultipart, MultipartCutShort, MultipartParts
 from broker.dicom.network import NODELAY_HANDLERS, RelaisAE
+from broker.dicom.part10 import part10_file
 
 Transport: TypeAlias = Literal["dicomweb", "dimse"]
 DICOMWEB: Final = "dicomweb"
@@ -1598,7 +1601,16 @@ class DimseArchive:
         cancelled = threading.Event()
 
         def handle_store(event: Any) -> int:
-            data: bytes = event.encoded_dataset()
+            request = event.request
+            data = part10_file(  # the data set as received, its meta written without pydicom
+                request.DataSet.getvalue(),
+                sop_class_uid=str(request.AffectedSOPClassUID),
+                sop_instance_uid=str(request.AffectedSOPInstanceUID),
+                transfer_syntax_uid=str(event.context.transfer_syntax),
+                implementation_class_uid=RELAIS_IMPLEMENTATION_CLASS_UID,
+                implementation_version_name=RELAIS_IMPLEMENTATION_VERSION_NAME,
+                source_ae_title=self.endpoint.ae_title,
+            )
             while not cancelled.is_set():
                 try:
                     arrived.put(data, timeout=0.1)

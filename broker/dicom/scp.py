@@ -34,8 +34,7 @@ from pydicom.multival import MultiValue
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_primitives import C_MOVE, C_STORE
-from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.dimse_primitives import C_MOVE
 from pynetdicom.presentation import PresentationContext, StoragePresentationContexts
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
@@ -53,7 +52,7 @@ from broker.dicom.kos import (
     RELAIS_IMPLEMENTATION_CLASS_UID,
     RELAIS_IMPLEMENTATION_VERSION_NAME,
 )
-from broker.dicom.network import NODELAY_HANDLERS, RelaisAE, command_set, uid_value, us_value
+from broker.dicom.network import NODELAY_HANDLERS, RelaisAE, StoreResponseDIMSE
 from broker.dicom.part10 import part10_file
 from broker.dicom.store_session import StoreSession
 from broker.errors import Conflict, DomainError, UnprocessableManifest
@@ -183,7 +182,7 @@ class BrokerSCP:
         DICOM over TLS: the handshake, here in the connection's own thread, with a
         timeout (pynetdicom would do it in its accept loop, where one silent client stops
         the server). A failed handshake is audited and the connection closed."""
-        if type(event.assoc.dimse) is DIMSEServiceProvider:
+        if type(event.assoc.dimse) in (DIMSEServiceProvider, StoreResponseDIMSE):
             event.assoc.dimse.__class__ = _RelayDIMSE
         sock = getattr(event.assoc.dul.socket, "socket", None)
         if not isinstance(sock, ssl.SSLSocket):
@@ -660,18 +659,14 @@ class _BrokerAE(RelaisAE):
         return session
 
 
-class _RelayDIMSE(DIMSEServiceProvider):
+class _RelayDIMSE(StoreResponseDIMSE):
     """The DIMSE provider of an association the broker accepted.
 
     pynetdicom's C-MOVE service answers every sub-operation with a Pending response, which
     PS3.4 C.4.2.3.1 makes optional: each costs the broker about as much as relaying the
     instance. At most one goes out every `PENDING_INTERVAL` seconds (the first at once); the
-    final response counts everything.
-
-    A C-STORE answered with a plain status (a manifest received, or a storage class refused)
-    is encoded here, one P-DATA PDU: pydicom's encoding of the command set was a fifth of the
-    intake's time per manifest. Anything else, and any response a handler watches
-    (``EVT_DIMSE_SENT``), is pynetdicom's."""
+    final response counts everything. Plain C-STORE responses (a manifest received, or a
+    storage class refused) are encoded by `StoreResponseDIMSE`."""
 
     _last_pending = -PENDING_INTERVAL
 
@@ -681,45 +676,7 @@ class _RelayDIMSE(DIMSEServiceProvider):
             if now - self._last_pending < PENDING_INTERVAL:
                 return
             self._last_pending = now
-        elif isinstance(primitive, C_STORE) and self._send_store_response(primitive, context_id):
-            return
         super().send_msg(primitive, context_id)
-
-    def _send_store_response(self, response: C_STORE, context_id: int) -> bool:
-        if self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
-            return False
-        command = store_response_command(response)
-        maximum = self.maximum_pdu_size
-        if command is None or (maximum and len(command) + 7 > maximum):
-            return False  # pynetdicom encodes it (and fragments it if it must)
-        pdata = P_DATA()
-        pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
-        self.dul.send_pdu(pdata)
-        return True
-
-
-def store_response_command(response: C_STORE) -> bytes | None:
-    """The command set of a C-STORE-RSP (PS3.7 9.3.1.2) carrying a status alone; None when
-    it has more to say (an error comment, an offending element) or is not a response."""
-    if (
-        response.MessageIDBeingRespondedTo is None
-        or response.Status is None
-        or response.ErrorComment is not None
-        or response.OffendingElement is not None
-    ):
-        return None
-    elements = []
-    if response.AffectedSOPClassUID:
-        elements.append((0x0002, uid_value(str(response.AffectedSOPClassUID))))
-    elements += [
-        (0x0100, us_value(0x8001)),  # C-STORE-RSP
-        (0x0120, us_value(int(response.MessageIDBeingRespondedTo))),
-        (0x0800, us_value(0x0101)),  # no data set
-        (0x0900, us_value(int(response.Status))),
-    ]
-    if response.AffectedSOPInstanceUID:
-        elements.append((0x1000, uid_value(str(response.AffectedSOPInstanceUID))))
-    return command_set(elements)
 
 
 def _refusal(error: DomainError) -> Dataset:

@@ -6,7 +6,7 @@ import pytest
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 
-from broker.dicom.scp import store_response_command
+from broker.dicom.network import store_response_command
 
 KOS = "1.2.840.10008.5.1.4.1.1.88.59"
 
