@@ -81,11 +81,16 @@ def institution_reachable(
             refs = {ref for ref in refs if ref[0] == study_instance_uid}
             if not refs:
                 continue
-        for manifest in Manifest.objects.filter(
-            study_instance_uid__in={uid for uid, _ in refs},
-            status=ManifestStatus.APPROVED,
-            source_identifier__patient_id=ticket.patient_id,
-        ).select_related("source_institution", "source_identifier"):
+        manifests = (
+            Manifest.objects.filter(
+                study_instance_uid__in={uid for uid, _ in refs},
+                status=ManifestStatus.APPROVED,
+                source_identifier__patient_id=ticket.patient_id,
+            )
+            .select_related("source_institution", "source_identifier")
+            .order_by("registered_at", "id")  # the same copy, whether one study is asked or all
+        )
+        for manifest in manifests:
             # the study as the ticket reaches it: from its source (a duty ticket's covered
             # institutions), not the same study UID filed by another archive
             if (manifest.study_instance_uid, manifest.source_institution.finess) in refs:

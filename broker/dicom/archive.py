@@ -1602,15 +1602,18 @@ class DimseArchive:
 
         def handle_store(event: Any) -> int:
             request = event.request
-            data = part10_file(  # the data set as received, its meta written without pydicom
-                request.DataSet.getvalue(),
-                sop_class_uid=str(request.AffectedSOPClassUID),
-                sop_instance_uid=str(request.AffectedSOPInstanceUID),
-                transfer_syntax_uid=str(event.context.transfer_syntax),
-                implementation_class_uid=RELAIS_IMPLEMENTATION_CLASS_UID,
-                implementation_version_name=RELAIS_IMPLEMENTATION_VERSION_NAME,
-                source_ae_title=self.endpoint.ae_title,
-            )
+            try:
+                data = part10_file(  # the data set as received, its meta written here
+                    request.DataSet.getvalue(),
+                    sop_class_uid=str(request.AffectedSOPClassUID),
+                    sop_instance_uid=str(request.AffectedSOPInstanceUID),
+                    transfer_syntax_uid=str(event.context.transfer_syntax),
+                    implementation_class_uid=RELAIS_IMPLEMENTATION_CLASS_UID,
+                    implementation_version_name=RELAIS_IMPLEMENTATION_VERSION_NAME,
+                    source_ae_title=self.endpoint.ae_title,
+                )
+            except (UnicodeError, ValueError):  # a UID that is not ASCII: pydicom's meta
+                data = event.encoded_dataset()
             while not cancelled.is_set():
                 try:
                     arrived.put(data, timeout=0.1)

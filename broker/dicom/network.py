@@ -302,14 +302,17 @@ def us_value(number: int) -> bytes:
 
 def store_response_command(response: C_STORE) -> bytes | None:
     """The command set of a C-STORE-RSP (PS3.7 9.3.1.2) carrying a status alone; None when
-    it has more to say (an error comment, an offending element) or is not a response."""
+    it has more to say (an error comment, an offending element), is not a response, or echoes
+    a UID that is not ASCII (invalid, but a peer may send one)."""
     if (
         response.MessageIDBeingRespondedTo is None
         or response.Status is None
         or response.ErrorComment is not None
         or response.OffendingElement is not None
+        or not str(response.AffectedSOPClassUID or "").isascii()
+        or not str(response.AffectedSOPInstanceUID or "").isascii()
     ):
-        return None
+        return None  # pynetdicom's encoding, whatever it makes of it
     elements = []
     if response.AffectedSOPClassUID:
         elements.append((0x0002, uid_value(str(response.AffectedSOPClassUID))))

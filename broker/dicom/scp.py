@@ -665,8 +665,8 @@ class _RelayDIMSE(StoreResponseDIMSE):
     pynetdicom's C-MOVE service answers every sub-operation with a Pending response, which
     PS3.4 C.4.2.3.1 makes optional: each costs the broker about as much as relaying the
     instance. At most one goes out every `PENDING_INTERVAL` seconds (the first at once); the
-    final response counts everything. Plain C-STORE responses (a manifest received, or a
-    storage class refused) are encoded by `StoreResponseDIMSE`."""
+    final response counts everything. A plain C-STORE response (a manifest received) is
+    encoded by `StoreResponseDIMSE`."""
 
     _last_pending = -PENDING_INTERVAL
 

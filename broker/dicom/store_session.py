@@ -32,6 +32,7 @@ import socket
 import ssl
 import struct
 from collections.abc import Sequence
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -513,10 +514,27 @@ class StoreSession:
 
 
 class _ReadOnlyDataset(Dataset):
-    def __setattr__(self, name: str, value: object) -> None:
+    """A data set that cannot change once frozen: shared by every caller."""
+
+    def _refuse(self) -> None:
         if "_frozen" in self.__dict__:
             raise AttributeError("a shared status data set: not to be modified")
+
+    def __setattr__(self, name: str, value: object) -> None:
+        self._refuse()
         super().__setattr__(name, value)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._refuse()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self._refuse()
+        super().__delitem__(key)
+
+    def __delattr__(self, name: str) -> None:
+        self._refuse()
+        super().__delattr__(name)
 
     def freeze(self) -> _ReadOnlyDataset:
         self.__dict__["_frozen"] = True

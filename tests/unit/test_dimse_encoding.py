@@ -42,3 +42,29 @@ def test_a_response_with_more_to_say_is_left_to_pynetdicom() -> None:
     request = C_STORE()
     request.MessageID = 1
     assert store_response_command(request) is None
+
+
+def test_a_uid_that_is_not_ascii_is_left_to_pynetdicom() -> None:
+    response = C_STORE()
+    response.MessageIDBeingRespondedTo = 1
+    response.AffectedSOPClassUID = KOS
+    with pytest.warns(UserWarning, match="Invalid value for VR UI"):
+        response.AffectedSOPInstanceUID = "1.2.\u00e9"  # as pynetdicom decodes such a byte
+    response.Status = 0x0000
+    assert store_response_command(response) is None
+
+
+def test_the_shared_success_status_cannot_be_changed() -> None:
+    from broker.dicom.store_session import _SUCCESS
+
+    for change in (
+        lambda: setattr(_SUCCESS, "Status", 0xA700),
+        lambda: _SUCCESS.__setitem__(0x00000902, None),
+        lambda: _SUCCESS.add_new(0x00000902, "LO", "changed"),
+        lambda: _SUCCESS.__delitem__(0x00000900),
+        lambda: delattr(_SUCCESS, "Status"),
+    ):
+        with pytest.raises(AttributeError):
+            change()
+    assert _SUCCESS.Status == 0x0000
+    assert len(_SUCCESS) == 1
