@@ -32,6 +32,7 @@ def institution_endpoint(institution: Institution) -> ArchiveEndpoint:
         dicomweb_url=institution.dicomweb_url,
         calling_ae_title=settings.RELAIS_DICOM_AE_TITLE,
         tls=tls,
+        https_ca=str(settings.RELAIS_ARCHIVE_HTTPS_CA or ""),
         timeout=settings.RELAIS_DICOM_TIMEOUT,
     )
 

@@ -52,6 +52,9 @@ RELAIS_DICOM_TIMEOUT: float = env.float("RELAIS_DICOM_TIMEOUT", 30.0, validate=R
 RELAIS_DICOM_TLS_CERT: Path | None = env.path("RELAIS_DICOM_TLS_CERT", None)
 RELAIS_DICOM_TLS_KEY: Path | None = env.path("RELAIS_DICOM_TLS_KEY", None)
 RELAIS_DICOM_TLS_CA: Path | None = env.path("RELAIS_DICOM_TLS_CA", None)
+# CAs trusted for the archives' DICOMweb over HTTPS besides the system's (a PEM file: a
+# region's or a hospital's own PKI).
+RELAIS_ARCHIVE_HTTPS_CA: Path | None = env.path("RELAIS_ARCHIVE_HTTPS_CA", None)
 RELAIS_HTTPS: bool = env.bool("RELAIS_HTTPS", False)
 # Retrieval tokens: their lifetime at most (a grant, a shift or an emergency may end sooner).
 RELAIS_TOKEN_LIFETIME_SECONDS: int = env.int(
@@ -126,6 +129,8 @@ if any(_tls_files) and not all(_tls_files):
 for _tls_file in filter(None, _tls_files):
     if not _tls_file.is_file():
         raise ImproperlyConfigured(f"DICOM TLS file not found: {_tls_file}")
+if RELAIS_ARCHIVE_HTTPS_CA is not None and not RELAIS_ARCHIVE_HTTPS_CA.is_file():
+    raise ImproperlyConfigured(f"RELAIS_ARCHIVE_HTTPS_CA not found: {RELAIS_ARCHIVE_HTTPS_CA}")
 
 DATA_DIR.mkdir(parents=True, exist_ok=True)
 if not SECRET_KEY:

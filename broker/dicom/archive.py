@@ -337,6 +337,7 @@ class ArchiveEndpoint:
     dicomweb_url: str = ""  # base URL of QIDO/WADO-RS ("" = no DICOMweb)
     calling_ae_title: str = "RELAIS"  # the broker's own AE title
     tls: ssl.SSLContext | None = None  # DICOM TLS for DIMSE
+    https_ca: str = ""  # PEM file of CAs trusted for HTTPS besides the system's ("" = none)
     timeout: float = 30.0  # seconds; connect/read/DIMSE/ACSE timeouts
     retries: int = 3  # DICOMweb GETs: retries with exponential backoff on transient failures
 
@@ -715,7 +716,7 @@ class DicomWebArchive:
         self._base = endpoint.wado_base_url
         self._client = httpx.Client(
             timeout=httpx.Timeout(endpoint.timeout),
-            verify=_https_context(),
+            verify=_https_context(endpoint.https_ca),
             trust_env=False,
             follow_redirects=False,
             headers=_REQUEST_HEADERS,
@@ -1014,7 +1015,10 @@ class DicomWebArchive:
             connection: http.client.HTTPConnection
             if target.scheme == "https":
                 connection = http.client.HTTPSConnection(
-                    host, port, timeout=self.endpoint.timeout, context=_https_context()
+                    host,
+                    port,
+                    timeout=self.endpoint.timeout,
+                    context=_https_context(self.endpoint.https_ca),
                 )
             else:
                 connection = http.client.HTTPConnection(host, port, timeout=self.endpoint.timeout)
@@ -1238,17 +1242,22 @@ def _no_bulk_uri(element: Any) -> str:
 
 
 _https_context_lock = threading.Lock()
-_https_context_cache: list[ssl.SSLContext] = []
+_https_context_cache: dict[str, ssl.SSLContext] = {}
 
 
-def _https_context() -> ssl.SSLContext:
-    """One TLS context for every DICOMweb client of the process: building one loads the CA
-    bundle, 40-60 ms of CPU here, which a client per request (the gateway's) paid each time
-    (docs/performance.md). An SSLContext is safe to share between threads."""
+def _https_context(extra_ca: str = "") -> ssl.SSLContext:
+    """One TLS context per set of trusted CAs for every DICOMweb client of the process:
+    building one loads the CA bundle, 40-60 ms of CPU here, which a client per request (the
+    gateway's) paid each time (docs/performance.md). An SSLContext is safe to share between
+    threads. ``extra_ca``: a PEM file of CAs trusted besides the system's (a region's PKI)."""
     with _https_context_lock:
-        if not _https_context_cache:
-            _https_context_cache.append(ssl.create_default_context())
-        return _https_context_cache[0]
+        context = _https_context_cache.get(extra_ca)
+        if context is None:
+            context = ssl.create_default_context()
+            if extra_ca:
+                context.load_verify_locations(cafile=extra_ca)
+            _https_context_cache[extra_ca] = context
+        return context
 
 
 def _json_values(item: dict[str, Any], tag: str) -> list[Any]:

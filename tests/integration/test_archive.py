@@ -1009,14 +1009,10 @@ def test_an_archive_seen_capping_pages_is_always_paged_to_the_end() -> None:
     assert sum(len(series.instances) for series in second.series) == 4
 
 
-def test_a_wado_retrieval_over_https_checks_the_archive_certificate(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_wado_retrieval_over_https_checks_the_archive_certificate(tmp_path: Path) -> None:
     """http.client, as httpx: the certificate checked against the trusted CAs; an archive
     whose CA is not trusted cannot be reached, one whose CA is gives its instances."""
     import ssl
-
-    from broker.dicom import archive as archive_module
 
     authority = CertificateAuthority(tmp_path / "ca")
     issued = authority.issue("127.0.0.1")
@@ -1046,10 +1042,25 @@ def test_a_wado_retrieval_over_https_checks_the_archive_certificate(
             pytest.raises(ArchiveUnreachable, match="CERTIFICATE_VERIFY_FAILED"),
         ):
             list(archive.retrieve("1.2.3"))
-        trusting = ssl.create_default_context(cafile=str(authority.certificate))
-        monkeypatch.setattr(archive_module, "_https_context_cache", [trusting])
-        with web_archive(url, retries=0) as archive:
+        # The region's CA trusted (RELAIS_ARCHIVE_HTTPS_CA), besides the system's.
+        with web_archive(url, retries=0, https_ca=str(authority.certificate)) as archive:
             assert list(archive.retrieve("1.2.3")) == parts
+        with web_archive(url, retries=0) as archive, pytest.raises(ArchiveUnreachable):
+            list(archive.retrieve("1.2.3"))  # the other clients still trust the system's only
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_region_s_https_ca_is_given_to_every_archive_client(settings: Any, tmp_path: Path):
+    """RELAIS_ARCHIVE_HTTPS_CA reaches the endpoint of every institution's archive."""
+    from broker.archives import institution_endpoint
+    from broker.models import Institution
+
+    ca = tmp_path / "region-ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    institution = Institution(name="CHU", finess="350000001", dicomweb_url="https://pacs/dw")
+    settings.RELAIS_ARCHIVE_HTTPS_CA = ca
+    assert institution_endpoint(institution).https_ca == str(ca)
+    settings.RELAIS_ARCHIVE_HTTPS_CA = None
+    assert institution_endpoint(institution).https_ca == ""
