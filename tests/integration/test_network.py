@@ -103,7 +103,9 @@ def test_many_requests_on_one_association_lose_no_response(echo_port: int) -> No
     assert all(status and status.Status == 0x0000 for status in statuses)
 
 
-def part10(transfer_syntax: str = ExplicitVRLittleEndian) -> tuple[bytes, FileMeta]:
+def part10(
+    transfer_syntax: str = ExplicitVRLittleEndian, pixel_data: bytes = bytes(range(256)) * 32
+) -> tuple[bytes, FileMeta]:
     ds = Dataset()
     ds.SOPClassUID = CTImageStorage
     ds.SOPInstanceUID = generate_uid()
@@ -114,7 +116,7 @@ def part10(transfer_syntax: str = ExplicitVRLittleEndian) -> tuple[bytes, FileMe
     ds.PixelRepresentation = 0
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelData = bytes(range(256)) * 32
+    ds.PixelData = pixel_data
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -349,20 +351,8 @@ def test_a_destination_that_stops_reading_fails_the_send_and_the_association() -
             stalled.set()
             release.wait(15)
 
-    ds = Dataset()
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.BitsAllocated = 16
-    ds.PixelData = b"\0" * (48 * 1024 * 1024)  # more than the kernel's buffers hold
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    data = buffer.getvalue()
-    meta = file_meta(data)
-    assert meta is not None
+    # more than the kernel's buffers hold
+    data, meta = part10(pixel_data=b"\0" * (48 * 1024 * 1024))
 
     scp = AE(ae_title="STORE")
     scp.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian])
