@@ -1131,6 +1131,37 @@ def cpu_cells(rows: list[dict[str, Any]]) -> str:
     return f"{cell(('orthanc', 'server', 'client'))} | {cell(('others', 'irq', 'steal'))}"
 
 
+def report_concurrent(conc: dict[str, Any], paths: list[str]) -> None:
+    print()
+    print(
+        f"| {conc['streams']} concurrent streams of the {conc['size_mb']} MiB study "
+        "| aggregate MB/s | errors | TTFB ms median / max "
+        "| CPU s/GB: Orthanc / server / client | other processes / irq / steal "
+        "| server RSS peak MiB |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name in paths:
+        rounds = conc[name]
+        cpu = cpu_cells(rounds)
+        peak = f"{max(r['rss_peak_mb'] for r in rounds):.1f}" if name != "direct" else "-"
+        print(
+            f"| {name} | {spread([r['aggregate_mb_per_s'] for r in rounds])} "
+            f"| {sum(r['errors'] for r in rounds)} of {conc['streams'] * len(rounds)} "
+            f"| {median([r['ttfb_ms_median'] for r in rounds]):.0f} / "
+            f"{max(r['ttfb_ms_max'] for r in rounds):.0f} | {cpu} | {peak} |"
+        )
+    direct = median([r["aggregate_mb_per_s"] for r in conc["direct"]])
+    conc["ratio"] = {
+        name: median([r["aggregate_mb_per_s"] for r in conc[name]]) / direct
+        for name in paths
+        if name != "direct"
+    }
+    print(
+        "\nConcurrent aggregate / direct: "
+        + ", ".join(f"{name} {ratio:.2f}" for name, ratio in conc["ratio"].items())
+    )
+
+
 def report(results: dict[str, Any]) -> None:
     idle = results["rss_idle_mb"]
     paths = results["paths"]
@@ -1177,34 +1208,8 @@ def report(results: dict[str, Any]) -> None:
             f"| {counts} / {figures['instances']}, {'yes' if figures['identical'] else 'NO'} |"
         )
     conc = results["concurrent"]
-    print()
-    print(
-        f"| {conc['streams']} concurrent streams of the {conc['size_mb']} MiB study "
-        "| aggregate MB/s | errors | TTFB ms median / max "
-        "| CPU s/GB: Orthanc / server / client | other processes / irq / steal "
-        "| server RSS peak MiB |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name in paths:
-        rounds = conc[name]
-        cpu = cpu_cells(rounds)
-        peak = f"{max(r['rss_peak_mb'] for r in rounds):.1f}" if name != "direct" else "-"
-        print(
-            f"| {name} | {spread([r['aggregate_mb_per_s'] for r in rounds])} "
-            f"| {sum(r['errors'] for r in rounds)} of {conc['streams'] * len(rounds)} "
-            f"| {median([r['ttfb_ms_median'] for r in rounds]):.0f} / "
-            f"{max(r['ttfb_ms_max'] for r in rounds):.0f} | {cpu} | {peak} |"
-        )
-    direct = median([r["aggregate_mb_per_s"] for r in conc["direct"]])
-    conc["ratio"] = {
-        name: median([r["aggregate_mb_per_s"] for r in conc[name]]) / direct
-        for name in paths
-        if name != "direct"
-    }
-    print(
-        "\nConcurrent aggregate / direct: "
-        + ", ".join(f"{name} {ratio:.2f}" for name, ratio in conc["ratio"].items())
-    )
+    if all(conc[name] for name in paths):  # --concurrent-rounds 0: none
+        report_concurrent(conc, paths)
     print(
         f"Gateway worker RSS: {results['rss_idle_boot_mb']:.1f} MiB at boot, "
         f"{idle:.1f} after warm-up, {results['rss_idle_after_mb']:.1f} after the single "

@@ -88,6 +88,10 @@ RELAIS_BREAK_THE_GLASS_HOURS: float = env.float(
 # The retrieval gateway (/dicomweb/): the web origins a viewer on another site (OHIF) may call
 # it from (CORS; comma-separated, e.g. https://viewer.example.org).
 RELAIS_GATEWAY_CORS_ORIGINS: list[str] = env.list("RELAIS_GATEWAY_CORS_ORIGINS", [])
+# Under gunicorn (HTTP/1.1, no TLS in gunicorn itself), a study's instances are moved from the
+# archive's socket to the client's inside the kernel (sharing/zero_copy.py). Turn it off for a
+# server that frames bodies otherwise (gunicorn's --protocol uwsgi).
+RELAIS_GATEWAY_SPLICE: bool = env.bool("RELAIS_GATEWAY_SPLICE", True)
 # Consent: the model outside the care team ("opt-in": a recorded consent is needed; "opt-out":
 # permitted unless opposed), the largest evidence document accepted.
 RELAIS_CONSENT_OUTSIDE_CARE_TEAM: str = env.str(

@@ -41,6 +41,7 @@ from sharing.gateway import (
     gateway_refuse_scope,
     gateway_retrieve,
 )
+from sharing.zero_copy import chunk_writer
 
 DICOM_JSON = "application/dicom+json"
 TYPE_BASE = "https://relais.example/problems/"
@@ -151,7 +152,13 @@ def _retrieve(
     manifest = gateway_manifest(access, study)
     allowed = gateway_instances(manifest, series, instance)
     content_type, body = gateway_retrieve(
-        access, manifest, series_uid=series, sop_uid=instance, allowed=allowed, now=now
+        access,
+        manifest,
+        series_uid=series,
+        sop_uid=instance,
+        allowed=allowed,
+        now=now,
+        writer=chunk_writer(request.META),
     )
     response = StreamingHttpResponse(body, content_type=content_type)
     response["Cache-Control"] = "no-store"

@@ -26,7 +26,8 @@ from django.utils import timezone
 from audit.events import EventCode, Outcome
 from audit.services import Actor, PatientRef, audit_record
 from broker.archives import institution_archive
-from broker.dicom.archive import ArchiveError
+from broker.dicom.archive import ArchiveError, PendingRetrieval
+from broker.dicom.multipart import PendingPart
 from broker.dicom.part10 import file_meta
 from broker.errors import NotFound
 from broker.identity import patient_ref
@@ -34,6 +35,7 @@ from broker.models import Manifest, ManifestInstance, ManifestSeries, ManifestSt
 from sharing import tokens
 from sharing.models import AccessRequest, IssuedToken
 from sharing.revocation import token_check
+from sharing.zero_copy import ChunkedSocketWriter, ClientGone, SourceFailed
 
 logger = logging.getLogger(__name__)
 
@@ -136,18 +138,48 @@ def gateway_retrieve(
     sop_uid: str | None,
     allowed: frozenset[str],
     now: dt.datetime,
+    writer: ChunkedSocketWriter | None = None,
 ) -> tuple[str, Iterator[bytes]]:
     """The content type and the body (``multipart/related``) of a WADO-RS retrieval.
 
     The first instance is fetched before this returns, so that an archive that is down or
     refuses answers a problem, not a broken stream. Raises `ArchiveError` then.
+
+    With a `writer` (`sharing.zero_copy`: the server lets the body write on the client's
+    socket) and a DICOMweb archive, each instance is written by it, its bytes moved from
+    socket to socket in the kernel; the body then yields only the framing around them.
     """
     boundary = uuid.uuid4().hex
     patient = patient_ref(access.ticket.patient)
     client = institution_archive(manifest.source_institution)
     _audit_transfer(EventCode.TRANSFER_BEGIN, access, manifest, patient, now, Outcome.SUCCESS, None)
     transfer = Transfer()
+    content_type = f"{MULTIPART_DICOM}; boundary={boundary}"
+    retrieve_pending = getattr(client, "retrieve_pending", None)
     try:
+        if writer is not None and retrieve_pending is not None:
+            pending: PendingRetrieval = retrieve_pending(
+                manifest.study_instance_uid, series_uid, sop_uid
+            )
+            try:
+                parts = iter(pending)
+                first_part = _next_allowed_part(parts, allowed, transfer)
+            except ArchiveError:
+                pending.close()
+                raise
+            return content_type, _spliced_body(
+                boundary,
+                first_part,
+                pending,
+                parts,
+                writer,
+                client,
+                allowed,
+                transfer,
+                access,
+                manifest,
+                patient,
+            )
         source = client.retrieve(manifest.study_instance_uid, series_uid, sop_uid)
         first = _next_allowed(source, allowed, transfer)
     except ArchiveError as exc:
@@ -156,7 +188,6 @@ def gateway_retrieve(
             EventCode.TRANSFER_END, access, manifest, patient, now, _outcome(exc), transfer, exc
         )
         raise
-    content_type = f"{MULTIPART_DICOM}; boundary={boundary}"
     return content_type, _body(
         boundary, first, source, client, allowed, transfer, access, manifest, patient
     )
@@ -197,6 +228,63 @@ def _body(
         close = getattr(source, "close", None)
         if close is not None:
             close()
+        getattr(client, "close", lambda: None)()
+        _audit_transfer(
+            EventCode.TRANSFER_END,
+            access,
+            manifest,
+            patient,
+            timezone.now(),
+            outcome,
+            transfer,
+            error,
+        )
+
+
+def _spliced_body(
+    boundary: str,
+    first: PendingPart | None,
+    pending: PendingRetrieval,
+    parts: Iterator[PendingPart],
+    writer: ChunkedSocketWriter,
+    client: object,
+    allowed: frozenset[str],
+    transfer: Transfer,
+    access: GatewayAccess,
+    manifest: Manifest,
+    patient: PatientRef,
+) -> Iterator[bytes]:
+    # The server writes the status line and headers at the first piece yielded (empty here);
+    # then each instance is one chunk the writer sends, the delimiter and headers before it.
+    head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii")
+    outcome, error = Outcome.SUCCESS, None
+    try:
+        yield b""
+        part = first
+        while part is not None:
+            writer.part(
+                head if not transfer.instances else b"\r\n" + head,
+                part,
+                source=pending.fileno,
+                timeout=pending.timeout,
+            )
+            transfer.instances += 1
+            transfer.bytes += part.length
+            part = _next_allowed_part(parts, allowed, transfer)
+        closing = f"--{boundary}--\r\n".encode("ascii")
+        yield b"\r\n" + closing if transfer.instances else closing
+    except (ArchiveError, SourceFailed) as exc:  # the status is sent: the body stops short
+        outcome, error = Outcome.SERIOUS_FAILURE, exc
+        logger.warning("retrieval of %s cut short: %s", manifest.study_instance_uid, exc)
+    except ClientGone as exc:
+        outcome, error = Outcome.MINOR_FAILURE, None
+        logger.info("retrieval of %s: %s", manifest.study_instance_uid, exc)
+    except GeneratorExit:  # the client went away
+        outcome, error = Outcome.MINOR_FAILURE, None
+        raise
+    finally:
+        pending.close()
+        writer.close()
         getattr(client, "close", lambda: None)()
         _audit_transfer(
             EventCode.TRANSFER_END,
@@ -313,6 +401,18 @@ def _next_allowed(
     for data in source:
         if media_storage_sop_instance_uid(data) in allowed:
             return data
+        transfer.skipped += 1
+    return None
+
+
+def _next_allowed_part(
+    parts: Iterator[PendingPart], allowed: frozenset[str], transfer: Transfer
+) -> PendingPart | None:
+    """`_next_allowed` for parts not yet read whole: the rest of those left out is dropped
+    when the next is asked for."""
+    for part in parts:
+        if media_storage_sop_instance_uid(part.head) in allowed:
+            return part
         transfer.skipped += 1
     return None
 

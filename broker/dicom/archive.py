@@ -185,9 +185,14 @@ from broker.dicom.kos import (
     SeriesDescription,
     StudyDescription,
 )
-from broker.dicom.multipart import MalformedMultipart, MultipartCutShort, MultipartParts
+from broker.dicom.multipart import (
+    MalformedMultipart,
+    MultipartCutShort,
+    MultipartParts,
+    PendingPart,
+)
 from broker.dicom.network import NODELAY_HANDLERS, RelaisAE
-from broker.dicom.part10 import part10_file
+from broker.dicom.part10 import META_GROUP_MAX_BYTES, file_meta, part10_file
 
 Transport: TypeAlias = Literal["dicomweb", "dimse"]
 DICOMWEB: Final = "dicomweb"
@@ -698,6 +703,64 @@ def _study_attributes(ds: Dataset) -> tuple[str | None, dt.date | None, dt.time 
 # --------------------------------------------------------------------------- DICOMweb
 
 
+# The first bytes of each instance read by `DicomWebArchive.retrieve_pending`: enough for the
+# meta group of nearly every file; a longer meta group is read on to its end.
+PENDING_HEAD_BYTES: Final = 4096
+
+
+class PendingRetrieval:
+    """A WADO-RS answer being read (`DicomWebArchive.retrieve_pending`): iterate for the
+    instances, each a `PendingPart`, and take each one's rest before the next; close when done.
+
+    `fileno` is the socket the rest of each part can be moved from without Python (None when
+    the answer is encrypted or framed), `timeout` how long a read from it may wait."""
+
+    def __init__(
+        self,
+        archive: DicomWebArchive,
+        connection: http.client.HTTPConnection,
+        response: http.client.HTTPResponse,
+        reader: MultipartParts,
+        what: str,
+        *,
+        fileno: int | None,
+        timeout: float | None,
+    ) -> None:
+        self._archive = archive
+        self._connection = connection
+        self._response = response
+        self._reader = reader
+        self.what = what
+        self.fileno = fileno
+        self.timeout = timeout
+
+    def __iter__(self) -> Iterator[PendingPart]:
+        archive, reader, what = self._archive, self._reader, self.what
+        parts = reader.pending(PENDING_HEAD_BYTES)
+        while True:
+            try:
+                part = next(parts)
+                if file_meta(part.head) is None and part.unread:
+                    part.extend_head(132 + META_GROUP_MAX_BYTES)
+            except StopIteration:
+                return
+            except MultipartCutShort:
+                archive._fail(
+                    ArchiveProtocolError,
+                    f"{what}: the answer was cut short {reader.where}",
+                    retryable=True,
+                )
+            except MalformedMultipart as exc:
+                archive._fail(ArchiveProtocolError, f"{what}: {exc}")
+            except (OSError, http.client.HTTPException) as exc:
+                raise archive._socket_error(exc, what, stage="midstream") from exc
+            yield part
+
+    def close(self) -> None:
+        self._response.close()
+        self._connection.close()
+
+
 class DicomWebArchive:
     """QIDO-RS and WADO-RS client of one archive (see the module docstring)."""
 
@@ -861,6 +924,51 @@ class DicomWebArchive:
         finally:
             response.close()
             connection.close()
+
+    def retrieve_pending(
+        self,
+        study_instance_uid: str,
+        series_instance_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+    ) -> PendingRetrieval:
+        """WADO-RS, for a caller that moves the instances' bytes itself: each instance as a
+        `PendingPart` whose head holds at least its Part 10 meta group (when it has one), the
+        rest still on the socket (`PendingRetrieval.fileno`, when it can be read past
+        Python). The answer is requested before this returns (errors raise here)."""
+        study_uid, series_uid, sop_uid = _retrieve_uids(
+            study_instance_uid, series_instance_uid, sop_instance_uid
+        )
+        if sop_uid is not None and series_uid is None:
+            series_uid = self._series_of_instance(study_uid, sop_uid)
+        path = f"/studies/{study_uid}"
+        if series_uid is not None:
+            path += f"/series/{series_uid}"
+            if sop_uid is not None:
+                path += f"/instances/{sop_uid}"
+        what = f"WADO-RS retrieval of {path}"
+        connection, response = self._open_stream(path, _DICOM_MULTIPART, what)
+        try:
+            boundary = self._boundary(response.getheader("Content-Type"), what)
+        except ArchiveError:
+            response.close()
+            connection.close()
+            raise
+        # The body is the socket's bytes as they come only when nothing frames them (no
+        # chunks, no length to count down: Orthanc answers so) and nothing encrypts them.
+        raw = (
+            not isinstance(connection, http.client.HTTPSConnection)
+            and not response.chunked
+            and response.length is None
+        )
+        return PendingRetrieval(
+            self,
+            connection,
+            response,
+            MultipartParts(response, boundary),
+            what,
+            fileno=response.fileno() if raw else None,
+            timeout=self.endpoint.timeout,
+        )
 
     def metadata(
         self, study_instance_uid: str, series_instance_uid: str | None = None

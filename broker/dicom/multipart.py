@@ -36,6 +36,7 @@ class BufferedStream(Protocol):
     def read(self, size: int, /) -> bytes: ...
     def read1(self, size: int, /) -> bytes: ...
     def readline(self, size: int, /) -> bytes: ...
+    def peek(self, size: int, /) -> bytes: ...
 
 
 class MalformedMultipart(Exception):
@@ -86,6 +87,49 @@ class MultipartParts:
             self.count += 1
             self._in_part = False
             yield body
+
+    def pending(self, head_size: int) -> Iterator[PendingPart]:
+        """The parts with only their first `head_size` bytes read: the caller moves the rest of
+        each body itself (`PendingPart`), before asking for the next one; what it leaves
+        unread is read and dropped then. A part without Content-Length is read whole. A
+        declared length is trusted as it is read, so a delimiter that does not follow it is
+        an error here, not a reason to search (the bytes may be gone already)."""
+        if head_size < 1:
+            raise ValueError("head_size must be positive")
+        self._skip_preamble()
+        while not self.finished:
+            self._in_part = True
+            length = self._read_headers()
+            if length is None:
+                body = self._search(bytearray())
+                part = PendingPart(self, body, 0)
+            else:
+                if length > self._max_part_bytes:
+                    raise MalformedMultipart(
+                        f"a part of {length} bytes (at most {self._max_part_bytes})"
+                    )
+                head = self._read(min(length, head_size))
+                if len(head) < min(length, head_size):
+                    raise MultipartCutShort("cut in a part")
+                part = PendingPart(self, head, length - len(head))
+            if not part.length:
+                raise MalformedMultipart(f"part {self.count + 1} is empty")
+            yield part
+            while part.unread:  # what the caller did not take
+                if not part.read_rest(_SEARCH_READ_BYTES):
+                    raise MultipartCutShort("cut in a part")
+            if length is not None:
+                after = self._read(len(self._delimiter))
+                if after != self._delimiter:
+                    if len(after) < len(self._delimiter) and self._delimiter.startswith(after):
+                        raise MultipartCutShort("cut after a part")
+                    raise MalformedMultipart(
+                        f"part {self.count + 1} is not followed by the boundary its "
+                        "Content-Length announces"
+                    )
+                self._after_delimiter(self._readline(MAX_PART_HEADER_BYTES))
+            self.count += 1
+            self._in_part = False
 
     # ---------------------------------------------------------------- framing
 
@@ -211,6 +255,62 @@ class MultipartParts:
         if not line.endswith(b"\n") and len(line) < limit:
             line += self._stream.readline(limit - len(line))
         return line
+
+
+class PendingPart:
+    """A part whose first bytes (`head`) are read, the rest of its body (`unread` bytes) still
+    to come from the stream. Take the rest with `read_rest`, or move it past Python: first
+    `take_buffered` (what the stream has already read ahead), then the remaining `unread` bytes
+    straight from the stream's file descriptor, reported with `consumed`."""
+
+    def __init__(self, parts: MultipartParts, head: bytes, unread: int) -> None:
+        self._parts = parts
+        self.head = head
+        self.unread = unread
+        self.length = len(head) + unread
+
+    def extend_head(self, size: int) -> None:
+        """Read more of the body into `head`, up to `size` bytes in all."""
+        wanted = min(self.unread, size - len(self.head))
+        if wanted <= 0:
+            return
+        more = self._parts._read(wanted)
+        self.unread -= len(more)
+        self.head += more
+        if len(more) < wanted:
+            raise MultipartCutShort("cut in a part")
+
+    def take_buffered(self) -> bytes:
+        """The bytes of the rest already read from the file descriptor (a buffered stream reads
+        ahead): after this, the next `unread` bytes of the body are the descriptor's next."""
+        parts = self._parts
+        taken = b""
+        if self.unread and parts._pushback:
+            taken = parts._read(min(self.unread, len(parts._pushback)))
+            self.unread -= len(taken)
+        if self.unread and not parts._pushback:
+            buffered = parts._stream.peek(1)
+            if buffered:
+                more = parts._stream.read(min(self.unread, len(buffered)))
+                self.unread -= len(more)
+                taken += more
+        return taken
+
+    def consumed(self, count: int) -> None:
+        """`count` bytes of the rest were taken from the file descriptor by the caller."""
+        if not 0 <= count <= self.unread:
+            raise ValueError(f"{count} bytes consumed of {self.unread} unread")
+        self.unread -= count
+
+    def read_rest(self, size: int) -> bytes:
+        """The next piece of the rest (at most `size` bytes); b"" once it is all read."""
+        if not self.unread:
+            return b""
+        piece = self._parts._read(min(size, self.unread))
+        if not piece:
+            raise MultipartCutShort("cut in a part")
+        self.unread -= len(piece)
+        return piece
 
 
 def _part_length(raw: bytes) -> int | None:

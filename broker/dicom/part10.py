@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Final
 
 _LONG_VRS: Final = frozenset({b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL"})
-_MAX_META_BYTES: Final = 64 * 1024
+META_GROUP_MAX_BYTES: Final = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ def file_meta(data: bytes) -> FileMeta | None:
     if data[128:132] != b"DICM":
         return None
     values: dict[int, str] = {}
-    offset, end = 132, min(len(data), 132 + _MAX_META_BYTES)
+    offset, end = 132, min(len(data), 132 + META_GROUP_MAX_BYTES)
     while offset + 8 <= end:
         group, element = struct.unpack_from("<HH", data, offset)
         if group != 0x0002:

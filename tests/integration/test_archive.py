@@ -775,6 +775,63 @@ def test_the_multipart_reader_finds_the_same_parts_however_the_bytes_arrive(
     assert reader.finished
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    parts=st.lists(
+        st.binary(min_size=1, max_size=300).map(lambda b: b.replace(b"\r\n--q", b"\r\n-q")),
+        min_size=1,
+        max_size=5,
+    ),
+    lengths=st.sampled_from(["given", "absent", "one too short", "one too long"]),
+    cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=12),
+    buffer_size=st.sampled_from([1, 7, 64, 8192]),
+    head_size=st.sampled_from([1, 5, 4096]),
+    takes=st.lists(st.sampled_from(["read", "buffered, then read", "leave"]), min_size=5),
+)
+def test_pending_parts_give_the_same_bodies_however_the_rest_is_taken(
+    parts: list[bytes],
+    lengths: str,
+    cuts: list[int],
+    buffer_size: int,
+    head_size: int,
+    takes: list[str],
+) -> None:
+    """`MultipartParts.pending`: the head, what the stream read ahead and the rest make the
+    part; a part left unread is skipped; a wrong length is an error (no search: the bytes may
+    be gone)."""
+    boundary = b"q:b"
+    body = b""
+    for part in parts:
+        body += b"--" + boundary + b"\r\nContent-Type: application/dicom\r\n"
+        declared = {"given": 0, "one too short": -1, "one too long": 1}.get(lengths)
+        if declared is not None:
+            body += f"Content-Length: {len(part) + declared}\r\n".encode()
+        body += b"\r\n" + part + b"\r\n"
+    body += b"--" + boundary + b"--\r\n"
+    reader = MultipartParts(io.BufferedReader(Arrivals(body, cuts), buffer_size), boundary)
+    got: list[bytes | None] = []
+    try:
+        for part, take in zip(reader.pending(head_size), takes, strict=False):
+            if take == "leave":
+                got.append(None)
+                continue
+            whole = part.head
+            if take == "buffered, then read":
+                whole += part.take_buffered()
+            while piece := part.read_rest(7):
+                whole += piece
+            assert part.unread == 0
+            assert len(whole) == part.length
+            got.append(whole)
+    except MalformedMultipart:
+        assert lengths in {"one too short", "one too long"}
+        return
+    assert lengths in {"given", "absent"}
+    assert reader.finished
+    expected = zip(parts, takes[: len(parts)], strict=True)
+    assert got == [None if take == "leave" else part for part, take in expected]
+
+
 @pytest.mark.parametrize(
     ("body", "error"),
     [

@@ -6,10 +6,13 @@ from __future__ import annotations
 import datetime as dt
 import io
 import re
+import socket
+import struct
 import threading
 import time
 from typing import Any
 
+import httpx
 import pydicom
 import pytest
 from django.test import Client
@@ -18,14 +21,24 @@ from django.utils import timezone
 from audit.events import EventCode
 from audit.models import AuditEvent
 from broker.archives import institution_archive
+from broker.dicom.multipart import MultipartParts
 from broker.harvest import harvest_run
 from broker.models import Manifest, ManifestInstance, ManifestStatus, Role
 from broker.services import institution_update
 from sharing import services
 from sharing.gateway import media_storage_sop_instance_uid
 from tests.conftest import NOW, SYSTEM, Region, make_user
+from tests.integration.gunicorn_harness import gunicorn_serving
 from tests.peers.fixtures import OrthancRegion
-from tests.peers.studies import CHUB_AE, SyntheticStudy
+from tests.peers.studies import (
+    CHUB_AE,
+    CHUB_ISSUER,
+    CHUB_ISSUER_OID,
+    DUPONT_CHUB_IPP,
+    MARIE_DUPONT,
+    SyntheticStudy,
+    make_study,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -326,3 +339,190 @@ def test_frames_and_rendered_are_relayed_from_a_dicomweb_archive(shared, chu):
     chu.archive_transport = "dimse"
     chu.save(update_fields=["archive_transport"])
     assert client.get(f"{base}/frames/1").status_code == 501
+
+
+# ---------------------------------------------------------------- under gunicorn: zero copy
+# Served by gunicorn's own request parser and response writer (tests/integration/
+# gunicorn_harness.py), the gateway writes each instance on the client's socket itself, its
+# bytes moved from the archive's socket inside the kernel (sharing/zero_copy.py).
+
+ACCEPT_DICOM = {"Accept": 'multipart/related; type="application/dicom"'}
+
+
+@pytest.fixture
+def big_study(region: Region, orthanc_factory):
+    """A CHU archive of its own holding a study of 0.5 MiB instances, harvested, and a CHU
+    radiologist's token for it."""
+    archive = orthanc_factory("CHUB_BIG")
+    instances = make_study(
+        patient=MARIE_DUPONT,
+        patient_id=DUPONT_CHUB_IPP,
+        issuer=CHUB_ISSUER,
+        issuer_oid=CHUB_ISSUER_OID,
+        modality="CT",
+        study_date=dt.date(2025, 3, 4),
+        study_time=dt.time(8, 30),
+        accession_number="BIG1",
+        description="TDM TAP",
+        series_count=2,
+        instances_per_series=4,
+        rows=512,
+        columns=512,
+        seed="gateway-zero-copy",
+    )
+    archive.upload_many(instances)
+    chu = institution_update(
+        institution=region.chu,
+        ae_title=archive.aet,
+        dicom_host="127.0.0.1",
+        dicom_port=archive.dicom_port,
+        dicomweb_url=archive.dicomweb_url,
+        actor=SYSTEM,
+        now=NOW,
+    )
+    harvest_run(
+        institution=chu,
+        client_factory=lambda: institution_archive(chu, "dicomweb"),
+        transport="dicomweb",
+        actor=SYSTEM,
+    )
+    manifest = Manifest.objects.get(status=ManifestStatus.APPROVED)
+    doctor = make_user("dr.big", [(chu, Role.RADIOLOGIST)])
+    ticket = services.request_create(
+        user=doctor,
+        purpose="treatment",
+        patient=manifest.source_identifier.patient,
+        institution=chu,
+        studies=[manifest.study_instance_uid],
+        justification="relecture",
+        actor=SYSTEM,
+        now=timezone.now(),
+    )
+    token, _ = services.token_issue_for_ticket(
+        user=doctor, ticket=ticket, actor=SYSTEM, now=timezone.now()
+    )
+    return {"chu": chu, "manifest": manifest, "token": token, "instances": instances}
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """The broker under gunicorn's writer; `writers` holds each chunk writer the gateway got."""
+    from broker.wsgi import application
+    from sharing import dicomweb, zero_copy
+
+    writers: list[zero_copy.ChunkedSocketWriter] = []
+
+    def spied(environ):
+        writer = zero_copy.chunk_writer(environ)
+        if writer is not None:
+            writers.append(writer)
+        return writer
+
+    monkeypatch.setattr(dicomweb, "chunk_writer", spied)
+    with gunicorn_serving(application) as harness:
+        harness.writers = writers
+        yield harness
+    assert not harness.errors
+
+
+def multipart_parts(response: httpx.Response) -> list[bytes]:
+    boundary = re.search(r"boundary=([^;]+)", response.headers["Content-Type"]).group(1)
+    stream = io.BufferedReader(io.BytesIO(response.content))  # type: ignore[arg-type]
+    return list(MultipartParts(stream, boundary.strip('"').encode()))
+
+
+def transfer_end() -> AuditEvent:
+    deadline = time.monotonic() + 10
+    while not (end := AuditEvent.objects.filter(code=EventCode.TRANSFER_END).first()):
+        assert time.monotonic() < deadline, "no Instances Transferred record"
+        time.sleep(0.05)
+    return end
+
+
+@pytest.mark.django_db(transaction=True)
+def test_under_gunicorn_each_instance_goes_from_socket_to_socket(big_study, served):
+    manifest, uploaded = big_study["manifest"], big_study["instances"]
+    study_url = f"{served.url}/dicomweb/studies/{manifest.study_instance_uid}"
+    headers = {"Authorization": f"Bearer {big_study['token']}", **ACCEPT_DICOM}
+    with httpx.Client(headers=headers, timeout=30) as client:
+        answer = client.get(study_url)
+        assert answer.status_code == 200
+        assert answer.headers["Transfer-Encoding"] == "chunked"
+        received = multipart_parts(answer)
+        assert {sop_uid(d): d for d in received} == {sop_uid(d): d for d in uploaded}
+        total = sum(len(d) for d in uploaded)
+        (writer,) = served.writers
+        assert writer.spliced > 0.9 * total  # all but each instance's head and read-ahead
+        end = transfer_end()
+        assert (end.outcome, end.details["instances"], end.details["bytes"]) == (0, 8, total)
+
+        # the same connection goes on: the framing the gateway wrote was exact
+        series = manifest.series.order_by("id").first()
+        again = client.get(f"{study_url}/series/{series.series_instance_uid}")
+        assert len(multipart_parts(again)) == 4
+        listing = client.get(f"{study_url}/series", headers={"Accept": "application/dicom+json"})
+        assert listing.status_code == 200
+        assert len(listing.json()) == 2
+        assert answer.extensions["network_stream"] is again.extensions["network_stream"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_under_gunicorn_an_instance_the_manifest_does_not_list_is_left_out(big_study, served):
+    manifest, uploaded = big_study["manifest"], big_study["instances"]
+    dropped = ManifestInstance.objects.filter(series__manifest=manifest).order_by("id")[2]
+    dropped.delete()
+    answer = httpx.get(
+        f"{served.url}/dicomweb/studies/{manifest.study_instance_uid}",
+        headers={"Authorization": f"Bearer {big_study['token']}", **ACCEPT_DICOM},
+        timeout=30,
+    )
+    received = {sop_uid(d) for d in multipart_parts(answer)}
+    assert received == {sop_uid(d) for d in uploaded} - {dropped.sop_instance_uid}
+    end = transfer_end()
+    assert (end.details["instances"], end.details["left_out"]) == (7, 1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_under_gunicorn_a_client_that_goes_away_mid_instance(big_study, served):
+    manifest = big_study["manifest"]
+    with socket.create_connection(("127.0.0.1", served.port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        sock.sendall(
+            f"GET /dicomweb/studies/{manifest.study_instance_uid} HTTP/1.1\r\n"
+            f"Host: 127.0.0.1\r\nAuthorization: Bearer {big_study['token']}\r\n\r\n".encode()
+        )
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    end = transfer_end()  # a reset on close: the gateway's next write fails
+    assert end.outcome == 4
+    assert end.details["instances"] < 8
+    assert not [t for t in threading.enumerate() if t.name.startswith("relais-")]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_under_gunicorn_an_archive_that_stops_mid_instance_breaks_the_transfer(big_study, served):
+    from tests.integration.test_archive import cut, multipart, scripted_http
+
+    first, second = big_study["instances"][:2]
+    body = multipart(b"xyz", [first, second], lengths=True)[: -len(second) // 2]
+    reply = cut({"Content-Type": 'multipart/related; type="application/dicom"; boundary=xyz'}, body)
+    with scripted_http(reply) as (url, _asked):
+        chu = big_study["chu"]
+        chu.dicomweb_url = url
+        chu.save(update_fields=["dicomweb_url"])
+        manifest = big_study["manifest"]
+        with (
+            httpx.Client(timeout=30) as client,
+            client.stream(
+                "GET",
+                f"{served.url}/dicomweb/studies/{manifest.study_instance_uid}",
+                headers={"Authorization": f"Bearer {big_study['token']}", **ACCEPT_DICOM},
+            ) as answer,
+        ):
+            assert answer.status_code == 200
+            with pytest.raises(httpx.RemoteProtocolError):
+                answer.read()
+    end = transfer_end()
+    assert end.outcome == 8
+    assert end.details["instances"] == 1
+    assert "SourceFailed" in end.details["error"]

@@ -1,0 +1,149 @@
+"""`sharing.zero_copy`: when the gateway may write on the client's socket itself, and what it
+writes there, over real loopback sockets."""
+
+from __future__ import annotations
+
+import io
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from broker.dicom.multipart import MultipartParts, PendingPart
+from sharing.zero_copy import ChunkedSocketWriter, ClientGone, SourceFailed, chunk_writer
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """Two ends of a loopback TCP connection."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        near = socket.create_connection(listener.getsockname())
+        far, _ = listener.accept()
+    with near, far:
+        yield near, far
+
+
+def environ(sock: object, **changes: str) -> dict[str, object]:
+    return {
+        "gunicorn.socket": sock,
+        "SERVER_SOFTWARE": "gunicorn/27.0.1",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REQUEST_METHOD": "GET",
+        **changes,
+    }
+
+
+def test_a_writer_only_where_the_server_frames_as_expected(pair, settings) -> None:
+    sock, _ = pair
+    assert isinstance(chunk_writer(environ(sock)), ChunkedSocketWriter)
+    assert chunk_writer(environ(sock, SERVER_PROTOCOL="HTTP/1.0")) is None  # not chunked
+    assert chunk_writer(environ(sock, SERVER_PROTOCOL="HTTP/2")) is None
+    assert chunk_writer(environ(sock, REQUEST_METHOD="HEAD")) is None  # no body
+    assert chunk_writer(environ(sock, SERVER_SOFTWARE="WSGIServer/0.2")) is None
+    assert chunk_writer(environ(None)) is None
+    context = ssl.create_default_context()
+    with (
+        socket.socket() as plain,
+        context.wrap_socket(
+            plain, server_hostname="viewer.example", do_handshake_on_connect=False
+        ) as tls,
+    ):
+        assert chunk_writer(environ(tls)) is None  # bytes to encrypt in user space
+    settings.RELAIS_GATEWAY_SPLICE = False
+    assert chunk_writer(environ(sock)) is None
+
+
+def archive_answer(parts: list[bytes]) -> bytes:
+    body = b""
+    for part in parts:
+        body += b"--b\r\nContent-Length: %d\r\n\r\n" % len(part) + part + b"\r\n"
+    return body + b"--b--\r\n"
+
+
+def read_chunks(sock: socket.socket, count: int) -> list[bytes]:
+    """`count` chunks of a chunked body, checked for their framing."""
+    stream = sock.makefile("rb")
+    chunks = []
+    for _ in range(count):
+        size = int(stream.readline().rstrip(b"\r\n"), 16)
+        chunks.append(stream.read(size))
+        assert stream.read(2) == b"\r\n"
+    return chunks
+
+
+@pytest.mark.parametrize("through_python", [False, True])
+def test_each_part_is_one_chunk_whatever_the_reader_holds(pair, through_python) -> None:
+    """Part sizes around the reader's buffer and the head; the rest spliced, or read through
+    Python when there is no descriptor to splice from (TLS, a framed answer)."""
+    parts = [bytes([n]) * size for n, size in enumerate([1, 4095, 4097, 9000, 3_000_000])]
+    answer = archive_answer(parts)
+    with (
+        socket.create_server(("127.0.0.1", 0)) as listener,
+        socket.create_connection(listener.getsockname()) as archive_side,
+    ):
+        source, _ = listener.accept()
+        feeding = threading.Thread(target=lambda: (source.sendall(answer), source.close()))
+        feeding.start()
+        reader_stream = archive_side.makefile("rb")
+        client, viewer = pair
+        received: list[list[bytes]] = []
+        reading = threading.Thread(target=lambda: received.append(read_chunks(viewer, 5)))
+        reading.start()
+        writer = ChunkedSocketWriter(client)
+        try:
+            for part in MultipartParts(reader_stream, b"b").pending(4096):
+                fd = None if through_python else archive_side.fileno()
+                writer.part(b"<prefix>", part, source=fd, timeout=5)
+        finally:
+            writer.close()
+        reading.join(timeout=30)
+        feeding.join(timeout=30)
+    assert received == [[b"<prefix>" + part for part in parts]]
+    if through_python:
+        assert writer.spliced == 0
+    else:  # all but the heads and what the reader had read ahead
+        assert writer.spliced > 2_900_000
+
+
+def test_a_client_that_stops_reading_is_gone_after_the_timeout(pair) -> None:
+    client, _viewer = pair  # never read
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    answer = io.BufferedReader(io.BytesIO(archive_answer([b"x" * 20_000_000])))  # type: ignore[arg-type]
+    part = next(MultipartParts(answer, b"b").pending(10))
+    writer = ChunkedSocketWriter(client, send_timeout=0.3)
+    with pytest.raises(ClientGone, match="read nothing"):
+        writer.part(b"", part, source=None, timeout=5)
+    with pytest.raises(BrokenPipeError):  # shut: a chunk was begun
+        client.sendall(b"more" * 100_000)
+
+
+@pytest.mark.parametrize(
+    ("ending", "error"), [("stalls", "sent nothing for 0.2 s"), ("closes", "ended inside")]
+)
+def test_an_archive_that_stalls_or_ends_inside_an_instance_fails_the_source(
+    pair, ending, error
+) -> None:
+    client, viewer = pair
+    with (
+        socket.create_server(("127.0.0.1", 0)) as listener,
+        socket.create_connection(listener.getsockname()) as archive_side,
+    ):
+        source, _ = listener.accept()
+        source.sendall(b"--b\r\nContent-Length: 100000\r\n\r\n" + b"y" * 10_000)
+        if ending == "closes":
+            source.close()
+        stream = archive_side.makefile("rb")
+        part: PendingPart = next(MultipartParts(stream, b"b").pending(4096))
+        writer = ChunkedSocketWriter(client)
+        with pytest.raises(SourceFailed, match=error):
+            writer.part(b"", part, source=archive_side.fileno(), timeout=0.2)
+        writer.close()
+        source.close()
+    viewer.settimeout(5)
+    received = b""
+    while chunk := viewer.recv(65536):
+        received += chunk
+    assert received.startswith(b"186A0\r\n")  # the chunk begun, then the connection shut
+    assert len(received) < 100_000
