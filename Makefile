@@ -22,7 +22,7 @@ run: $(VENV)/.installed migrate demo
 	$(BIN)/python manage.py dicomserver --port $(DICOM_PORT) & dicom=$$!; \
 	$(BIN)/python manage.py expire_requests --every 60 > /dev/null & sweeper=$$!; \
 	trap 'kill $$dicom $$sweeper 2>/dev/null; wait $$dicom $$sweeper' EXIT INT TERM; \
-	$(BIN)/gunicorn broker.wsgi --bind $(HOST):$(PORT) --workers 2 --access-logfile -
+	$(BIN)/gunicorn -c python:broker.gunicorn_conf broker.wsgi --bind $(HOST):$(PORT) --workers 2 --access-logfile -
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -308,6 +308,8 @@ def start_server(
     return subprocess.Popen(
         [
             str(ROOT / ".venv" / "bin" / "gunicorn"),
+            "-c",
+            "python:broker.gunicorn_conf",  # as `make run` does
             app,
             "--bind",
             f"127.0.0.1:{port}",

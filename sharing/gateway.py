@@ -273,14 +273,22 @@ def _spliced_body(
             part = _next_allowed_part(parts, allowed, transfer)
         closing = f"--{boundary}--\r\n".encode("ascii")
         yield b"\r\n" + closing if transfer.instances else closing
-    except (ArchiveError, SourceFailed) as exc:  # the status is sent: the body stops short
+    # The status is sent: a failure breaks the connection (`abort`), so that the client sees
+    # a broken transfer, not a well-framed body short of some instances.
+    except (ArchiveError, SourceFailed) as exc:
         outcome, error = Outcome.SERIOUS_FAILURE, exc
+        writer.abort()
         logger.warning("retrieval of %s cut short: %s", manifest.study_instance_uid, exc)
     except ClientGone as exc:
         outcome, error = Outcome.MINOR_FAILURE, None
+        writer.abort()
         logger.info("retrieval of %s: %s", manifest.study_instance_uid, exc)
     except GeneratorExit:  # the client went away
         outcome, error = Outcome.MINOR_FAILURE, None
+        raise
+    except Exception as exc:
+        outcome, error = Outcome.SERIOUS_FAILURE, exc
+        writer.abort()
         raise
     finally:
         pending.close()

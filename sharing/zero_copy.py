@@ -3,8 +3,10 @@ bytes go from the archive's socket to the client's inside the kernel (splice(2),
 pipe).
 
 Why: a gateway that relays in user space pays two socket copies, and gunicorn a third to
-frame each chunk; on a host shared with the archive and the viewer that CPU is what keeps the
-gateway under the archive's own speed (docs/performance.md, "Retrieval gateway").
+frame each chunk. With splice the broker's own CPU per GB falls by a fifth to a third
+(docs/performance.md, "Retrieval gateway"). On loopback the receiving process pays part of it
+back (it copies from the many page fragments the spliced data arrives in); across a network
+the receiving host reads from its own network buffers.
 
 How, under gunicorn: gunicorn hands the WSGI application its client socket
 (``environ["gunicorn.socket"]``) and, for an HTTP/1.1 GET answered without Content-Length,
@@ -14,11 +16,17 @@ and headers are then sent), it may itself write further chunks on the socket, fr
 way, between two yields: gunicorn's own ``Response.sendfile`` does the same for files. The
 next piece gunicorn writes, and its closing chunk, follow on the wire.
 
-`chunk_writer` gives a writer only when every condition holds (gunicorn, plain TCP, HTTP/1.1,
-GET, Linux's splice, the ``RELAIS_GATEWAY_SPLICE`` setting); otherwise the gateway yields its
-bytes as any WSGI application. A failure in the middle of a chunk cannot be told to the client
-in HTTP any more: the connection is shut down, so that the client sees a broken transfer
-rather than a short body.
+`chunk_writer` gives a writer only when every condition holds: gunicorn with the broker's
+configuration (broker/gunicorn_conf.py: the ``http`` protocol, a gthread or sync worker),
+plain TCP, HTTP/1.1, GET, Linux's splice, the ``RELAIS_GATEWAY_SPLICE`` setting. Otherwise
+the gateway yields its bytes as any WSGI application.
+
+What is trusted: the archive's Content-Length of each part frames the instance, since its
+bytes are not looked at. The chunk is ended only when the archive's boundary follows, and any
+failure once a chunk is begun shuts the client's connection: a wrong length, or an answer cut,
+is a broken transfer, never a short or padded instance that looks whole. Over an archive
+answer that is encrypted (HTTPS) or framed (chunked, a Content-Length for the whole body),
+the rest of each instance is read through Python, and the chunk is written the same way.
 """
 
 from __future__ import annotations
@@ -54,12 +62,24 @@ class ClientGone(Exception):
     """The HTTP client's side failed (closed, reset, or stopped reading)."""
 
 
+_server_frames_chunks = False
+
+
+def server_frames_chunks(confirmed: bool) -> None:
+    """Said by the server's configuration, once per worker process (broker/gunicorn_conf.py):
+    whether it frames bodies as HTTP/1.1 chunks written on a blocking socket. Until it says
+    so, `chunk_writer` gives no writer."""
+    global _server_frames_chunks  # one fact about the process, said at start
+    _server_frames_chunks = confirmed
+
+
 def chunk_writer(environ: Mapping[str, object]) -> ChunkedSocketWriter | None:
     """A writer of chunks on the client's socket, when this request is served so that one is
     safe (module docstring); None otherwise."""
     sock = environ.get("gunicorn.socket")
     if (
-        not getattr(settings, "RELAIS_GATEWAY_SPLICE", False)
+        not _server_frames_chunks
+        or not getattr(settings, "RELAIS_GATEWAY_SPLICE", False)
         or not hasattr(os, "splice")
         or not isinstance(sock, socket.socket)
         or isinstance(sock, ssl.SSLSocket)
@@ -89,37 +109,45 @@ class ChunkedSocketWriter:
     ) -> None:
         """One chunk: `prefix` (the multipart delimiter and headers), then the whole body of
         `part`: its head, what the reader holds already, and the rest straight from `source`
-        (the archive's socket) or, without one, read through Python. Raises `SourceFailed` or
-        `ClientGone`; the client's connection is shut down then if the chunk was begun."""
+        (the archive's socket) or, without one, read through Python. The chunk is ended only
+        once the archive's boundary is seen right after the body (its Content-Length was
+        true). Raises `SourceFailed` or `ClientGone`, and on any failure once the chunk is
+        begun, the client's connection is shut down."""
         try:
             buffered = part.take_buffered()
         except _SOURCE_ERRORS as exc:
             raise SourceFailed(f"reading the archive's answer: {exc}") from exc
+        if source is not None:
+            self._pipe_fds()  # before the first byte: nothing to undo if it fails
         client = self._sock.fileno()
         client_was_blocking = os.get_blocking(client)
-        source_was_blocking = os.get_blocking(source) if source is not None else False
         begun = False
         try:
             os.set_blocking(client, False)
-            if source is not None:
-                os.set_blocking(source, False)
             begun = True
             size = b"%X\r\n" % (len(prefix) + part.length)
             self._send(size + prefix + part.head + buffered, socket.MSG_MORE)
             if source is not None:
-                self._splice(source, client, part, timeout)
+                self._splice_rest(source, client, part, timeout)
             else:
                 self._relay(part)
+            try:
+                ended = part.boundary_follows()
+            except _SOURCE_ERRORS as exc:
+                raise SourceFailed(f"reading the archive's answer: {exc}") from exc
+            if not ended:
+                raise SourceFailed(
+                    "the archive's answer does not go on with its boundary after an instance "
+                    "(a wrong Content-Length, or the answer cut)"
+                )
             self._send(b"\r\n", 0)
-        except (SourceFailed, ClientGone):
+        except BaseException:
             if begun:
                 self.abort()
             raise
         finally:
             with contextlib.suppress(OSError):
                 os.set_blocking(client, client_was_blocking)
-                if source is not None:
-                    os.set_blocking(source, source_was_blocking)
 
     def abort(self) -> None:
         """Shut the client's connection: a chunk begun cannot be ended well."""
@@ -143,6 +171,17 @@ class ChunkedSocketWriter:
             if not piece:
                 return
             self._send(piece, socket.MSG_MORE)
+
+    def _splice_rest(
+        self, source: int, client: int, part: PendingPart, timeout: float | None
+    ) -> None:
+        source_was_blocking = os.get_blocking(source)
+        os.set_blocking(source, False)
+        try:
+            self._splice(source, client, part, timeout)
+        finally:
+            with contextlib.suppress(OSError):
+                os.set_blocking(source, source_was_blocking)
 
     def _splice(self, source: int, client: int, part: PendingPart, timeout: float | None) -> None:
         pipe_read, pipe_write, capacity = self._pipe_fds()

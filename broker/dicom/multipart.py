@@ -101,8 +101,8 @@ class MultipartParts:
             self._in_part = True
             length = self._read_headers()
             if length is None:
-                body = self._search(bytearray())
-                part = PendingPart(self, body, 0)
+                body = self._search(bytearray())  # the boundary found (and read) after it
+                part = PendingPart(self, body, 0, boundary_seen=True)
             else:
                 if length > self._max_part_bytes:
                     raise MalformedMultipart(
@@ -263,8 +263,11 @@ class PendingPart:
     `take_buffered` (what the stream has already read ahead), then the remaining `unread` bytes
     straight from the stream's file descriptor, reported with `consumed`."""
 
-    def __init__(self, parts: MultipartParts, head: bytes, unread: int) -> None:
+    def __init__(
+        self, parts: MultipartParts, head: bytes, unread: int, *, boundary_seen: bool = False
+    ) -> None:
         self._parts = parts
+        self._boundary_seen = boundary_seen
         self.head = head
         self.unread = unread
         self.length = len(head) + unread
@@ -301,6 +304,18 @@ class PendingPart:
         if not 0 <= count <= self.unread:
             raise ValueError(f"{count} bytes consumed of {self.unread} unread")
         self.unread -= count
+
+    def boundary_follows(self) -> bool:
+        """Whether the multipart boundary comes right after the body, all of it taken: its
+        Content-Length told the truth (the bytes looked at are left for the reader)."""
+        if self.unread:
+            raise ValueError(f"{self.unread} bytes of the part are still unread")
+        if self._boundary_seen:
+            return True
+        parts = self._parts
+        after = parts._read(len(parts._delimiter))
+        parts._unread(after)
+        return after == parts._delimiter
 
     def read_rest(self, size: int) -> bytes:
         """The next piece of the rest (at most `size` bytes); b"" once it is all read."""

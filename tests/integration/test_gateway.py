@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import logging
 import re
 import socket
 import struct
@@ -419,6 +420,7 @@ def served(monkeypatch):
         return writer
 
     monkeypatch.setattr(dicomweb, "chunk_writer", spied)
+    monkeypatch.setattr(zero_copy, "_server_frames_chunks", True)  # the harness is gunicorn's
     with gunicorn_serving(application) as harness:
         harness.writers = writers
         yield harness
@@ -483,9 +485,12 @@ def test_under_gunicorn_an_instance_the_manifest_does_not_list_is_left_out(big_s
 
 
 @pytest.mark.django_db(transaction=True)
-def test_under_gunicorn_a_client_that_goes_away_mid_instance(big_study, served):
+def test_under_gunicorn_a_client_that_goes_away_mid_instance(big_study, served, caplog):
     manifest = big_study["manifest"]
-    with socket.create_connection(("127.0.0.1", served.port)) as sock:
+    with (
+        caplog.at_level(logging.INFO, logger="sharing.gateway"),
+        socket.create_connection(("127.0.0.1", served.port)) as sock,
+    ):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
         sock.sendall(
             f"GET /dicomweb/studies/{manifest.study_instance_uid} HTTP/1.1\r\n"
@@ -496,33 +501,75 @@ def test_under_gunicorn_a_client_that_goes_away_mid_instance(big_study, served):
     end = transfer_end()  # a reset on close: the gateway's next write fails
     assert end.outcome == 4
     assert end.details["instances"] < 8
-    assert not [t for t in threading.enumerate() if t.name.startswith("relais-")]
+    (writer,) = served.writers
+    assert writer._pipe is None  # closed
+    assert "sending to the client" in caplog.text  # found by the socket writer
+
+
+def archive_answering(big_study, body: bytes):
+    """The CHU's archive replaced by one that answers `body` (close-delimited, as Orthanc)."""
+    from tests.integration.test_archive import cut, scripted_http
+
+    content_type = 'multipart/related; type="application/dicom"; boundary=xyz'
+    server = scripted_http(cut({"Content-Type": content_type}, body))
+    url, _asked = server.__enter__()
+    chu = big_study["chu"]
+    chu.dicomweb_url = url
+    chu.save(update_fields=["dicomweb_url"])
+    return server
+
+
+def fetch_broken(served, big_study) -> bytes:
+    """The study through the gateway, which must come as a broken transfer; what came."""
+    received = b""
+    manifest = big_study["manifest"]
+    with socket.create_connection(("127.0.0.1", served.port)) as sock:
+        sock.settimeout(30)
+        sock.sendall(
+            f"GET /dicomweb/studies/{manifest.study_instance_uid} HTTP/1.1\r\n"
+            f"Host: 127.0.0.1\r\nAuthorization: Bearer {big_study['token']}\r\n\r\n".encode()
+        )
+        while chunk := sock.recv(1 << 20):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200 OK")
+    assert not received.endswith(b"\r\n0\r\n\r\n")  # never a well-framed end
+    return received
 
 
 @pytest.mark.django_db(transaction=True)
-def test_under_gunicorn_an_archive_that_stops_mid_instance_breaks_the_transfer(big_study, served):
-    from tests.integration.test_archive import cut, multipart, scripted_http
+@pytest.mark.parametrize(
+    ("fault", "error", "whole"),
+    [
+        ("cut mid-instance", "ended inside an instance", 1),
+        ("a Content-Length too long", "does not go on with its boundary", 0),
+        ("a Content-Length too short", "does not go on with its boundary", 0),
+        ("a malformed second part", "not application/dicom", 1),
+    ],
+)
+def test_under_gunicorn_an_archive_that_fails_mid_stream_breaks_the_transfer(
+    big_study, served, fault, error, whole
+):
+    from tests.integration.test_archive import multipart
 
     first, second = big_study["instances"][:2]
-    body = multipart(b"xyz", [first, second], lengths=True)[: -len(second) // 2]
-    reply = cut({"Content-Type": 'multipart/related; type="application/dicom"; boundary=xyz'}, body)
-    with scripted_http(reply) as (url, _asked):
-        chu = big_study["chu"]
-        chu.dicomweb_url = url
-        chu.save(update_fields=["dicomweb_url"])
-        manifest = big_study["manifest"]
-        with (
-            httpx.Client(timeout=30) as client,
-            client.stream(
-                "GET",
-                f"{served.url}/dicomweb/studies/{manifest.study_instance_uid}",
-                headers={"Authorization": f"Bearer {big_study['token']}", **ACCEPT_DICOM},
-            ) as answer,
-        ):
-            assert answer.status_code == 200
-            with pytest.raises(httpx.RemoteProtocolError):
-                answer.read()
+    body = multipart(b"xyz", [first, second], lengths=True)
+    if fault == "cut mid-instance":
+        body = body[: -len(second) // 2]
+    elif fault.startswith("a Content-Length"):
+        declared = len(first) + (100 if fault.endswith("too long") else -100)
+        body = body.replace(b"Content-Length: %d" % len(first), b"Content-Length: %d" % declared)
+    else:
+        body = body.replace(b"Content-Type: application/dicom", b"Content-Type: text/plain")
+        body = body.replace(b"Content-Type: text/plain", b"Content-Type: application/dicom", 1)
+    server = archive_answering(big_study, body)
+    try:
+        received = fetch_broken(served, big_study)
+    finally:
+        server.__exit__(None, None, None)
     end = transfer_end()
     assert end.outcome == 8
-    assert end.details["instances"] == 1
-    assert "SourceFailed" in end.details["error"]
+    assert error in end.details["error"]
+    assert end.details["instances"] == whole
+    if not whole:  # the first instance's chunk was begun, never ended
+        size_line, _, data = received.partition(b"\r\n\r\n")[2].partition(b"\r\n")
+        assert not data[int(size_line, 16) :].startswith(b"\r\n")

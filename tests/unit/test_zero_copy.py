@@ -8,10 +8,13 @@ import socket
 import ssl
 import threading
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 
 from broker.dicom.multipart import MultipartParts, PendingPart
+from broker.gunicorn_conf import post_worker_init
+from sharing import zero_copy
 from sharing.zero_copy import ChunkedSocketWriter, ClientGone, SourceFailed, chunk_writer
 
 
@@ -35,6 +38,31 @@ def environ(sock: object, **changes: str) -> dict[str, object]:
     }
 
 
+@pytest.fixture
+def gunicorn_configured(monkeypatch) -> None:
+    monkeypatch.setattr(zero_copy, "_server_frames_chunks", False)
+    worker = type("ThreadWorker", (), {"cfg": SimpleNamespace(protocol="http")})()
+    post_worker_init(worker)
+
+
+def test_the_server_configuration_says_whether_it_frames_chunks(monkeypatch) -> None:
+    monkeypatch.setattr(zero_copy, "_server_frames_chunks", False)
+    for worker_class, protocol, frames in [
+        ("ThreadWorker", "http", True),
+        ("SyncWorker", "http", True),
+        ("ThreadWorker", "uwsgi", False),  # uwsgi bodies are not chunked
+        ("GeventWorker", "http", False),  # cooperative sockets
+    ]:
+        post_worker_init(type(worker_class, (), {"cfg": SimpleNamespace(protocol=protocol)})())
+        assert zero_copy._server_frames_chunks is frames
+
+
+def test_no_writer_without_the_server_configuration(pair, monkeypatch) -> None:
+    monkeypatch.setattr(zero_copy, "_server_frames_chunks", False)
+    assert chunk_writer(environ(pair[0])) is None
+
+
+@pytest.mark.usefixtures("gunicorn_configured")
 def test_a_writer_only_where_the_server_frames_as_expected(pair, settings) -> None:
     sock, _ = pair
     assert isinstance(chunk_writer(environ(sock)), ChunkedSocketWriter)
