@@ -7,14 +7,15 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Debian packages: the venv module, the real DICOM peers used by the tests (Orthanc, DCMTK).
-SYSTEM_PACKAGES := python3-venv orthanc orthanc-dicomweb dcmtk
+# Debian packages: the venv module, the real DICOM peers used by the tests (Orthanc, DCMTK),
+# the browser the web tests drive (Chromium).
+SYSTEM_PACKAGES := python3-venv orthanc orthanc-dicomweb dcmtk chromium
 PYTEST_WORKERS ?= 2
 HOST ?= 127.0.0.1
 PORT ?= 8000
 DICOM_PORT ?= 11112
 
-.PHONY: run test lint system-deps migrate demo serve bench clean
+.PHONY: run test lint system-deps migrate demo serve bench clean ohif
 
 run: $(VENV)/.installed migrate demo
 	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
@@ -24,12 +25,16 @@ run: $(VENV)/.installed migrate demo
 	trap 'kill $$dicom $$sweeper 2>/dev/null; wait $$dicom $$sweeper' EXIT INT TERM; \
 	$(BIN)/gunicorn -c python:broker.gunicorn_conf broker.wsgi --bind $(HOST):$(PORT) --workers 2 --access-logfile -
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed ohif
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/python manage.py makemigrations --check --dry-run
 	$(BIN)/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+
+# A real OHIF viewer's published build, for the viewer test (pinned, checked; in var/ohif).
+ohif: $(VENV)/.installed
+	$(BIN)/python -m tests.peers.ohif
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

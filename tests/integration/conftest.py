@@ -1,0 +1,67 @@
+"""Fixtures shared by the gateway's tests: a CHU study harvested from the region's Orthanc, and
+a token for it."""
+
+from __future__ import annotations
+
+import pytest
+from django.utils import timezone
+
+from broker.archives import institution_archive
+from broker.harvest import harvest_run
+from broker.models import Manifest, ManifestStatus, Role
+from broker.services import institution_update
+from sharing import services
+from tests.conftest import NOW, SYSTEM, Region, make_user
+from tests.peers.fixtures import OrthancRegion
+from tests.peers.studies import CHUB_AE, SyntheticStudy
+
+
+@pytest.fixture
+def chu(region: Region, orthanc_region: OrthancRegion):
+    archive = orthanc_region.archives[CHUB_AE]
+    chu = institution_update(
+        institution=region.chu,
+        ae_title=archive.aet,
+        dicom_host="127.0.0.1",
+        dicom_port=archive.dicom_port,
+        dicomweb_url=archive.dicomweb_url,
+        actor=SYSTEM,
+        now=NOW,
+    )
+    harvest_run(
+        institution=chu,
+        client_factory=lambda: institution_archive(chu, "dicomweb"),
+        transport="dicomweb",
+        actor=SYSTEM,
+    )
+    return chu
+
+
+@pytest.fixture
+def shared(chu, orthanc_region: OrthancRegion):
+    """A CHU study, and a token for it in the hands of a CHU radiologist (care team)."""
+    study: SyntheticStudy = orthanc_region.studies[CHUB_AE][0]
+    manifest = Manifest.objects.get(
+        study_instance_uid=study.study_instance_uid, status=ManifestStatus.APPROVED
+    )
+    doctor = make_user("dr.viewer", [(chu, Role.RADIOLOGIST)])
+    ticket = services.request_create(
+        user=doctor,
+        purpose="treatment",
+        patient=manifest.source_identifier.patient,
+        institution=chu,
+        studies=[study.study_instance_uid],
+        justification="relecture",
+        actor=SYSTEM,
+        now=timezone.now(),
+    )
+    token, _ = services.token_issue_for_ticket(
+        user=doctor, ticket=ticket, actor=SYSTEM, now=timezone.now()
+    )
+    return {
+        "study": study,
+        "manifest": manifest,
+        "token": token,
+        "ticket": ticket,
+        "doctor": doctor,
+    }
