@@ -139,10 +139,10 @@ import ssl
 import threading
 import time
 import urllib.parse
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, Literal, NoReturn, Protocol, Self, TypeAlias
+from typing import Any, Final, Literal, NoReturn, Protocol, Self, TypeAlias, TypeVar
 
 import httpx
 from pydicom import dcmread
@@ -708,6 +708,15 @@ def _study_attributes(ds: Dataset) -> tuple[str | None, dt.date | None, dt.time 
 PENDING_HEAD_BYTES: Final = 4096
 
 
+_Part = TypeVar("_Part", bytes, PendingPart)
+
+
+def _whole_meta_group(part: PendingPart) -> None:
+    """Read on into the body when the head ends inside the Part 10 meta group."""
+    if file_meta(part.head) is None and part.unread:
+        part.extend_head(132 + META_GROUP_MAX_BYTES)
+
+
 class PendingRetrieval:
     """A WADO-RS answer being read (`DicomWebArchive.retrieve_pending`): iterate for the
     instances, each a `PendingPart`, and take each one's rest before the next; close when done.
@@ -735,26 +744,8 @@ class PendingRetrieval:
         self.timeout = timeout
 
     def __iter__(self) -> Iterator[PendingPart]:
-        archive, reader, what = self._archive, self._reader, self.what
-        parts = reader.pending(PENDING_HEAD_BYTES)
-        while True:
-            try:
-                part = next(parts)
-                if file_meta(part.head) is None and part.unread:
-                    part.extend_head(132 + META_GROUP_MAX_BYTES)
-            except StopIteration:
-                return
-            except MultipartCutShort:
-                archive._fail(
-                    ArchiveProtocolError,
-                    f"{what}: the answer was cut short {reader.where}",
-                    retryable=True,
-                )
-            except MalformedMultipart as exc:
-                archive._fail(ArchiveProtocolError, f"{what}: {exc}")
-            except (OSError, http.client.HTTPException) as exc:
-                raise archive._socket_error(exc, what, stage="midstream") from exc
-            yield part
+        parts = self._reader.pending(PENDING_HEAD_BYTES)
+        return self._archive._mapped_parts(parts, self._reader, self.what, _whole_meta_group)
 
     def close(self) -> None:
         self._response.close()
@@ -892,52 +883,19 @@ class DicomWebArchive:
     def _retrieve(
         self, study_uid: str, series_uid: str | None, sop_uid: str | None
     ) -> Generator[bytes, None, None]:
-        if sop_uid is not None and series_uid is None:
-            series_uid = self._series_of_instance(study_uid, sop_uid)
-        path = f"/studies/{study_uid}"
-        if series_uid is not None:
-            path += f"/series/{series_uid}"
-            if sop_uid is not None:
-                path += f"/instances/{sop_uid}"
-        what = f"WADO-RS retrieval of {path}"
-        connection, response = self._open_stream(path, _DICOM_MULTIPART, what)
+        connection, response, boundary, what = self._open_retrieval(study_uid, series_uid, sop_uid)
         try:
-            boundary = self._boundary(response.getheader("Content-Type"), what)
             reader = MultipartParts(response, boundary)
-            parts = iter(reader)
-            while True:
-                try:
-                    part = next(parts)
-                except StopIteration:
-                    return
-                except MultipartCutShort:
-                    self._fail(
-                        ArchiveProtocolError,
-                        f"{what}: the answer was cut short {reader.where}",
-                        retryable=True,
-                    )
-                except MalformedMultipart as exc:
-                    self._fail(ArchiveProtocolError, f"{what}: {exc}")
-                except (OSError, http.client.HTTPException) as exc:
-                    raise self._socket_error(exc, what, stage="midstream") from exc
-                yield part
+            yield from self._mapped_parts(iter(reader), reader, what)
         finally:
             response.close()
             connection.close()
 
-    def retrieve_pending(
-        self,
-        study_instance_uid: str,
-        series_instance_uid: str | None = None,
-        sop_instance_uid: str | None = None,
-    ) -> PendingRetrieval:
-        """WADO-RS, for a caller that moves the instances' bytes itself: each instance as a
-        `PendingPart` whose head holds at least its Part 10 meta group (when it has one), the
-        rest still on the socket (`PendingRetrieval.fileno`, when it can be read past
-        Python). The answer is requested before this returns (errors raise here)."""
-        study_uid, series_uid, sop_uid = _retrieve_uids(
-            study_instance_uid, series_instance_uid, sop_instance_uid
-        )
+    def _open_retrieval(
+        self, study_uid: str, series_uid: str | None, sop_uid: str | None
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse, bytes, str]:
+        """The WADO-RS request answered: connection, response, multipart boundary, and what
+        it is (for messages). Raises `ArchiveError`, with nothing left open."""
         if sop_uid is not None and series_uid is None:
             series_uid = self._series_of_instance(study_uid, sop_uid)
         path = f"/studies/{study_uid}"
@@ -953,6 +911,49 @@ class DicomWebArchive:
             response.close()
             connection.close()
             raise
+        return connection, response, boundary, what
+
+    def _mapped_parts(
+        self,
+        parts: Iterator[_Part],
+        reader: MultipartParts,
+        what: str,
+        each: Callable[[_Part], None] | None = None,
+    ) -> Generator[_Part, None, None]:
+        """The parts as `parts` gives them (`each` done on each), a failure reading them
+        raised as the `ArchiveError` it is."""
+        while True:
+            try:
+                part = next(parts)
+                if each is not None:
+                    each(part)
+            except StopIteration:
+                return
+            except MultipartCutShort:
+                self._fail(
+                    ArchiveProtocolError,
+                    f"{what}: the answer was cut short {reader.where}",
+                    retryable=True,
+                )
+            except MalformedMultipart as exc:
+                self._fail(ArchiveProtocolError, f"{what}: {exc}")
+            except (OSError, http.client.HTTPException) as exc:
+                raise self._socket_error(exc, what, stage="midstream") from exc
+            yield part
+
+    def retrieve_pending(
+        self,
+        study_instance_uid: str,
+        series_instance_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+    ) -> PendingRetrieval:
+        """WADO-RS, for a caller that moves the instances' bytes itself: each instance as a
+        `PendingPart` whose head holds at least its Part 10 meta group (when it has one), the
+        rest still on the socket (`PendingRetrieval.fileno`, when it can be read past
+        Python). The answer is requested before this returns (errors raise here)."""
+        connection, response, boundary, what = self._open_retrieval(
+            *_retrieve_uids(study_instance_uid, series_instance_uid, sop_instance_uid)
+        )
         # The body is the socket's bytes as they come only when nothing frames them (no
         # chunks, no length to count down: Orthanc answers so) and nothing encrypts them.
         raw = (

@@ -8,19 +8,19 @@ from django.utils import timezone
 
 from broker.archives import institution_archive
 from broker.harvest import harvest_run
-from broker.models import Manifest, ManifestStatus, Role
+from broker.models import Institution, Manifest, ManifestStatus, Role
 from broker.services import institution_update
 from sharing import services
 from tests.conftest import NOW, SYSTEM, Region, make_user
 from tests.peers.fixtures import OrthancRegion
+from tests.peers.orthanc import OrthancArchive
 from tests.peers.studies import CHUB_AE, SyntheticStudy
 
 
-@pytest.fixture
-def chu(region: Region, orthanc_region: OrthancRegion):
-    archive = orthanc_region.archives[CHUB_AE]
-    chu = institution_update(
-        institution=region.chu,
+def harvested(institution: Institution, archive: OrthancArchive) -> Institution:
+    """`institution` with `archive` as its archive (DICOM and DICOMweb), its studies harvested."""
+    institution = institution_update(
+        institution=institution,
         ae_title=archive.aet,
         dicom_host="127.0.0.1",
         dicom_port=archive.dicom_port,
@@ -29,12 +29,17 @@ def chu(region: Region, orthanc_region: OrthancRegion):
         now=NOW,
     )
     harvest_run(
-        institution=chu,
-        client_factory=lambda: institution_archive(chu, "dicomweb"),
+        institution=institution,
+        client_factory=lambda: institution_archive(institution, "dicomweb"),
         transport="dicomweb",
         actor=SYSTEM,
     )
-    return chu
+    return institution
+
+
+@pytest.fixture
+def chu(region: Region, orthanc_region: OrthancRegion) -> Institution:
+    return harvested(region.chu, orthanc_region.archives[CHUB_AE])
 
 
 @pytest.fixture

@@ -21,14 +21,12 @@ from django.utils import timezone
 
 from audit.events import EventCode
 from audit.models import AuditEvent
-from broker.archives import institution_archive
 from broker.dicom.multipart import MultipartParts
-from broker.harvest import harvest_run
 from broker.models import Manifest, ManifestInstance, ManifestStatus, Role
-from broker.services import institution_update
 from sharing import services
 from sharing.gateway import media_storage_sop_instance_uid
-from tests.conftest import NOW, SYSTEM, Region, make_user
+from tests.conftest import SYSTEM, Region, make_user
+from tests.integration.conftest import harvested
 from tests.integration.gunicorn_harness import gunicorn_serving
 from tests.peers.studies import (
     CHUB_AE,
@@ -319,21 +317,7 @@ def big_study(region: Region, orthanc_factory):
         seed="gateway-zero-copy",
     )
     archive.upload_many(instances)
-    chu = institution_update(
-        institution=region.chu,
-        ae_title=archive.aet,
-        dicom_host="127.0.0.1",
-        dicom_port=archive.dicom_port,
-        dicomweb_url=archive.dicomweb_url,
-        actor=SYSTEM,
-        now=NOW,
-    )
-    harvest_run(
-        institution=chu,
-        client_factory=lambda: institution_archive(chu, "dicomweb"),
-        transport="dicomweb",
-        actor=SYSTEM,
-    )
+    chu = harvested(region.chu, archive)
     manifest = Manifest.objects.get(status=ManifestStatus.APPROVED)
     doctor = make_user("dr.big", [(chu, Role.RADIOLOGIST)])
     ticket = services.request_create(

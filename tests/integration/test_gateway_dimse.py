@@ -18,14 +18,13 @@ from django.utils import timezone
 
 from audit.events import EventCode
 from audit.models import AuditEvent
-from broker.archives import institution_archive
 from broker.dicom.scp import BrokerSCP, SCPConfig
-from broker.harvest import harvest_run
 from broker.models import Institution, Manifest, ManifestStatus, Role
 from broker.services import institution_update
 from consent.services import directive_record
 from sharing import services
 from tests.conftest import NOW, SYSTEM, Region, make_user
+from tests.integration.conftest import harvested
 from tests.peers.dcmtk import require_tool, run_tool
 from tests.peers.fixtures import OrthancRegion
 from tests.peers.orthanc import free_port
@@ -56,21 +55,7 @@ def store(tmp_path: Path) -> Iterator[tuple[int, Path]]:
 @pytest.fixture
 def world(region: Region, orthanc_region: OrthancRegion, store, referring_doctor, radiologist):
     archive = orthanc_region.archives[CHUB_AE]
-    chu = institution_update(
-        institution=region.chu,
-        ae_title=archive.aet,
-        dicom_host="127.0.0.1",
-        dicom_port=archive.dicom_port,
-        dicomweb_url=archive.dicomweb_url,
-        actor=SYSTEM,
-        now=NOW,
-    )
-    harvest_run(
-        institution=chu,
-        client_factory=lambda: institution_archive(chu, "dicomweb"),
-        transport="dicomweb",
-        actor=SYSTEM,
-    )
+    chu = harvested(region.chu, archive)
     portmael = institution_update(
         institution=region.portmael,
         ae_title=PACS_AE,
