@@ -93,14 +93,14 @@ associations whose reactor cannot take a response meant for a request (pynetdico
   for each
   class, the SCP role and one presentation context per transfer syntax (the usual uncompressed and
   lossless/lossy compressed ones, as many as pynetdicom's 128 contexts allow), so that the archive
-  can send each instance as stored instead of transcoding it. The association runs in a worker
-  thread; each received dataset is turned into Part 10 bytes without being decoded
-  (`event.encoded_dataset()`) and handed through a queue of `_QUEUE_DEPTH` instances to the
-  generator, which yields in the caller's thread. A full queue holds the C-STORE response back, so
-  a slow consumer slows the archive down instead of filling memory (pynetdicom enforces no
-  timeout meanwhile; Orthanc waited 13 s without complaint). Closing the generator early aborts
-  the association and joins the worker and pynetdicom's threads. Fewer instances than the C-FIND
-  counted, or failed sub-operations, raise `ArchiveProtocolError` after the last one received.
+  can send each instance as stored instead of transcoding it. The C-GET association runs on the
+  caller's thread (`StoreSession.c_get`: no pynetdicom thread, and PDUs of up to 1 MiB): each
+  instance is answered, made a Part 10 file without being decoded, and yielded as it arrives.
+  While the caller holds an instance, the archive's next one waits in the socket buffers: a
+  slow consumer slows the archive down instead of filling memory, and every wait has the
+  archive's timeout. Closing the generator early aborts the association. Fewer instances than
+  the C-FIND counted, or failed sub-operations, raise `ArchiveProtocolError` after the last one
+  received.
 - `move`: C-FIND then C-MOVE on one association, to a third AE title known to the archive;
   answers the sub-operation counts (`MoveResult`, warnings and failed sub-operations included).
   The C-FIND is there because Orthanc answers a move of a study it does not hold with 0xC000,
@@ -131,7 +131,6 @@ import email.message
 import email.utils
 import http.client
 import io
-import queue
 import random
 import re
 import socket
@@ -177,8 +176,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
 from broker.dicom.kos import (
-    RELAIS_IMPLEMENTATION_CLASS_UID,
-    RELAIS_IMPLEMENTATION_VERSION_NAME,
     OtherPatientId,
     PatientInfo,
     ReferencedInstance,
@@ -192,7 +189,8 @@ from broker.dicom.multipart import (
     PendingPart,
 )
 from broker.dicom.network import NODELAY_HANDLERS, RelaisAE
-from broker.dicom.part10 import META_GROUP_MAX_BYTES, file_meta, part10_file
+from broker.dicom.part10 import META_GROUP_MAX_BYTES, file_meta
+from broker.dicom.store_session import StoreSession, StoreSessionError
 
 Transport: TypeAlias = Literal["dicomweb", "dimse"]
 DICOMWEB: Final = "dicomweb"
@@ -203,7 +201,9 @@ _BACKOFF_MAX_SECONDS: Final = 5.0
 _MAX_RETRY_AFTER_SECONDS: Final = 30.0
 _DEFAULT_PAGE_SIZE: Final = 500
 _MAX_ERROR_BODY_BYTES: Final = 300
-_QUEUE_DEPTH: Final = 2
+# The largest PDU the broker takes from an archive sending a C-GET's instances: fewer, larger
+# PDUs for the same bytes (the archive sends no larger ones than it is offered).
+_C_GET_MAXIMUM_PDU: Final = 1024 * 1024
 _MAX_CONTEXTS: Final = 128
 _RETRY_STATUSES: Final = frozenset({502, 503, 504})
 _ECHO_STUDY_UID: Final = "2.25.0"  # a UID no study has: the echo carries no patient data
@@ -1714,96 +1714,89 @@ class DimseArchive:
     def _c_get(
         self, identifier: Dataset, sop_classes: Sequence[str], *, expected: int, what: str
     ) -> Generator[bytes, None, None]:
+        """The C-GET on an association of its own, run on the caller's thread
+        (`StoreSession.c_get`): each instance is answered, then handed over, as it arrives;
+        closing the generator early aborts the association."""
         contexts, roles = self._storage_contexts(sop_classes, what)
-        arrived: queue.Queue[bytes | _Done] = queue.Queue(maxsize=_QUEUE_DEPTH)
-        cancelled = threading.Event()
-
-        def handle_store(event: Any) -> int:
-            request = event.request
-            try:
-                data = part10_file(  # the data set as received, its meta written here
-                    request.DataSet.getvalue(),
-                    sop_class_uid=str(request.AffectedSOPClassUID),
-                    sop_instance_uid=str(request.AffectedSOPInstanceUID),
-                    transfer_syntax_uid=str(event.context.transfer_syntax),
-                    implementation_class_uid=RELAIS_IMPLEMENTATION_CLASS_UID,
-                    implementation_version_name=RELAIS_IMPLEMENTATION_VERSION_NAME,
-                    source_ae_title=self.endpoint.ae_title,
-                )
-            except (UnicodeError, ValueError):  # a UID that is not ASCII: pydicom's meta
-                data = event.encoded_dataset()
-            while not cancelled.is_set():
-                try:
-                    arrived.put(data, timeout=0.1)
-                except queue.Full:
-                    continue
-                return 0x0000
-            # The consumer is gone and aborts the association. Answer only once it is
-            # down: a response sent into the aborted association makes pynetdicom's DUL
-            # thread die on an invalid event (Evt9 in Sta13), leaving its socket open.
-            deadline = time.monotonic() + self.endpoint.timeout
-            while event.assoc.dul.is_alive() and time.monotonic() < deadline:
-                time.sleep(0.005)
-            return 0xA700  # Refused: out of resources
-
-        assoc, watch = self._associate(
-            [build_context(_GET_MODEL), *contexts],
-            "C-GET",
-            ext_neg=roles,
-            handlers=[(evt.EVT_C_STORE, handle_store)],
+        started = time.monotonic()
+        tls, server_hostname = self._tls_args or (None, None)
+        timeout = self.endpoint.timeout
+        session = StoreSession.open(
+            self.endpoint.host,
+            int(self.endpoint.port or 0),
+            calling_ae_title=self.endpoint.calling_ae_title,
+            called_ae_title=self.endpoint.ae_title,
+            contexts=[build_context(_GET_MODEL), *contexts],
+            acse_timeout=timeout,
+            dimse_timeout=timeout,
+            network_timeout=timeout,
+            tls=tls,
+            server_hostname=server_hostname,
+            maximum_received_pdu=_C_GET_MAXIMUM_PDU,
+            extended_negotiation=roles,
         )
-
-        def run() -> None:
-            started = time.monotonic()
-            done = _Done()
-            try:
-                for status, _identifier in assoc.send_c_get(identifier, _GET_MODEL):
-                    done.status = status
-            except Exception as exc:  # handed to the consumer's thread
-                done.error = exc
-            done.peer_event = watch.peer_event
-            done.elapsed = time.monotonic() - started
-            while not cancelled.is_set():
-                try:
-                    arrived.put(done, timeout=0.1)
-                except queue.Full:
-                    continue
-                return
-
-        worker = threading.Thread(
-            target=run, name=f"relais-cget-{self.endpoint.ae_title}", daemon=True
-        )
-        worker.start()
+        if not session.is_established:
+            self._get_not_associated(session.rejection, what, time.monotonic() - started)
         received = 0
-        finished = False
+        done = _Done()
         try:
+            instances = session.c_get(
+                identifier, _GET_MODEL, source_ae_title=self.endpoint.ae_title
+            )
             while True:
                 try:
-                    item = arrived.get(timeout=0.5)
-                except queue.Empty:
-                    if not worker.is_alive() and arrived.empty():
-                        self._fail(ArchiveProtocolError, f"{what}: the C-GET worker stopped")
-                    continue
-                if isinstance(item, _Done):
-                    finished = True
-                    self._c_get_outcome(item, what, received, expected)
-                    return
+                    instance = next(instances)
+                except StopIteration as end:
+                    done.status = end.value
+                    break
                 received += 1
-                yield item
+                yield instance
+        except StoreSessionError as exc:
+            done.elapsed = time.monotonic() - started
+            self._get_interrupted(exc, what, done.elapsed)
         finally:
-            if finished and assoc.is_established:
-                assoc.release()
-            elif not finished:
-                cancelled.set()
-                _abort(assoc)
-                with contextlib.suppress(queue.Empty):
-                    while True:
-                        arrived.get_nowait()
-            worker.join(timeout=self.endpoint.timeout + 1)
-            _join(assoc)
-            if not finished and assoc.dul.socket is not None:
-                with contextlib.suppress(Exception):
-                    assoc.dul.socket.close()
+            if done.status is not None:
+                session.release()
+            else:
+                session.abort()
+        self._c_get_outcome(done, what, received, expected)
+
+    def _get_not_associated(self, rejection: str, what: str, elapsed: float) -> NoReturn:
+        where = f"{what}: association with {self.endpoint.ae_title}"
+        if rejection.startswith("cannot connect"):
+            self._unreachable(what, elapsed)
+        if rejection.startswith("rejected"):
+            self._fail(ArchiveRefused, f"{where} {rejection}")
+        if "aborted" in rejection:
+            self._fail(ArchiveRefused, f"{where} aborted by the archive during negotiation")
+        if "did not answer in time" in rejection:
+            self._fail(
+                ArchiveTimeout,
+                f"{where}: no answer to the association request within {self.endpoint.timeout:g} s",
+            )
+        if "none of the presentation contexts" in rejection:
+            self._fail(
+                ArchiveRefused,
+                f"{where}: no presentation context accepted (the archive does not offer {what})",
+            )
+        self._fail(ArchiveProtocolError, f"{where}: {rejection}")
+
+    def _get_interrupted(self, exc: StoreSessionError, what: str, elapsed: float) -> NoReturn:
+        message = str(exc)
+        if "did not answer in time" in message:
+            self._fail(
+                ArchiveTimeout,
+                f"no answer to {what} within {self.endpoint.timeout:g} s (waited {elapsed:.1f} s)",
+            )
+        if "aborted" in message:
+            self._fail(ArchiveProtocolError, f"the archive aborted the association during {what}")
+        if "closed the connection" in message or "released" in message:
+            self._fail(
+                ArchiveProtocolError,
+                f"the archive closed the connection during {what}",
+                retryable=True,
+            )
+        self._fail(ArchiveProtocolError, f"{what}: {message}")
 
     def _c_get_outcome(self, done: _Done, what: str, received: int, expected: int) -> None:
         if done.error is not None:

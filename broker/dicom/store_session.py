@@ -31,11 +31,14 @@ import logging
 import socket
 import ssl
 import struct
-from collections.abc import Sequence
+import warnings
+from collections.abc import Generator, Sequence
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -58,7 +61,9 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, negotiate_as_requestor
 from pynetdicom.status import STATUS_FAILURE, STORAGE_SERVICE_CLASS_STATUS
 
+from broker.dicom.kos import RELAIS_IMPLEMENTATION_CLASS_UID, RELAIS_IMPLEMENTATION_VERSION_NAME
 from broker.dicom.network import EncodedInstance, ae_value, command_set, uid_value, us_value
+from broker.dicom.part10 import part10_file
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +77,11 @@ _RECEIVE_CHUNK = 65536
 # At most this many buffers in one vectored write (Linux's IOV_MAX is 1024).
 _BUFFERS_PER_WRITE = 512
 
+_Socket = socket.socket  # (the class's `socket` property hides the module in its body)
 _A_ASSOCIATE_AC, _A_ASSOCIATE_RJ, _P_DATA_TF = 0x02, 0x03, 0x04
 _A_RELEASE_RQ, _A_RELEASE_RP, _A_ABORT = 0x05, 0x06, 0x07
 _C_STORE_RQ, _C_STORE_RSP = 0x0001, 0x8001
+_C_GET_RQ, _C_GET_RSP = 0x0010, 0x8010
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 # What can be decoded and sent again uncompressed when the destination takes it no other way.
 _CONVERTIBLE = (*_UNCOMPRESSED, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian)
@@ -108,7 +115,10 @@ class StoreSession:
         self.rejection = ""  # why the association was not established
         self.peer_maximum_pdu = 0  # 0: no limit
         self.accepted: dict[tuple[str, str], int] = {}  # (SOP class, syntax) -> context ID
+        self.context_syntax: dict[int, str] = {}  # context ID -> its transfer syntax
+        self.maximum_received_pdu = MAXIMUM_RECEIVED_PDU
         self._received = bytearray()  # read from the socket, not yet a whole PDU
+        self._pending_pdvs: list[tuple[int, int, bytes]] = []  # not yet taken
         self.stored = 0  # C-STORE sub-operations answered with success or a warning
         self.failures = 0  # the others: a failure status, or the instance could not be sent
         self.acse_timeout: float | None = 30
@@ -132,11 +142,14 @@ class StoreSession:
         connection_timeout: float | None = None,
         tls: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
+        maximum_received_pdu: int = MAXIMUM_RECEIVED_PDU,
+        extended_negotiation: Sequence[Any] = (),
     ) -> StoreSession:
         """Connect and request the association. A session that could not be established is
         returned with `is_established` false and `rejection` saying why (pynetdicom's
         `AE.associate` does the same)."""
         session = cls(None)
+        session.maximum_received_pdu = maximum_received_pdu
         session.acse_timeout = acse_timeout
         session.dimse_timeout = dimse_timeout
         session.network_timeout = network_timeout
@@ -154,7 +167,9 @@ class StoreSession:
                 session._socket = sock = tls.wrap_socket(
                     sock, server_hostname=server_hostname or address
                 )
-            session._associate(calling_ae_title, called_ae_title, list(contexts))
+            session._associate(
+                calling_ae_title, called_ae_title, list(contexts), list(extended_negotiation)
+            )
         except Exception as exc:  # whatever the peer sent: not associated
             session.rejection = session.rejection or str(exc) or type(exc).__name__
             if isinstance(exc, StoreSessionProtocolError):
@@ -164,7 +179,13 @@ class StoreSession:
             session.close()
         return session
 
-    def _associate(self, calling: str, called: str, contexts: list[PresentationContext]) -> None:
+    def _associate(
+        self,
+        calling: str,
+        called: str,
+        contexts: list[PresentationContext],
+        extended_negotiation: list[Any] | None = None,
+    ) -> None:
         requested = []
         for number, context in enumerate(contexts):
             proposed = PresentationContext()
@@ -180,12 +201,17 @@ class StoreSession:
         primitive.called_ae_title = called
         primitive.presentation_context_definition_list = requested
         maximum = MaximumLengthNotification()
-        maximum.maximum_length_received = MAXIMUM_RECEIVED_PDU
+        maximum.maximum_length_received = self.maximum_received_pdu
         implementation = ImplementationClassUIDNotification()
         implementation.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
         version = ImplementationVersionNameNotification()
         version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
-        primitive.user_information = [maximum, implementation, version]
+        primitive.user_information = [
+            maximum,
+            implementation,
+            version,
+            *(extended_negotiation or []),
+        ]
         request = A_ASSOCIATE_RQ()
         request.from_primitive(primitive)
         self._write([request.encode()], self.network_timeout)
@@ -220,6 +246,9 @@ class StoreSession:
             )
             for context in results
             if context.result == 0x00 and context.transfer_syntax
+        }
+        self.context_syntax = {
+            context_id: syntax for (_sop_class, syntax), context_id in self.accepted.items()
         }
         if not self.accepted:
             self.rejection = "the destination accepted none of the presentation contexts"
@@ -372,7 +401,7 @@ class StoreSession:
                 raise ValueError(
                     f"the destination does not accept {sop_class} in transfer syntax {syntax}"
                 )
-            decoded = dcmread(io.BytesIO(dataset.encoded), force=True)
+            decoded: Dataset = dcmread(io.BytesIO(dataset.encoded), force=True)
         else:
             decoded = dataset
             meta = getattr(dataset, "file_meta", None)
@@ -445,6 +474,172 @@ class StoreSession:
             if offset != len(pdu):
                 raise StoreSessionProtocolError("malformed P-DATA-TF PDU", reason=0x06)
 
+    # ------------------------------------------------------------------ C-GET
+
+    def c_get(
+        self,
+        identifier: Dataset,
+        model: str,
+        *,
+        source_ae_title: str,
+        msg_id: int = 1,
+        priority: int = 2,
+    ) -> Generator[bytes, None, Dataset]:
+        """C-GET (PS3.4 C.4.3) on this association, whose storage contexts were proposed with
+        the SCP role: each instance the peer sends back by C-STORE, as a Part 10 file (its data
+        set as received, the meta group written here), answered with success once received;
+        then, as the generator's value, the final C-GET-RSP status data set (Status and the
+        sub-operation counts). Closing the generator early aborts the association."""
+        if not self.is_established:
+            raise StoreSessionError("the association is not established")
+        context_id, syntax = self._context_of(model)
+        command = command_set(
+            [
+                (0x0002, uid_value(model)),
+                (0x0100, us_value(_C_GET_RQ)),
+                (0x0110, us_value(msg_id)),
+                (0x0700, us_value(priority)),
+                (0x0800, us_value(0x0000)),  # an identifier follows
+            ]
+        )
+        finished = False
+        try:
+            self._write(
+                self._pdvs(context_id, command, is_command=True)
+                + self._pdvs(context_id, _encoded(identifier, syntax), is_command=False),
+                self.network_timeout,
+            )
+            while True:
+                context, received, data = self._read_message(self.dimse_timeout)
+                fields = _command_fields(received)
+                kind = fields.get(0x0100)
+                if kind == _C_STORE_RQ:
+                    yield self._stored(context, received, fields, data, source_ae_title)
+                    continue
+                if kind != _C_GET_RSP or fields.get(0x0120) != msg_id or 0x0900 not in fields:
+                    raise StoreSessionProtocolError(
+                        f"unexpected message 0x{kind or 0:04X} during C-GET {msg_id}",
+                        reason=0x06,
+                    )
+                if fields[0x0900] in (0xFF00, 0xFF01):  # pending: the counts so far
+                    continue
+                finished = True
+                return _get_status(received, fields)
+        except StoreSessionProtocolError as exc:
+            self.abort(exc.reason)
+            raise
+        finally:
+            if not finished and self.is_established:
+                self.abort()  # closed early, or failed: the association is no longer usable
+
+    def _stored(
+        self,
+        context_id: int,
+        received: bytes,
+        fields: dict[int, int],
+        data: bytes | None,
+        source_ae_title: str,
+    ) -> bytes:
+        """A C-STORE sub-operation of a C-GET: its instance as a Part 10 file, after its
+        C-STORE-RSP (success) is sent."""
+        syntax = self.context_syntax.get(context_id)
+        uids = _command_uids(received)
+        sop_class, sop_instance = uids.get(0x0002), uids.get(0x1000)
+        if syntax is None or data is None or not data or sop_class is None or not sop_instance:
+            raise StoreSessionProtocolError("a C-STORE-RQ without context, UIDs or data set")
+        try:
+            instance = part10_file(
+                data,
+                sop_class_uid=sop_class.decode("ascii").rstrip("\0 "),
+                sop_instance_uid=sop_instance.decode("ascii").rstrip("\0 "),
+                transfer_syntax_uid=syntax,
+                implementation_class_uid=RELAIS_IMPLEMENTATION_CLASS_UID,
+                implementation_version_name=RELAIS_IMPLEMENTATION_VERSION_NAME,
+                source_ae_title=source_ae_title,
+            )
+        except (UnicodeError, ValueError):  # a UID that is not ASCII: pydicom writes the meta
+            instance = _part10_by_pydicom(data, syntax, sop_class, sop_instance, source_ae_title)
+        response = command_set(
+            [
+                (0x0002, _even(sop_class)),
+                (0x0100, us_value(_C_STORE_RSP)),
+                (0x0120, us_value(fields.get(0x0110, 0))),
+                (0x0800, us_value(0x0101)),  # no data set
+                (0x0900, us_value(0x0000)),
+                (0x1000, _even(sop_instance)),
+            ]
+        )
+        self._write(self._pdvs(context_id, response, is_command=True), self.network_timeout)
+        return instance
+
+    def _context_of(self, sop_class: str) -> tuple[int, str]:
+        for (abstract, syntax), context_id in self.accepted.items():
+            if abstract == sop_class:
+                return context_id, syntax
+        raise StoreSessionError(f"the peer accepted no context for {sop_class}")
+
+    def _read_message(self, timeout: float | None) -> tuple[int, bytes, bytes | None]:
+        """The peer's next DIMSE message: its presentation context, its command set and its
+        data set (None when the command says there is none), from as many P-DATA PDVs as it
+        takes."""
+        command: list[bytes] = []
+        data: list[bytes] = []
+        context_id = 0
+        wants_data: bool | None = None  # known once the command set is whole
+        while True:
+            items = self._next_pdvs(timeout)
+            for index, (context, control, fragment) in enumerate(items):
+                if wants_data is None:
+                    if not control & 0x01:
+                        raise StoreSessionProtocolError("a data set before its command")
+                    context_id = context
+                    command.append(fragment)
+                    if control & 0x02:
+                        whole = b"".join(command)
+                        wants_data = _command_fields(whole).get(0x0800, 0x0101) != 0x0101
+                        if not wants_data:
+                            self._pending_pdvs = items[index + 1 :]
+                            return context_id, whole, None
+                    continue
+                if control & 0x01 or context != context_id:
+                    raise StoreSessionProtocolError("a command where a data set was due")
+                data.append(fragment)
+                if control & 0x02:
+                    self._pending_pdvs = items[index + 1 :]
+                    return context_id, b"".join(command), b"".join(data)
+
+    def _next_pdvs(self, timeout: float | None) -> list[tuple[int, int, bytes]]:
+        """The PDVs of the next P-DATA-TF PDU (or those left of the last one)."""
+        if self._pending_pdvs:
+            pending, self._pending_pdvs = self._pending_pdvs, []
+            return pending
+        kind, pdu = self._read_pdu(timeout)
+        if kind == _A_ABORT:
+            self.is_established = False
+            self.close()
+            raise StoreSessionError("the peer aborted the association")
+        if kind == _A_RELEASE_RQ:
+            self.is_established = False
+            with contextlib.suppress(OSError, StoreSessionError):
+                self._write([struct.pack(">BBII", _A_RELEASE_RP, 0, 4, 0)], self.network_timeout)
+            self.close()
+            raise StoreSessionError("the peer released the association")
+        if kind != _P_DATA_TF:
+            raise StoreSessionProtocolError(
+                f"unexpected PDU 0x{kind:02X}", reason=0x02 if 0x01 <= kind <= 0x07 else 0x01
+            )
+        items: list[tuple[int, int, bytes]] = []
+        offset = 6
+        while offset + 6 <= len(pdu):
+            (length,) = struct.unpack_from(">I", pdu, offset)
+            if length < 2 or offset + 4 + length > len(pdu):
+                raise StoreSessionProtocolError("malformed P-DATA-TF item", reason=0x06)
+            items.append((pdu[offset + 4], pdu[offset + 5], pdu[offset + 6 : offset + 4 + length]))
+            offset += 4 + length
+        if offset != len(pdu):
+            raise StoreSessionProtocolError("malformed P-DATA-TF PDU", reason=0x06)
+        return items
+
     # ------------------------------------------------------------------ transport
 
     def _read_pdu(self, timeout: float | None) -> tuple[int, bytes]:
@@ -454,9 +649,10 @@ class StoreSession:
         self._connected().settimeout(timeout)
         self._fill(6)
         kind, _reserved, length = struct.unpack_from(">BBI", self._received)
-        if length > _LARGEST_PDU_READ:
+        if length > max(_LARGEST_PDU_READ, self.maximum_received_pdu):
             raise StoreSessionProtocolError(
-                f"a PDU of {length} bytes: not a Storage SCP's answer", reason=0x06
+                f"a PDU of {length} bytes, more than the {self.maximum_received_pdu} offered",
+                reason=0x06,
             )
         self._fill(6 + length)
         pdu = bytes(self._received[: 6 + length])
@@ -485,7 +681,8 @@ class StoreSession:
                 for buffer in buffers:
                     sock.sendall(buffer)
                 return
-            views = [view for view in map(memoryview, buffers) if view.nbytes]
+            views: list[memoryview] = [memoryview(b) for b in buffers]
+            views = [view for view in views if view.nbytes]
             while views:
                 sent = sock.sendmsg(views[:_BUFFERS_PER_WRITE])
                 while sent:
@@ -497,7 +694,7 @@ class StoreSession:
         except TimeoutError as exc:
             raise StoreSessionError(f"the destination took nothing for {timeout:g} s") from exc
 
-    def _connected(self) -> socket.socket:
+    def _connected(self) -> _Socket:
         if self._socket is None:
             raise StoreSessionError("the association is closed")
         return self._socket
@@ -580,3 +777,68 @@ def _command_fields(command_set: bytes) -> dict[int, int]:
             (fields[element],) = struct.unpack_from("<H", command_set, offset)
         offset += length
     return fields
+
+
+def _command_uids(command_set: bytes) -> dict[int, bytes]:
+    """The raw values (padding kept) of a command set's UI elements, by element number."""
+    values: dict[int, bytes] = {}
+    offset = 0
+    while offset + 8 <= len(command_set):
+        _group, element, length = struct.unpack_from("<HHI", command_set, offset)
+        offset += 8
+        if element in (0x0002, 0x1000):
+            values[element] = command_set[offset : offset + length]
+        offset += length
+    return values
+
+
+def _even(raw: bytes) -> bytes:
+    return raw + b"\0" if len(raw) % 2 else raw
+
+
+def _get_status(received: bytes, fields: dict[int, int]) -> Dataset:
+    """A final C-GET-RSP as a status data set: Status, the sub-operation counts, and what the
+    peer says of a failure."""
+    status = Dataset()
+    status.Status = fields[0x0900]
+    for element, keyword in (
+        (0x1020, "NumberOfRemainingSuboperations"),
+        (0x1021, "NumberOfCompletedSuboperations"),
+        (0x1022, "NumberOfFailedSuboperations"),
+        (0x1023, "NumberOfWarningSuboperations"),
+    ):
+        if element in fields:
+            setattr(status, keyword, fields[element])
+    if status.Status != 0x0000:
+        response = decode(io.BytesIO(received), True, True, False)
+        for keyword in ("ErrorComment", "OffendingElement", "ErrorID"):
+            value = response.get(keyword)
+            if value is not None:
+                setattr(status, keyword, value)
+    return status
+
+
+def _part10_by_pydicom(
+    data: bytes, syntax: str, sop_class: bytes, sop_instance: bytes, source_ae_title: str
+) -> bytes:
+    """The Part 10 file pynetdicom would write (its meta group by pydicom), for the rare
+    instance whose UIDs are not ASCII."""
+    with warnings.catch_warnings():  # pydicom warns of the invalid UID it is asked to keep
+        warnings.simplefilter("ignore", UserWarning)
+        return _meta_by_pydicom(data, syntax, sop_class, sop_instance, source_ae_title)
+
+
+def _meta_by_pydicom(
+    data: bytes, syntax: str, sop_class: bytes, sop_instance: bytes, source_ae_title: str
+) -> bytes:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop_class.decode("latin-1").rstrip("\0 "))
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance.decode("latin-1").rstrip("\0 "))
+    meta.TransferSyntaxUID = UID(syntax)
+    meta.ImplementationClassUID = UID(RELAIS_IMPLEMENTATION_CLASS_UID)
+    meta.ImplementationVersionName = RELAIS_IMPLEMENTATION_VERSION_NAME
+    meta.SourceApplicationEntityTitle = source_ae_title
+    buffer = DicomBytesIO()
+    buffer.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    return bytes(buffer.getvalue()) + data

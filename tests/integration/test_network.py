@@ -4,10 +4,12 @@ association to a destination (`store_session.StoreSession`), against pynetdicom'
 
 from __future__ import annotations
 
+import gc
 import io
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -24,9 +26,13 @@ from pydicom.uid import (
     JPEG2000Lossless,
     generate_uid,
 )
-from pynetdicom import AE, build_context, evt
+from pynetdicom import AE, build_context, build_role, evt
 from pynetdicom.dimse_primitives import C_ECHO
-from pynetdicom.sop_class import CTImageStorage, Verification
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    StudyRootQueryRetrieveInformationModelGet,
+    Verification,
+)
 
 from broker.dicom.archive import RETRIEVE_SYNTAXES
 from broker.dicom.network import (
@@ -374,3 +380,146 @@ def test_a_destination_that_stops_reading_fails_the_send_and_the_association() -
     finally:
         release.set()
         server.shutdown()
+
+
+# ---------------------------------------------------------------- C-GET on the calling thread
+
+
+@contextmanager
+def get_scp(
+    instances: list[bytes], *, final: int = 0x0000, abort_after: int | None = None
+) -> Iterator[int]:
+    """A pynetdicom Query/Retrieve GET SCP sending `instances` (Part 10 bytes) back by C-STORE,
+    then the final status `final`; or aborting the association after `abort_after` of them."""
+
+    def on_get(event: Any) -> Iterator[Any]:
+        yield len(instances) + (final != 0x0000)  # the failure counts as a sub-operation
+        for number, data in enumerate(instances):
+            if abort_after is not None and number == abort_after:
+                event.assoc.abort()
+                return
+            yield 0xFF00, dcmread(io.BytesIO(data))
+        if final != 0x0000:
+            status = Dataset()
+            status.Status = final
+            status.ErrorComment = "archive on fire"
+            yield status, None
+
+    ae = AE(ae_title="ARCHIVE")
+    ae.maximum_pdu_size = 16384
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_supported_context(CTImageStorage, RETRIEVE_SYNTAXES[:4], scu_role=False, scp_role=True)
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[*NODELAY_HANDLERS, (evt.EVT_C_GET, on_get)]
+    )
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        with warnings.catch_warnings():
+            # pynetdicom's SCP leaves the socket of a C-GET aborted by its peer to the collector
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
+
+
+def get_session(port: int) -> StoreSession:
+    contexts = [
+        build_context(StudyRootQueryRetrieveInformationModelGet),
+        *(build_context(CTImageStorage, syntax) for syntax in RETRIEVE_SYNTAXES[:4]),
+    ]
+    return StoreSession.open(
+        "127.0.0.1",
+        port,
+        calling_ae_title="RELAIS",
+        called_ae_title="ARCHIVE",
+        contexts=contexts,
+        maximum_received_pdu=1 << 20,
+        extended_negotiation=[build_role(CTImageStorage, scp_role=True)],
+        dimse_timeout=5,
+    )
+
+
+def study_query() -> Dataset:
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    return query
+
+
+def run_get(port: int) -> tuple[list[bytes], Dataset | None, StoreSession]:
+    assoc = get_session(port)
+    assert assoc.is_established, assoc.rejection
+    received: list[bytes] = []
+    instances = assoc.c_get(
+        study_query(), StudyRootQueryRetrieveInformationModelGet, source_ae_title="ARCHIVE"
+    )
+    while True:
+        try:
+            received.append(next(instances))
+        except StopIteration as end:
+            assoc.release()
+            return received, end.value, assoc
+
+
+def test_a_c_get_yields_each_instance_as_a_part10_file_then_the_final_status() -> None:
+    sent = [part10(pixel_data=bytes([n]) * 200_000)[0] for n in range(5)]  # PDUs of 16 KiB
+    with get_scp(sent) as port:
+        received, status, _assoc = run_get(port)
+    assert status is not None
+    assert status.Status == 0x0000
+    assert status.NumberOfCompletedSuboperations == 5
+    assert [dcmread(io.BytesIO(d)) for d in received] == [dcmread(io.BytesIO(d)) for d in sent]
+    meta = file_meta(received[0])
+    assert meta is not None
+    assert meta.sop_instance_uid == dcmread(io.BytesIO(sent[0])).SOPInstanceUID
+
+
+def test_a_c_get_that_fails_ends_with_its_status_and_comment() -> None:
+    with get_scp([part10()[0]], final=0xA702) as port:
+        received, status, _assoc = run_get(port)
+    assert len(received) == 1
+    assert status is not None
+    assert status.Status == 0xA702
+    assert status.ErrorComment == "archive on fire"
+
+
+def test_an_archive_that_aborts_mid_c_get_fails_it() -> None:
+    with get_scp([part10()[0]] * 3, abort_after=1) as port:
+        assoc = get_session(port)
+        instances = assoc.c_get(
+            study_query(), StudyRootQueryRetrieveInformationModelGet, source_ae_title="ARCHIVE"
+        )
+        assert next(instances)
+        with pytest.raises(StoreSessionError, match="aborted"):
+            next(instances)
+    assert not assoc.is_established
+
+
+def test_closing_a_c_get_early_aborts_the_association() -> None:
+    with get_scp([part10()[0]] * 3) as port:
+        assoc = get_session(port)
+        instances = assoc.c_get(
+            study_query(), StudyRootQueryRetrieveInformationModelGet, source_ae_title="ARCHIVE"
+        )
+        next(instances)
+        instances.close()
+        assert not assoc.is_established
+        assert assoc._socket is None  # closed
+        received, status, _ = run_get(port)  # the archive serves the next one
+    assert status is not None
+    assert len(received) == 3
+
+
+def test_an_instance_with_a_uid_that_is_not_ascii_gets_a_meta_group_by_pydicom() -> None:
+    from broker.dicom.store_session import _part10_by_pydicom
+
+    data = _part10_by_pydicom(
+        b"\x00\x08\x00\x18",
+        "1.2.840.10008.1.2.1",
+        b"1.2.3\0",
+        "1.2.\xe9".encode("latin-1"),
+        "ARCHIVE",
+    )
+    read = dcmread(io.BytesIO(data), force=True)
+    assert read.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert read.file_meta.MediaStorageSOPClassUID == "1.2.3"
