@@ -190,7 +190,15 @@ from broker.dicom.multipart import (
 )
 from broker.dicom.network import NODELAY_HANDLERS, RelaisAE
 from broker.dicom.part10 import META_GROUP_MAX_BYTES, file_meta
-from broker.dicom.store_session import StoreSession, StoreSessionError
+from broker.dicom.store_session import (
+    StoreSession,
+    StoreSessionAborted,
+    StoreSessionClosed,
+    StoreSessionError,
+    StoreSessionRejected,
+    StoreSessionTimeout,
+    StoreSessionUnreachable,
+)
 
 Transport: TypeAlias = Literal["dicomweb", "dimse"]
 DICOMWEB: Final = "dicomweb"
@@ -1736,7 +1744,7 @@ class DimseArchive:
             extended_negotiation=roles,
         )
         if not session.is_established:
-            self._get_not_associated(session.rejection, what, time.monotonic() - started)
+            self._get_not_associated(session, what, time.monotonic() - started)
         received = 0
         done = _Done()
         try:
@@ -1751,7 +1759,8 @@ class DimseArchive:
                     break
                 received += 1
                 yield instance
-        except StoreSessionError as exc:
+        except (StoreSessionError, ValueError, OSError) as exc:
+            # (ValueError: an identifier pydicom cannot encode, a status it cannot read)
             done.elapsed = time.monotonic() - started
             self._get_interrupted(exc, what, done.elapsed)
         finally:
@@ -1761,42 +1770,52 @@ class DimseArchive:
                 session.abort()
         self._c_get_outcome(done, what, received, expected)
 
-    def _get_not_associated(self, rejection: str, what: str, elapsed: float) -> NoReturn:
+    def _get_not_associated(self, session: StoreSession, what: str, elapsed: float) -> NoReturn:
+        """The association for a C-GET failed: the error `_associate` gives for the same."""
         where = f"{what}: association with {self.endpoint.ae_title}"
-        if rejection.startswith("cannot connect"):
+        failure = session.failure
+        if isinstance(failure, StoreSessionUnreachable | StoreSessionTimeout) and (
+            session.rejection.startswith("cannot connect")
+        ):
             self._unreachable(what, elapsed)
-        if rejection.startswith("rejected"):
-            self._fail(ArchiveRefused, f"{where} {rejection}")
-        if "aborted" in rejection:
+        if isinstance(failure, StoreSessionRejected):
+            self._fail(ArchiveRefused, f"{where} {session.rejection}")
+        if isinstance(failure, StoreSessionAborted):
             self._fail(ArchiveRefused, f"{where} aborted by the archive during negotiation")
-        if "did not answer in time" in rejection:
+        if isinstance(failure, StoreSessionClosed):
+            self._fail(
+                ArchiveUnreachable,
+                f"{where}: the archive closed the connection during negotiation "
+                f"(a TLS archive reached without TLS, or the reverse?): {session.rejection}",
+                retryable=True,
+            )
+        if isinstance(failure, StoreSessionTimeout):
             self._fail(
                 ArchiveTimeout,
                 f"{where}: no answer to the association request within {self.endpoint.timeout:g} s",
             )
-        if "none of the presentation contexts" in rejection:
-            self._fail(
-                ArchiveRefused,
-                f"{where}: no presentation context accepted (the archive does not offer {what})",
-            )
-        self._fail(ArchiveProtocolError, f"{where}: {rejection}")
+        self._fail(ArchiveProtocolError, f"{where}: {session.rejection}")
 
-    def _get_interrupted(self, exc: StoreSessionError, what: str, elapsed: float) -> NoReturn:
-        message = str(exc)
-        if "did not answer in time" in message:
+    def _get_interrupted(self, exc: Exception, what: str, elapsed: float) -> NoReturn:
+        """The C-GET failed on its way: the error `_no_response` gives for the same."""
+        if isinstance(exc, StoreSessionTimeout):
             self._fail(
                 ArchiveTimeout,
                 f"no answer to {what} within {self.endpoint.timeout:g} s (waited {elapsed:.1f} s)",
             )
-        if "aborted" in message:
-            self._fail(ArchiveProtocolError, f"the archive aborted the association during {what}")
-        if "closed the connection" in message or "released" in message:
+        if isinstance(exc, StoreSessionAborted):
+            self._fail(
+                ArchiveRefused,
+                f"the archive aborted the association during {what} (Orthanc does so when it "
+                f"does not know the calling AE title {self.endpoint.calling_ae_title})",
+            )
+        if isinstance(exc, StoreSessionClosed):
             self._fail(
                 ArchiveProtocolError,
-                f"the archive closed the connection during {what}",
+                f"the archive closed the connection during {what} ({exc})",
                 retryable=True,
             )
-        self._fail(ArchiveProtocolError, f"{what}: {message}")
+        self._fail(ArchiveProtocolError, f"{what}: {type(exc).__name__}: {exc}")
 
     def _c_get_outcome(self, done: _Done, what: str, received: int, expected: int) -> None:
         if done.error is not None:

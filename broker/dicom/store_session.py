@@ -1,4 +1,5 @@
-"""A C-STORE SCU association run on the calling thread: the C-MOVE relay's sub-operations.
+"""A DICOM association run on the calling thread: the C-MOVE relay's C-STORE sub-operations,
+and the C-GET that fetches a study from a DIMSE-only archive.
 
 pynetdicom runs every association on two threads of its own (the DUL reading the socket and
 decoding PDUs, the reactor) and hands each response over through queues: about a millisecond
@@ -17,6 +18,12 @@ negotiates the presentation contexts (`negotiate_as_requestor`); this module onl
 - the C-STORE-RSP command set is decoded by pydicom;
 - every wait has a timeout (the AE's ACSE timeout for the association, its DIMSE timeout for
   each response, its network timeout for each write), after which the association is aborted.
+
+`c_get` is the same idea the other way round (`DimseArchive.retrieve`): the C-GET-RQ is sent,
+then each C-STORE-RQ the archive sends back on the association (its storage contexts proposed
+with the SCP role) is read from PDUs of up to 1 MiB, answered with success, and handed over
+as a Part 10 file written around the received data set, on the caller's thread; pynetdicom's
+DUL thread decoded each one and made it cross two queues, three times the CPU per GB.
 
 It answers to what pynetdicom's C-MOVE service uses of an association (`is_established`,
 `send_c_store`, `release`, and `dul.socket.close()` after a failed association), so that the
@@ -62,6 +69,7 @@ from pynetdicom.presentation import PresentationContext, negotiate_as_requestor
 from pynetdicom.status import STATUS_FAILURE, STORAGE_SERVICE_CLASS_STATUS
 
 from broker.dicom.kos import RELAIS_IMPLEMENTATION_CLASS_UID, RELAIS_IMPLEMENTATION_VERSION_NAME
+from broker.dicom.multipart import DEFAULT_MAX_PART_BYTES
 from broker.dicom.network import EncodedInstance, ae_value, command_set, uid_value, us_value
 from broker.dicom.part10 import part10_file
 
@@ -72,6 +80,10 @@ APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
 MAXIMUM_RECEIVED_PDU = 16382
 # A peer's PDU longer than this is not a C-STORE SCP's answer: the association is aborted.
 _LARGEST_PDU_READ = 1 << 20
+# A command set is a few hundred bytes; a data set received is at most an instance, held whole
+# (as a WADO-RS part is: broker.dicom.multipart).
+_LARGEST_COMMAND_SET = 64 * 1024
+LARGEST_INSTANCE = DEFAULT_MAX_PART_BYTES
 # What one read asks of the socket.
 _RECEIVE_CHUNK = 65536
 # At most this many buffers in one vectored write (Linux's IOV_MAX is 1024).
@@ -89,6 +101,27 @@ _CONVERTIBLE = (*_UNCOMPRESSED, DeflatedExplicitVRLittleEndian, ExplicitVRBigEnd
 
 class StoreSessionError(Exception):
     """The association failed: rejected, aborted, timed out or broken."""
+
+
+class StoreSessionTimeout(StoreSessionError):
+    """The peer did not answer, or took nothing, in time."""
+
+
+class StoreSessionClosed(StoreSessionError):
+    """The connection ended under the association: closed, reset, released by the peer, or a
+    TLS failure."""
+
+
+class StoreSessionAborted(StoreSessionError):
+    """The peer sent an A-ABORT."""
+
+
+class StoreSessionRejected(StoreSessionError):
+    """The peer rejected the association (A-ASSOCIATE-RJ), or accepted none of its contexts."""
+
+
+class StoreSessionUnreachable(StoreSessionError):
+    """No connection could be made."""
 
 
 class StoreSessionProtocolError(StoreSessionError):
@@ -113,9 +146,11 @@ class StoreSession:
         self._socket = sock
         self.is_established = False
         self.rejection = ""  # why the association was not established
+        self.failure: StoreSessionError | None = None  # the same, as the error it was
         self.peer_maximum_pdu = 0  # 0: no limit
         self.accepted: dict[tuple[str, str], int] = {}  # (SOP class, syntax) -> context ID
         self.context_syntax: dict[int, str] = {}  # context ID -> its transfer syntax
+        self.context_class: dict[int, str] = {}  # context ID -> its abstract syntax
         self.maximum_received_pdu = MAXIMUM_RECEIVED_PDU
         self._received = bytearray()  # read from the socket, not yet a whole PDU
         self._pending_pdvs: list[tuple[int, int, bytes]] = []  # not yet taken
@@ -157,8 +192,13 @@ class StoreSession:
             sock = socket.create_connection(
                 (address, port), timeout=connection_timeout or acse_timeout
             )
+        except TimeoutError as exc:
+            session.rejection = f"cannot connect to {address}:{port}: {exc or 'timed out'}"
+            session.failure = StoreSessionTimeout(session.rejection)
+            return session
         except OSError as exc:
             session.rejection = f"cannot connect to {address}:{port}: {exc}"
+            session.failure = StoreSessionUnreachable(session.rejection)
             return session
         session._socket = sock
         try:
@@ -172,6 +212,13 @@ class StoreSession:
             )
         except Exception as exc:  # whatever the peer sent: not associated
             session.rejection = session.rejection or str(exc) or type(exc).__name__
+            session.failure = (
+                exc
+                if isinstance(exc, StoreSessionError)
+                else StoreSessionClosed(session.rejection)
+                if isinstance(exc, OSError)  # a TLS handshake, a reset
+                else StoreSessionProtocolError(session.rejection, reason=0x06)
+            )
             if isinstance(exc, StoreSessionProtocolError):
                 session._abort_quietly(exc.reason)
             elif not isinstance(exc, OSError | StoreSessionError):  # an answer pynetdicom
@@ -225,7 +272,11 @@ class StoreSession:
                 f"rejected (result {answer.result}, source {answer.result_source}, "
                 f"reason {answer.diagnostic})"
             )
-            raise StoreSessionError(self.rejection)
+            raise StoreSessionRejected(self.rejection)
+        if kind == _A_ABORT:
+            self.rejection = "aborted by the peer during negotiation"
+            self.close()
+            raise StoreSessionAborted(self.rejection)
         if kind != _A_ASSOCIATE_AC:
             raise StoreSessionProtocolError(
                 f"unexpected PDU 0x{kind:02X} in answer to A-ASSOCIATE-RQ",
@@ -250,10 +301,13 @@ class StoreSession:
         self.context_syntax = {
             context_id: syntax for (_sop_class, syntax), context_id in self.accepted.items()
         }
+        self.context_class = {
+            context_id: sop_class for (sop_class, _syntax), context_id in self.accepted.items()
+        }
         if not self.accepted:
-            self.rejection = "the destination accepted none of the presentation contexts"
+            self.rejection = "the peer accepted none of the presentation contexts"
             self._abort_quietly(None)
-            raise StoreSessionError(self.rejection)
+            raise StoreSessionRejected(self.rejection)
         self.is_established = True
 
     def release(self) -> None:
@@ -445,7 +499,7 @@ class StoreSession:
             kind, pdu = self._read_pdu(timeout)
             if kind == _A_ABORT:
                 self.is_established = False
-                raise StoreSessionError("the destination aborted the association")
+                raise StoreSessionAborted("the destination aborted the association")
             if kind == _A_RELEASE_RQ:
                 self.is_established = False
                 with contextlib.suppress(OSError, StoreSessionError):
@@ -453,7 +507,7 @@ class StoreSession:
                         [struct.pack(">BBII", _A_RELEASE_RP, 0, 4, 0)], self.network_timeout
                     )
                 self.close()
-                raise StoreSessionError("the destination released the association")
+                raise StoreSessionClosed("the destination released the association")
             if kind != _P_DATA_TF:
                 raise StoreSessionProtocolError(
                     f"unexpected PDU 0x{kind:02X} during C-STORE",
@@ -514,7 +568,9 @@ class StoreSession:
                 fields = _command_fields(received)
                 kind = fields.get(0x0100)
                 if kind == _C_STORE_RQ:
-                    yield self._stored(context, received, fields, data, source_ae_title)
+                    instance = self._stored(context, received, fields, data, source_ae_title)
+                    data = None  # not held while the caller has the instance
+                    yield instance
                     continue
                 if kind != _C_GET_RSP or fields.get(0x0120) != msg_id or 0x0900 not in fields:
                     raise StoreSessionProtocolError(
@@ -529,7 +585,7 @@ class StoreSession:
             self.abort(exc.reason)
             raise
         finally:
-            if not finished and self.is_established:
+            if not finished:
                 self.abort()  # closed early, or failed: the association is no longer usable
 
     def _stored(
@@ -545,8 +601,14 @@ class StoreSession:
         syntax = self.context_syntax.get(context_id)
         uids = _command_uids(received)
         sop_class, sop_instance = uids.get(0x0002), uids.get(0x1000)
-        if syntax is None or data is None or not data or sop_class is None or not sop_instance:
+        if syntax is None or not data or sop_class is None or not sop_instance:
             raise StoreSessionProtocolError("a C-STORE-RQ without context, UIDs or data set")
+        if 0x0110 not in fields:
+            raise StoreSessionProtocolError("a C-STORE-RQ without a message ID", reason=0x06)
+        if self.context_class.get(context_id) != sop_class.rstrip(b"\0 ").decode("latin-1"):
+            raise StoreSessionProtocolError(
+                "a C-STORE-RQ on a presentation context of another SOP class", reason=0x06
+            )
         try:
             instance = part10_file(
                 data,
@@ -563,7 +625,7 @@ class StoreSession:
             [
                 (0x0002, _even(sop_class)),
                 (0x0100, us_value(_C_STORE_RSP)),
-                (0x0120, us_value(fields.get(0x0110, 0))),
+                (0x0120, us_value(fields[0x0110])),
                 (0x0800, us_value(0x0101)),  # no data set
                 (0x0900, us_value(0x0000)),
                 (0x1000, _even(sop_instance)),
@@ -584,6 +646,7 @@ class StoreSession:
         takes."""
         command: list[bytes] = []
         data: list[bytes] = []
+        command_size = data_size = 0
         context_id = 0
         wants_data: bool | None = None  # known once the command set is whole
         while True:
@@ -592,7 +655,12 @@ class StoreSession:
                 if wants_data is None:
                     if not control & 0x01:
                         raise StoreSessionProtocolError("a data set before its command")
+                    if command and context != context_id:
+                        raise StoreSessionProtocolError("a command set across contexts")
                     context_id = context
+                    command_size += len(fragment)
+                    if command_size > _LARGEST_COMMAND_SET:
+                        raise StoreSessionProtocolError("a command set that does not end")
                     command.append(fragment)
                     if control & 0x02:
                         whole = b"".join(command)
@@ -603,6 +671,11 @@ class StoreSession:
                     continue
                 if control & 0x01 or context != context_id:
                     raise StoreSessionProtocolError("a command where a data set was due")
+                data_size += len(fragment)
+                if data_size > LARGEST_INSTANCE:
+                    raise StoreSessionProtocolError(
+                        f"a data set larger than {LARGEST_INSTANCE} bytes", reason=0x06
+                    )
                 data.append(fragment)
                 if control & 0x02:
                     self._pending_pdvs = items[index + 1 :]
@@ -617,13 +690,13 @@ class StoreSession:
         if kind == _A_ABORT:
             self.is_established = False
             self.close()
-            raise StoreSessionError("the peer aborted the association")
+            raise StoreSessionAborted("the peer aborted the association")
         if kind == _A_RELEASE_RQ:
             self.is_established = False
             with contextlib.suppress(OSError, StoreSessionError):
                 self._write([struct.pack(">BBII", _A_RELEASE_RP, 0, 4, 0)], self.network_timeout)
             self.close()
-            raise StoreSessionError("the peer released the association")
+            raise StoreSessionClosed("the peer released the association")
         if kind != _P_DATA_TF:
             raise StoreSessionProtocolError(
                 f"unexpected PDU 0x{kind:02X}", reason=0x02 if 0x01 <= kind <= 0x07 else 0x01
@@ -636,7 +709,7 @@ class StoreSession:
                 raise StoreSessionProtocolError("malformed P-DATA-TF item", reason=0x06)
             items.append((pdu[offset + 4], pdu[offset + 5], pdu[offset + 6 : offset + 4 + length]))
             offset += 4 + length
-        if offset != len(pdu):
+        if offset != len(pdu) or not items:
             raise StoreSessionProtocolError("malformed P-DATA-TF PDU", reason=0x06)
         return items
 
@@ -666,10 +739,13 @@ class StoreSession:
             try:
                 chunk = sock.recv(max(_RECEIVE_CHUNK, size - len(self._received)))
             except TimeoutError as exc:
-                raise StoreSessionError("the destination did not answer in time") from exc
+                raise StoreSessionTimeout("the peer did not answer in time") from exc
+            except OSError as exc:  # reset, a TLS failure
+                self.is_established = False
+                raise StoreSessionClosed(f"the connection failed: {exc}") from exc
             if not chunk:
                 self.is_established = False
-                raise StoreSessionError("the destination closed the connection")
+                raise StoreSessionClosed("the peer closed the connection")
             self._received += chunk
 
     def _write(self, buffers: list[bytes | memoryview], timeout: float | None) -> None:
@@ -692,7 +768,10 @@ class StoreSession:
                         views[0] = views[0][sent:]
                         sent = 0
         except TimeoutError as exc:
-            raise StoreSessionError(f"the destination took nothing for {timeout:g} s") from exc
+            raise StoreSessionTimeout(f"the peer took nothing for {timeout:g} s") from exc
+        except OSError as exc:  # reset, broken pipe, a TLS failure
+            self.is_established = False
+            raise StoreSessionClosed(f"the connection failed: {exc}") from exc
 
     def _connected(self) -> _Socket:
         if self._socket is None:

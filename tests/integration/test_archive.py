@@ -333,8 +333,18 @@ def test_retrieving_a_study_the_archive_does_not_hold_is_not_found(client: Any) 
 
 
 def test_closing_a_c_get_early_aborts_it_and_leaves_no_thread(
-    chub: OrthancArchive, orthanc_region: OrthancRegion
+    chub: OrthancArchive, orthanc_region: OrthancRegion, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from broker.dicom.store_session import StoreSession
+
+    aborted: list[StoreSession] = []
+    abort = StoreSession.abort
+
+    def spied(self: StoreSession, provider_reason: int | None = None) -> None:
+        aborted.append(self)
+        abort(self, provider_reason)
+
+    monkeypatch.setattr(StoreSession, "abort", spied)
     study = dupont_ct(orthanc_region)
     before = pynetdicom_threads()
     with DimseArchive(endpoint_of(chub)) as dimse:
@@ -343,6 +353,8 @@ def test_closing_a_c_get_early_aborts_it_and_leaves_no_thread(
         # the C-GET runs on this thread (StoreSession.c_get): no thread of its own
         assert not [t for t in threading.enumerate() if t.name.startswith("relais-cget")]
         stream.close()
+        assert aborted
+        assert all(session._socket is None for session in aborted)  # its connection closed
 
         assert dataset_of(first).StudyInstanceUID == study.study_instance_uid
         assert wait_until(lambda: not (pynetdicom_threads() - before))

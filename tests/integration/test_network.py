@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import io
 import socket
+import struct
 import threading
 import time
 import warnings
@@ -30,19 +31,33 @@ from pynetdicom import AE, build_context, build_role, evt
 from pynetdicom.dimse_primitives import C_ECHO
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     Verification,
 )
 
-from broker.dicom.archive import RETRIEVE_SYNTAXES
+from broker.dicom.archive import (
+    RETRIEVE_SYNTAXES,
+    ArchiveEndpoint,
+    ArchiveError,
+    ArchiveProtocolError,
+    ArchiveRefused,
+    DimseArchive,
+)
 from broker.dicom.network import (
     NODELAY_HANDLERS,
     EncodedInstance,
     PauseSafeAssociation,
     RelaisAE,
+    command_set,
+    us_value,
 )
 from broker.dicom.part10 import FileMeta, file_meta
-from broker.dicom.store_session import StoreSession, StoreSessionError
+from broker.dicom.store_session import (
+    StoreSession,
+    StoreSessionError,
+    StoreSessionProtocolError,
+)
 
 
 @pytest.fixture
@@ -405,12 +420,26 @@ def get_scp(
             status.ErrorComment = "archive on fire"
             yield status, None
 
+    def on_find(event: Any) -> Iterator[Any]:  # the IMAGE-level C-FIND a retrieval starts with
+        for data in instances:
+            instance = dcmread(io.BytesIO(data))
+            match = Dataset()
+            match.QueryRetrieveLevel = "IMAGE"
+            match.StudyInstanceUID = STUDY_UID
+            match.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.1.1"
+            match.SOPInstanceUID = instance.SOPInstanceUID
+            match.SOPClassUID = instance.SOPClassUID
+            yield 0xFF00, match
+
     ae = AE(ae_title="ARCHIVE")
     ae.maximum_pdu_size = 16384
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
     ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
     ae.add_supported_context(CTImageStorage, RETRIEVE_SYNTAXES[:4], scu_role=False, scp_role=True)
     server = ae.start_server(
-        ("127.0.0.1", 0), block=False, evt_handlers=[*NODELAY_HANDLERS, (evt.EVT_C_GET, on_get)]
+        ("127.0.0.1", 0),
+        block=False,
+        evt_handlers=[*NODELAY_HANDLERS, (evt.EVT_C_GET, on_get), (evt.EVT_C_FIND, on_find)],
     )
     try:
         yield server.server_address[1]
@@ -422,7 +451,10 @@ def get_scp(
             gc.collect()
 
 
-def get_session(port: int) -> StoreSession:
+STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
+
+
+def get_session(port: int, maximum_received_pdu: int = 1 << 20) -> StoreSession:
     contexts = [
         build_context(StudyRootQueryRetrieveInformationModelGet),
         *(build_context(CTImageStorage, syntax) for syntax in RETRIEVE_SYNTAXES[:4]),
@@ -433,7 +465,7 @@ def get_session(port: int) -> StoreSession:
         calling_ae_title="RELAIS",
         called_ae_title="ARCHIVE",
         contexts=contexts,
-        maximum_received_pdu=1 << 20,
+        maximum_received_pdu=maximum_received_pdu,
         extended_negotiation=[build_role(CTImageStorage, scp_role=True)],
         dimse_timeout=5,
     )
@@ -442,12 +474,14 @@ def get_session(port: int) -> StoreSession:
 def study_query() -> Dataset:
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
-    query.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    query.StudyInstanceUID = STUDY_UID
     return query
 
 
-def run_get(port: int) -> tuple[list[bytes], Dataset | None, StoreSession]:
-    assoc = get_session(port)
+def run_get(
+    port: int, maximum_received_pdu: int = 1 << 20
+) -> tuple[list[bytes], Dataset | None, StoreSession]:
+    assoc = get_session(port, maximum_received_pdu)
     assert assoc.is_established, assoc.rejection
     received: list[bytes] = []
     instances = assoc.c_get(
@@ -461,10 +495,13 @@ def run_get(port: int) -> tuple[list[bytes], Dataset | None, StoreSession]:
             return received, end.value, assoc
 
 
-def test_a_c_get_yields_each_instance_as_a_part10_file_then_the_final_status() -> None:
-    sent = [part10(pixel_data=bytes([n]) * 200_000)[0] for n in range(5)]  # PDUs of 16 KiB
+@pytest.mark.parametrize("maximum_pdu", [16384, 1 << 20])  # a data set in 13 PDUs, or one
+def test_a_c_get_yields_each_instance_as_a_part10_file_then_the_final_status(
+    maximum_pdu: int,
+) -> None:
+    sent = [part10(pixel_data=bytes([n]) * 200_000)[0] for n in range(5)]
     with get_scp(sent) as port:
-        received, status, _assoc = run_get(port)
+        received, status, _assoc = run_get(port, maximum_pdu)
     assert status is not None
     assert status.Status == 0x0000
     assert status.NumberOfCompletedSuboperations == 5
@@ -523,3 +560,70 @@ def test_an_instance_with_a_uid_that_is_not_ascii_gets_a_meta_group_by_pydicom()
     read = dcmread(io.BytesIO(data), force=True)
     assert read.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
     assert read.file_meta.MediaStorageSOPClassUID == "1.2.3"
+
+
+def pdv(context: int, control: int, fragment: bytes) -> bytes:
+    return struct.pack(">IBB", len(fragment) + 2, context, control) + fragment
+
+
+def p_data(*pdvs: bytes) -> bytes:
+    body = b"".join(pdvs)
+    return struct.pack(">BBI", 0x04, 0, len(body)) + body
+
+
+def test_messages_are_read_whatever_pdus_carry_their_fragments() -> None:
+    """Several PDVs in one PDU, a message's command and data set across PDUs, the next
+    message starting in the PDU that ends the last: as PS3.8 allows a peer to send them."""
+    first = command_set([(0x0100, us_value(0x0001)), (0x0110, us_value(1)), (0x0800, us_value(0))])
+    second = command_set([(0x0100, us_value(0x8010)), (0x0800, us_value(0x0101))])
+    near, far = socket.socketpair()
+    with near, far:
+        session = StoreSession(near)
+        far.sendall(
+            p_data(pdv(3, 0x01, first[:10]), pdv(3, 0x03, first[10:]), pdv(3, 0x00, b"abc"))
+            + p_data(pdv(3, 0x02, b"def"), pdv(1, 0x03, second))
+        )
+        assert session._read_message(5) == (3, first, b"abcdef")
+        assert session._read_message(5) == (1, second, None)
+        far.sendall(p_data(pdv(3, 0x00, b"a data set first")))
+        with pytest.raises(StoreSessionProtocolError, match="data set before its command"):
+            session._read_message(5)
+        far.sendall(struct.pack(">BBI", 0x04, 0, 0))  # a P-DATA-TF without any PDV
+        with pytest.raises(StoreSessionProtocolError, match="malformed"):
+            session._read_message(5)
+
+
+def archive_at(port: int) -> DimseArchive:
+    return DimseArchive(
+        ArchiveEndpoint(name="Archive", ae_title="ARCHIVE", host="127.0.0.1", port=port, timeout=5)
+    )
+
+
+@pytest.mark.parametrize(
+    ("scp", "error", "retryable", "message"),
+    [
+        ({"final": 0xA702}, ArchiveProtocolError, False, "failed with status 0xA702"),
+        ({"abort_after": 1}, ArchiveRefused, False, "aborted the association during C-GET"),
+    ],
+)
+def test_a_c_get_that_fails_is_the_archive_error_it_was(
+    scp: dict[str, int], error: type[ArchiveError], retryable: bool, message: str
+) -> None:
+    sent = [part10()[0] for _ in range(3)]
+    with get_scp(sent, **scp) as port, archive_at(port) as archive:
+        received = []
+        with pytest.raises(error) as raised:
+            received.extend(archive.retrieve(STUDY_UID))
+    assert message in raised.value.message
+    assert raised.value.retryable is retryable
+    assert len(received) <= 3
+
+
+def test_a_c_get_of_every_instance_the_c_find_counted() -> None:
+    sent = [part10()[0] for _ in range(3)]
+    with get_scp(sent) as port, archive_at(port) as archive:
+        received = list(archive.retrieve(STUDY_UID))
+    assert [file_meta(d).sop_instance_uid for d in received] == [  # type: ignore[union-attr]
+        file_meta(d).sop_instance_uid  # type: ignore[union-attr]
+        for d in sent
+    ]
