@@ -153,7 +153,7 @@ class StoreSession:
         self.context_class: dict[int, str] = {}  # context ID -> its abstract syntax
         self.maximum_received_pdu = MAXIMUM_RECEIVED_PDU
         self._received = bytearray()  # read from the socket, not yet a whole PDU
-        self._pending_pdvs: list[tuple[int, int, bytes]] = []  # not yet taken
+        self._pending_pdvs: list[tuple[int, int, memoryview]] = []  # not yet taken
         self.stored = 0  # C-STORE sub-operations answered with success or a warning
         self.failures = 0  # the others: a failure status, or the instance could not be sent
         self.acse_timeout: float | None = 30
@@ -644,8 +644,8 @@ class StoreSession:
         """The peer's next DIMSE message: its presentation context, its command set and its
         data set (None when the command says there is none), from as many P-DATA PDVs as it
         takes."""
-        command: list[bytes] = []
-        data: list[bytes] = []
+        command: list[memoryview] = []
+        data: list[memoryview] = []
         command_size = data_size = 0
         context_id = 0
         wants_data: bool | None = None  # known once the command set is whole
@@ -681,7 +681,7 @@ class StoreSession:
                     self._pending_pdvs = items[index + 1 :]
                     return context_id, b"".join(command), b"".join(data)
 
-    def _next_pdvs(self, timeout: float | None) -> list[tuple[int, int, bytes]]:
+    def _next_pdvs(self, timeout: float | None) -> list[tuple[int, int, memoryview]]:
         """The PDVs of the next P-DATA-TF PDU (or those left of the last one)."""
         if self._pending_pdvs:
             pending, self._pending_pdvs = self._pending_pdvs, []
@@ -701,13 +701,15 @@ class StoreSession:
             raise StoreSessionProtocolError(
                 f"unexpected PDU 0x{kind:02X}", reason=0x02 if 0x01 <= kind <= 0x07 else 0x01
             )
-        items: list[tuple[int, int, bytes]] = []
+        items: list[tuple[int, int, memoryview]] = []
+        view = memoryview(pdu)
         offset = 6
         while offset + 6 <= len(pdu):
             (length,) = struct.unpack_from(">I", pdu, offset)
             if length < 2 or offset + 4 + length > len(pdu):
                 raise StoreSessionProtocolError("malformed P-DATA-TF item", reason=0x06)
-            items.append((pdu[offset + 4], pdu[offset + 5], pdu[offset + 6 : offset + 4 + length]))
+            # a view of the PDU's bytes: each fragment is copied once, when its message is joined
+            items.append((pdu[offset + 4], pdu[offset + 5], view[offset + 6 : offset + 4 + length]))
             offset += 4 + length
         if offset != len(pdu) or not items:
             raise StoreSessionProtocolError("malformed P-DATA-TF PDU", reason=0x06)
