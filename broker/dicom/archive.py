@@ -67,6 +67,10 @@ consumer's back: a cut in the middle raises a retryable `ArchiveProtocolError`.
 
 DIMSE
 -----
+C-FIND and C-GET run on associations of the broker's own (`store_session.StoreSession`: the
+caller's thread writes and reads the PDUs, pynetdicom builds and reads the association PDUs
+and negotiates); a harvest's describing over DIMSE costs the broker less CPU than a plain
+pynetdicom client's queries (docs/performance.md, "Harvest"). C-ECHO and C-MOVE use
 pynetdicom, one association per operation and never one per image, each with
 `network.NODELAY_HANDLERS` (pynetdicom leaves Nagle's algorithm on), DICOM TLS when
 `endpoint.tls` is set, and `endpoint.timeout` as connection, ACSE, DIMSE and network timeout.
@@ -212,6 +216,8 @@ _MAX_ERROR_BODY_BYTES: Final = 300
 # The largest PDU the broker takes from an archive sending a C-GET's instances: fewer, larger
 # PDUs for the same bytes (the archive sends no larger ones than it is offered).
 _C_GET_MAXIMUM_PDU: Final = 1024 * 1024
+# What the broker takes in one PDU on its other associations run on its own thread (C-FIND).
+_SESSION_MAXIMUM_PDU: Final = 65536
 _MAX_CONTEXTS: Final = 128
 _RETRY_STATUSES: Final = frozenset({502, 503, 504})
 _ECHO_STUDY_UID: Final = "2.25.0"  # a UID no study has: the echo carries no patient data
@@ -1526,7 +1532,7 @@ class DimseArchive:
         self._tls_args = (endpoint.tls, endpoint.host) if endpoint.tls is not None else None
         # The C-FIND association, kept open between queries (a harvest describes study
         # after study: one association for all, not a connection and a release each).
-        self._finder: tuple[Association, _Watch] | None = None
+        self._finder: StoreSession | None = None  # the kept C-FIND association
 
     def __enter__(self) -> Self:
         return self
@@ -1544,11 +1550,7 @@ class DimseArchive:
         operation each)."""
         finder, self._finder = self._finder, None
         if finder is not None:
-            assoc, _ = finder
-            with contextlib.suppress(Exception):
-                if assoc.is_established:
-                    assoc.release()
-            _join(assoc)
+            finder.release()
 
     # ---------------------------------------------------------------- operations
 
@@ -1698,8 +1700,8 @@ class DimseArchive:
         query = _query("IMAGE", StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid or "")
         query.SOPInstanceUID = sop_uid or ""
         query.SOPClassUID = ""
-        with self._association([build_context(_FIND_MODEL)], "C-FIND") as (assoc, watch):
-            matches = self._find(assoc, watch, query)
+        with self._find_association() as (session, watch):
+            matches = self._find(session, watch, query)
         what = f"C-GET of study {study_uid}"
         if series_uid:
             what += f" series {series_uid}"
@@ -1727,24 +1729,12 @@ class DimseArchive:
         closing the generator early aborts the association."""
         contexts, roles = self._storage_contexts(sop_classes, what)
         started = time.monotonic()
-        tls, server_hostname = self._tls_args or (None, None)
-        timeout = self.endpoint.timeout
-        session = StoreSession.open(
-            self.endpoint.host,
-            int(self.endpoint.port or 0),
-            calling_ae_title=self.endpoint.calling_ae_title,
-            called_ae_title=self.endpoint.ae_title,
-            contexts=[build_context(_GET_MODEL), *contexts],
-            acse_timeout=timeout,
-            dimse_timeout=timeout,
-            network_timeout=timeout,
-            tls=tls,
-            server_hostname=server_hostname,
-            maximum_received_pdu=_C_GET_MAXIMUM_PDU,
-            extended_negotiation=roles,
+        session = self._open_session(
+            [build_context(_GET_MODEL), *contexts],
+            what,
+            roles=roles,
+            maximum_pdu=_C_GET_MAXIMUM_PDU,
         )
-        if not session.is_established:
-            self._get_not_associated(session, what, time.monotonic() - started)
         received = 0
         done = _Done()
         try:
@@ -1885,28 +1875,58 @@ class DimseArchive:
             _join(assoc)
 
     @contextlib.contextmanager
-    def _find_association(self) -> Iterator[tuple[Association, _Watch]]:
-        """The kept C-FIND association (opened if need be); dropped on any trouble."""
-        if self._finder is not None and not self._finder[0].is_established:
-            _join(self._finder[0])
+    def _find_association(self) -> Iterator[tuple[StoreSession, _Watch]]:
+        """The kept C-FIND association (opened if need be; a `StoreSession`: no pynetdicom
+        thread); dropped on any trouble."""
+        if self._finder is not None and not self._finder.is_established:
+            self._finder.close()
             self._finder = None
         if self._finder is None:
-            self._finder = self._associate([build_context(_FIND_MODEL)], "C-FIND")
-        assoc, watch = self._finder
+            self._finder = self._open_session([build_context(_FIND_MODEL)], "C-FIND")
+        session = self._finder
         try:
-            yield assoc, watch
+            yield session, _Watch()
         except ArchiveError as exc:
             # the archive answered (a failure status, no match...): the association is sound
-            if isinstance(exc, ArchiveTimeout) or not assoc.is_established:
+            if isinstance(exc, ArchiveTimeout) or not session.is_established:
                 self._finder = None
-                _abort(assoc)
-                _join(assoc)
+                session.abort()
             raise
         except BaseException:
             self._finder = None
-            _abort(assoc)
-            _join(assoc)
+            session.abort()
             raise
+
+    def _open_session(
+        self,
+        contexts: list[PresentationContext],
+        what: str,
+        *,
+        roles: Sequence[Any] = (),
+        maximum_pdu: int = _SESSION_MAXIMUM_PDU,
+    ) -> StoreSession:
+        """An association run on the caller's thread (`StoreSession`); the `ArchiveError` of
+        the same failure as `_associate`'s when it cannot be established."""
+        started = time.monotonic()
+        tls, server_hostname = self._tls_args or (None, None)
+        timeout = self.endpoint.timeout
+        session = StoreSession.open(
+            self.endpoint.host,
+            int(self.endpoint.port or 0),
+            calling_ae_title=self.endpoint.calling_ae_title,
+            called_ae_title=self.endpoint.ae_title,
+            contexts=contexts,
+            acse_timeout=timeout,
+            dimse_timeout=timeout,
+            network_timeout=timeout,
+            tls=tls,
+            server_hostname=server_hostname,
+            maximum_received_pdu=maximum_pdu,
+            extended_negotiation=roles,
+        )
+        if not session.is_established:
+            self._get_not_associated(session, what, time.monotonic() - started)
+        return session
 
     def _associate(
         self,
@@ -1979,11 +1999,26 @@ class DimseArchive:
 
     # ---------------------------------------------------------------- C-FIND
 
-    def _find(self, assoc: Association, watch: _Watch, query: Dataset) -> list[Dataset]:
+    def _find(
+        self, assoc: Association | StoreSession, watch: _Watch, query: Dataset
+    ) -> list[Dataset]:
         what = f"C-FIND at {query.QueryRetrieveLevel} level"
         started = time.monotonic()
         matches: list[Dataset] = []
         final: Dataset | None = None
+        if isinstance(assoc, StoreSession):
+            try:
+                finds = assoc.c_find(query, _FIND_MODEL)
+                while True:
+                    try:
+                        matches.append(next(finds))
+                    except StopIteration as end:
+                        final = end.value
+                        break
+            except (StoreSessionError, ValueError, OSError) as exc:
+                self._get_interrupted(exc, what, time.monotonic() - started)
+            self._check_final(final, what, watch, started)
+            return matches
         try:
             for status, identifier in assoc.send_c_find(query, _FIND_MODEL):
                 if status and code_to_category(int(status.Status)) == "Pending":
@@ -2048,7 +2083,11 @@ class DimseArchive:
         )
 
     def _complete_series(
-        self, assoc: Association, watch: _Watch, study_uid: str, rows: list[_InstanceRow]
+        self,
+        assoc: Association | StoreSession,
+        watch: _Watch,
+        study_uid: str,
+        rows: list[_InstanceRow],
     ) -> list[_InstanceRow]:
         """Series attributes from a SERIES-level C-FIND, for archives that leave them out of
         IMAGE-level answers."""

@@ -94,6 +94,7 @@ _A_ASSOCIATE_AC, _A_ASSOCIATE_RJ, _P_DATA_TF = 0x02, 0x03, 0x04
 _A_RELEASE_RQ, _A_RELEASE_RP, _A_ABORT = 0x05, 0x06, 0x07
 _C_STORE_RQ, _C_STORE_RSP = 0x0001, 0x8001
 _C_GET_RQ, _C_GET_RSP = 0x0010, 0x8010
+_C_FIND_RQ, _C_FIND_RSP = 0x0020, 0x8020
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 # What can be decoded and sent again uncompressed when the destination takes it no other way.
 _CONVERTIBLE = (*_UNCOMPRESSED, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian)
@@ -588,6 +589,56 @@ class StoreSession:
             if not finished:
                 self.abort()  # closed early, or failed: the association is no longer usable
 
+    def c_find(
+        self, identifier: Dataset, model: str, *, msg_id: int = 1, priority: int = 2
+    ) -> Generator[Dataset, None, Dataset]:
+        """C-FIND (PS3.4 C.4.1) on this association: each match's identifier as the peer sends
+        it (a pending response), decoded; then, as the generator's value, the final C-FIND-RSP
+        status data set. Closing the generator early aborts the association."""
+        if not self.is_established:
+            raise StoreSessionError("the association is not established")
+        context_id, syntax = self._context_of(model)
+        command = command_set(
+            [
+                (0x0002, uid_value(model)),
+                (0x0100, us_value(_C_FIND_RQ)),
+                (0x0110, us_value(msg_id)),
+                (0x0700, us_value(priority)),
+                (0x0800, us_value(0x0000)),  # an identifier follows
+            ]
+        )
+        finished = False
+        try:
+            self._write(
+                self._pdvs(context_id, command, is_command=True)
+                + self._pdvs(context_id, _encoded(identifier, syntax), is_command=False),
+                self.network_timeout,
+            )
+            while True:
+                context, received, data = self._read_message(self.dimse_timeout)
+                fields = _command_fields(received)
+                if (
+                    fields.get(0x0100) != _C_FIND_RSP
+                    or fields.get(0x0120) != msg_id
+                    or 0x0900 not in fields
+                ):
+                    raise StoreSessionProtocolError(
+                        f"unexpected message 0x{fields.get(0x0100, 0):04X} during C-FIND {msg_id}",
+                        reason=0x06,
+                    )
+                if fields[0x0900] in (0xFF00, 0xFF01):  # pending: a match
+                    if data:
+                        yield _decoded(data, self.context_syntax.get(context, syntax))
+                    continue
+                finished = True
+                return _get_status(received, fields)
+        except StoreSessionProtocolError as exc:
+            self.abort(exc.reason)
+            raise
+        finally:
+            if not finished:
+                self.abort()
+
     def _stored(
         self,
         context_id: int,
@@ -858,6 +909,16 @@ def _command_fields(command_set: bytes) -> dict[int, int]:
             (fields[element],) = struct.unpack_from("<H", command_set, offset)
         offset += length
     return fields
+
+
+def _decoded(data: bytes, syntax: str) -> Dataset:
+    """A data set received (an identifier), decoded by pydicom as pynetdicom decodes it."""
+    return decode(
+        io.BytesIO(data),
+        syntax == ImplicitVRLittleEndian,
+        syntax != ExplicitVRBigEndian,
+        syntax == DeflatedExplicitVRLittleEndian,
+    )
 
 
 def _command_uids(command_set: bytes) -> dict[int, bytes]:

@@ -627,3 +627,34 @@ def test_a_c_get_of_every_instance_the_c_find_counted() -> None:
         file_meta(d).sop_instance_uid  # type: ignore[union-attr]
         for d in sent
     ]
+
+
+def test_a_c_find_yields_each_match_then_the_final_status() -> None:
+    sent = [part10()[0] for _ in range(3)]
+    with get_scp(sent) as port:
+        assoc = StoreSession.open(
+            "127.0.0.1",
+            port,
+            calling_ae_title="RELAIS",
+            called_ae_title="ARCHIVE",
+            contexts=[build_context(StudyRootQueryRetrieveInformationModelFind)],
+            dimse_timeout=5,
+        )
+        assert assoc.is_established, assoc.rejection
+        query = study_query()
+        query.QueryRetrieveLevel = "IMAGE"
+        query.SOPInstanceUID = ""
+        matches = []
+        finds = assoc.c_find(query, StudyRootQueryRetrieveInformationModelFind)
+        while True:
+            try:
+                matches.append(next(finds))
+            except StopIteration as end:
+                status = end.value
+                break
+        assoc.release()
+    assert status.Status == 0x0000
+    assert [m.SOPInstanceUID for m in matches] == [
+        dcmread(io.BytesIO(d)).SOPInstanceUID for d in sent
+    ]
+    assert not assoc.is_established
