@@ -199,6 +199,7 @@ from broker.dicom.store_session import (
     StoreSessionAborted,
     StoreSessionClosed,
     StoreSessionError,
+    StoreSessionProtocolError,
     StoreSessionRejected,
     StoreSessionTimeout,
     StoreSessionUnreachable,
@@ -1700,8 +1701,15 @@ class DimseArchive:
         query = _query("IMAGE", StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid or "")
         query.SOPInstanceUID = sop_uid or ""
         query.SOPClassUID = ""
-        with self._find_association() as (session, watch):
-            matches = self._find(session, watch, query)
+        # An association of its own, not the kept one: a retrieval may run on another thread
+        # than the one that closes the client (sharing.dimse.MoveTransfer's read-ahead).
+        session = self._open_session([build_context(_FIND_MODEL)], "C-FIND")
+        try:
+            matches = self._find(session, _Watch(), query)
+        except BaseException:
+            session.abort()
+            raise
+        session.release()
         what = f"C-GET of study {study_uid}"
         if series_uid:
             what += f" series {series_uid}"
@@ -1772,7 +1780,9 @@ class DimseArchive:
             self._fail(ArchiveRefused, f"{where} {session.rejection}")
         if isinstance(failure, StoreSessionAborted):
             self._fail(ArchiveRefused, f"{where} aborted by the archive during negotiation")
-        if isinstance(failure, StoreSessionClosed):
+        if isinstance(failure, StoreSessionClosed | StoreSessionProtocolError):
+            # closed, or answered with what is not DICOM: a TLS port reached without TLS (or
+            # the reverse), another service on the port
             self._fail(
                 ArchiveUnreachable,
                 f"{where}: the archive closed the connection during negotiation "
@@ -1878,8 +1888,10 @@ class DimseArchive:
     def _find_association(self) -> Iterator[tuple[StoreSession, _Watch]]:
         """The kept C-FIND association (opened if need be; a `StoreSession`: no pynetdicom
         thread); dropped on any trouble."""
-        if self._finder is not None and not self._finder.is_established:
-            self._finder.close()
+        if self._finder is not None and not self._finder.is_quiet():
+            # ended by the archive while idle (Orthanc aborts an association idle for
+            # DicomScpTimeout, 30 s): a new one, rather than a query that fails on it
+            self._finder.abort()
             self._finder = None
         if self._finder is None:
             self._finder = self._open_session([build_context(_FIND_MODEL)], "C-FIND")

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import select
 import socket
 import ssl
 import struct
@@ -310,6 +311,21 @@ class StoreSession:
             self._abort_quietly(None)
             raise StoreSessionRejected(self.rejection)
         self.is_established = True
+
+    def is_quiet(self) -> bool:
+        """Whether the peer has sent nothing since the last exchange: an idle association the
+        peer aborted, released or closed meanwhile has bytes (or the end of the stream) to
+        read, which only a read would otherwise notice."""
+        sock = self._socket
+        if sock is None or not self.is_established or self._received or self._pending_pdvs:
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return False
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
 
     def release(self) -> None:
         """A-RELEASE; the association is aborted when the peer does not answer in time."""

@@ -402,7 +402,11 @@ def test_a_destination_that_stops_reading_fails_the_send_and_the_association() -
 
 @contextmanager
 def get_scp(
-    instances: list[bytes], *, final: int = 0x0000, abort_after: int | None = None
+    instances: list[bytes],
+    *,
+    final: int = 0x0000,
+    abort_after: int | None = None,
+    idle_timeout: float | None = None,
 ) -> Iterator[int]:
     """A pynetdicom Query/Retrieve GET SCP sending `instances` (Part 10 bytes) back by C-STORE,
     then the final status `final`; or aborting the association after `abort_after` of them."""
@@ -433,6 +437,7 @@ def get_scp(
 
     ae = AE(ae_title="ARCHIVE")
     ae.maximum_pdu_size = 16384
+    ae.network_timeout = idle_timeout  # an idle association is aborted after it (Orthanc: 30 s)
     ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
     ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
     ae.add_supported_context(CTImageStorage, RETRIEVE_SYNTAXES[:4], scu_role=False, scp_role=True)
@@ -658,3 +663,16 @@ def test_a_c_find_yields_each_match_then_the_final_status() -> None:
         dcmread(io.BytesIO(d)).SOPInstanceUID for d in sent
     ]
     assert not assoc.is_established
+
+
+def test_a_kept_c_find_association_the_archive_ended_while_idle_is_replaced() -> None:
+    query = study_query()
+    query.QueryRetrieveLevel = "IMAGE"
+    query.SOPInstanceUID = ""
+    with get_scp([part10()[0]], idle_timeout=0.5) as port, archive_at(port) as archive:
+        with archive._find_association() as (session, watch):
+            assert len(archive._find(session, watch, query)) == 1
+        time.sleep(1.5)  # the archive aborts the idle association meanwhile
+        with archive._find_association() as (again, watch):
+            assert again is not session
+            assert len(archive._find(again, watch, query)) == 1
