@@ -561,25 +561,9 @@ class StoreSession:
         set as received, the meta group written here), answered with success once received;
         then, as the generator's value, the final C-GET-RSP status data set (Status and the
         sub-operation counts). Closing the generator early aborts the association."""
-        if not self.is_established:
-            raise StoreSessionError("the association is not established")
-        context_id, syntax = self._context_of(model)
-        command = command_set(
-            [
-                (0x0002, uid_value(model)),
-                (0x0100, us_value(_C_GET_RQ)),
-                (0x0110, us_value(msg_id)),
-                (0x0700, us_value(priority)),
-                (0x0800, us_value(0x0000)),  # an identifier follows
-            ]
-        )
         finished = False
         try:
-            self._write(
-                self._pdvs(context_id, command, is_command=True)
-                + self._pdvs(context_id, _encoded(identifier, syntax), is_command=False),
-                self.network_timeout,
-            )
+            self._request(_C_GET_RQ, model, identifier, msg_id, priority)
             while True:
                 context, received, data = self._read_message(self.dimse_timeout)
                 fields = _command_fields(received)
@@ -611,25 +595,9 @@ class StoreSession:
         """C-FIND (PS3.4 C.4.1) on this association: each match's identifier as the peer sends
         it (a pending response), decoded; then, as the generator's value, the final C-FIND-RSP
         status data set. Closing the generator early aborts the association."""
-        if not self.is_established:
-            raise StoreSessionError("the association is not established")
-        context_id, syntax = self._context_of(model)
-        command = command_set(
-            [
-                (0x0002, uid_value(model)),
-                (0x0100, us_value(_C_FIND_RQ)),
-                (0x0110, us_value(msg_id)),
-                (0x0700, us_value(priority)),
-                (0x0800, us_value(0x0000)),  # an identifier follows
-            ]
-        )
         finished = False
         try:
-            self._write(
-                self._pdvs(context_id, command, is_command=True)
-                + self._pdvs(context_id, _encoded(identifier, syntax), is_command=False),
-                self.network_timeout,
-            )
+            syntax = self._request(_C_FIND_RQ, model, identifier, msg_id, priority)
             while True:
                 context, received, data = self._read_message(self.dimse_timeout)
                 fields = _command_fields(received)
@@ -654,6 +622,30 @@ class StoreSession:
         finally:
             if not finished:
                 self.abort()
+
+    def _request(
+        self, command_field: int, model: str, identifier: Dataset, msg_id: int, priority: int
+    ) -> str:
+        """Send a C-FIND or C-GET request with its identifier, on the model's context; that
+        context's transfer syntax."""
+        if not self.is_established:
+            raise StoreSessionError("the association is not established")
+        context_id, syntax = self._context_of(model)
+        command = command_set(
+            [
+                (0x0002, uid_value(model)),
+                (0x0100, us_value(command_field)),
+                (0x0110, us_value(msg_id)),
+                (0x0700, us_value(priority)),
+                (0x0800, us_value(0x0000)),  # an identifier follows
+            ]
+        )
+        self._write(
+            self._pdvs(context_id, command, is_command=True)
+            + self._pdvs(context_id, _encoded(identifier, syntax), is_command=False),
+            self.network_timeout,
+        )
+        return syntax
 
     def _stored(
         self,

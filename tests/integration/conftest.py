@@ -4,6 +4,7 @@ a token for it."""
 from __future__ import annotations
 
 import pytest
+from django.contrib.auth.models import User
 from django.utils import timezone
 
 from broker.archives import institution_archive
@@ -11,6 +12,7 @@ from broker.harvest import harvest_run
 from broker.models import Institution, Manifest, ManifestStatus, Role
 from broker.services import institution_update
 from sharing import services
+from sharing.models import AccessRequest
 from tests.conftest import NOW, SYSTEM, Region, make_user
 from tests.peers.fixtures import OrthancRegion
 from tests.peers.orthanc import OrthancArchive
@@ -37,6 +39,28 @@ def harvested(institution: Institution, archive: OrthancArchive) -> Institution:
     return institution
 
 
+def radiologist_token(
+    institution: Institution, manifest: Manifest, username: str
+) -> tuple[str, AccessRequest, User]:
+    """A radiologist of `institution` (its care team), a treatment ticket on the manifest's
+    study, and a retrieval token under it."""
+    doctor = make_user(username, [(institution, Role.RADIOLOGIST)])
+    ticket = services.request_create(
+        user=doctor,
+        purpose="treatment",
+        patient=manifest.source_identifier.patient,
+        institution=institution,
+        studies=[manifest.study_instance_uid],
+        justification="relecture",
+        actor=SYSTEM,
+        now=timezone.now(),
+    )
+    token, _ = services.token_issue_for_ticket(
+        user=doctor, ticket=ticket, actor=SYSTEM, now=timezone.now()
+    )
+    return token, ticket, doctor
+
+
 @pytest.fixture
 def chu(region: Region, orthanc_region: OrthancRegion) -> Institution:
     return harvested(region.chu, orthanc_region.archives[CHUB_AE])
@@ -49,20 +73,7 @@ def shared(chu, orthanc_region: OrthancRegion):
     manifest = Manifest.objects.get(
         study_instance_uid=study.study_instance_uid, status=ManifestStatus.APPROVED
     )
-    doctor = make_user("dr.viewer", [(chu, Role.RADIOLOGIST)])
-    ticket = services.request_create(
-        user=doctor,
-        purpose="treatment",
-        patient=manifest.source_identifier.patient,
-        institution=chu,
-        studies=[study.study_instance_uid],
-        justification="relecture",
-        actor=SYSTEM,
-        now=timezone.now(),
-    )
-    token, _ = services.token_issue_for_ticket(
-        user=doctor, ticket=ticket, actor=SYSTEM, now=timezone.now()
-    )
+    token, ticket, doctor = radiologist_token(chu, manifest, "dr.viewer")
     return {
         "study": study,
         "manifest": manifest,

@@ -22,11 +22,11 @@ from django.utils import timezone
 from audit.events import EventCode
 from audit.models import AuditEvent
 from broker.dicom.multipart import MultipartParts
-from broker.models import Manifest, ManifestInstance, ManifestStatus, Role
+from broker.models import Manifest, ManifestInstance, ManifestStatus
 from sharing import services
 from sharing.gateway import media_storage_sop_instance_uid
 from tests.conftest import SYSTEM, Region, make_user
-from tests.integration.conftest import harvested
+from tests.integration.conftest import harvested, radiologist_token
 from tests.integration.gunicorn_harness import gunicorn_serving
 from tests.peers.studies import (
     CHUB_AE,
@@ -319,20 +319,7 @@ def big_study(region: Region, orthanc_factory):
     archive.upload_many(instances)
     chu = harvested(region.chu, archive)
     manifest = Manifest.objects.get(status=ManifestStatus.APPROVED)
-    doctor = make_user("dr.big", [(chu, Role.RADIOLOGIST)])
-    ticket = services.request_create(
-        user=doctor,
-        purpose="treatment",
-        patient=manifest.source_identifier.patient,
-        institution=chu,
-        studies=[manifest.study_instance_uid],
-        justification="relecture",
-        actor=SYSTEM,
-        now=timezone.now(),
-    )
-    token, _ = services.token_issue_for_ticket(
-        user=doctor, ticket=ticket, actor=SYSTEM, now=timezone.now()
-    )
+    token, _ticket, _doctor = radiologist_token(chu, manifest, "dr.big")
     return {"chu": chu, "manifest": manifest, "token": token, "instances": instances}
 
 
