@@ -19,9 +19,9 @@ from tests.peers.orthanc import OrthancArchive
 from tests.peers.studies import CHUB_AE, SyntheticStudy
 
 
-def harvested(institution: Institution, archive: OrthancArchive) -> Institution:
-    """`institution` with `archive` as its archive (DICOM and DICOMweb), its studies harvested."""
-    institution = institution_update(
+def pointed_at(institution: Institution, archive: OrthancArchive) -> Institution:
+    """The institution's archive entry, at this Orthanc (both transports)."""
+    return institution_update(
         institution=institution,
         ae_title=archive.aet,
         dicom_host="127.0.0.1",
@@ -30,6 +30,11 @@ def harvested(institution: Institution, archive: OrthancArchive) -> Institution:
         actor=SYSTEM,
         now=NOW,
     )
+
+
+def harvested(institution: Institution, archive: OrthancArchive) -> Institution:
+    """`institution` with `archive` as its archive (DICOM and DICOMweb), its studies harvested."""
+    institution = pointed_at(institution, archive)
     harvest_run(
         institution=institution,
         client_factory=lambda: institution_archive(institution, "dicomweb"),

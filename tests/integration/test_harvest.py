@@ -29,8 +29,9 @@ from broker.models import (
 )
 from broker.services import institution_update
 from tests.conftest import NOW, SYSTEM, Region
+from tests.integration.conftest import pointed_at
 from tests.peers.fixtures import BROKER_MODALITY
-from tests.peers.orthanc import OrthancArchive, free_port
+from tests.peers.orthanc import free_port
 from tests.peers.studies import (
     CHUB_AE,
     DUPONT_CHUB_IPP,
@@ -43,19 +44,6 @@ from tests.peers.studies import (
 
 ROOT = Path(__file__).resolve().parents[2]
 BROKER = {BROKER_MODALITY: (BROKER_MODALITY, "127.0.0.1", 11112)}
-
-
-def _point(institution: Institution, archive: OrthancArchive) -> Institution:
-    """The institution's archive entry, at this Orthanc (both transports)."""
-    return institution_update(
-        institution=institution,
-        ae_title=archive.aet,
-        dicom_host="127.0.0.1",
-        dicom_port=archive.dicom_port,
-        dicomweb_url=archive.dicomweb_url,
-        actor=SYSTEM,
-        now=NOW,
-    )
 
 
 def _harvest(institution: Institution, transport: str, **options):
@@ -77,7 +65,7 @@ def _manifests(institution: Institution):
 def test_harvest_registers_one_manifest_per_study_then_changes_nothing(
     region: Region, orthanc_region, transport
 ):
-    chu = _point(region.chu, orthanc_region.archives[CHUB_AE])
+    chu = pointed_at(region.chu, orthanc_region.archives[CHUB_AE])
     expected = {s.study_instance_uid: s for s in orthanc_region.studies[CHUB_AE]}
 
     first = _harvest(chu, transport)
@@ -111,8 +99,8 @@ def test_harvest_registers_one_manifest_per_study_then_changes_nothing(
 def test_the_ins_read_from_the_archive_links_the_patient_across_hospitals(
     region: Region, orthanc_region, transport
 ):
-    chu = _point(region.chu, orthanc_region.archives[CHUB_AE])
-    portmael = _point(region.portmael, orthanc_region.archives[PORTMAEL_AE])
+    chu = pointed_at(region.chu, orthanc_region.archives[CHUB_AE])
+    portmael = pointed_at(region.portmael, orthanc_region.archives[PORTMAEL_AE])
     _harvest(chu, transport)
     _harvest(portmael, transport)
     at_chu = PatientIdentifier.objects.get(issuer=chu.patient_id_issuer, value=DUPONT_CHUB_IPP)
@@ -129,7 +117,7 @@ def test_the_ins_read_from_the_archive_links_the_patient_across_hospitals(
 
 @pytest.mark.django_db
 def test_a_date_range_harvests_only_its_studies(region: Region, orthanc_region):
-    chu = _point(region.chu, orthanc_region.archives[CHUB_AE])
+    chu = pointed_at(region.chu, orthanc_region.archives[CHUB_AE])
     since, until = dt.date(2025, 1, 1), dt.date(2025, 12, 31)
     expected = {
         s.study_instance_uid
@@ -170,7 +158,7 @@ def test_a_changed_study_is_replaced_and_a_gone_one_pruned(
     grown_before = _study("grown", series_count=1)
     for study in (kept, shrunk, gone, grown_before):
         archive.upload_many(study.instances)
-    chu = _point(region.chu, archive)
+    chu = pointed_at(region.chu, archive)
     assert _harvest(chu, transport).counts["new"] == 4
 
     archive.delete_series(shrunk.series_uids[2])
@@ -215,7 +203,7 @@ def test_an_interrupted_harvest_resumes_after_its_last_committed_study(
     studies = [_study(f"s{n}", when=dt.date(2025, 1, 1) + dt.timedelta(days=n)) for n in range(7)]
     for study in studies:
         archive.upload_many(study.instances)
-    chu = _point(region.chu, archive)
+    chu = pointed_at(region.chu, archive)
 
     def interrupt(state: HarvestProgress) -> None:
         if state.done == 4:  # after the second batch of two has committed
@@ -248,7 +236,7 @@ def test_two_harvests_of_one_archive_never_run_at_once(region: Region, orthanc_r
 
     from broker.harvest import HarvestBusy
 
-    chu = _point(region.chu, orthanc_region.archives[CHUB_AE])
+    chu = pointed_at(region.chu, orthanc_region.archives[CHUB_AE])
     HarvestCheckpoint.objects.create(
         institution=chu,
         transport="dicomweb",
@@ -274,7 +262,7 @@ def test_an_archive_that_goes_away_stops_the_harvest_resumably(region: Region, o
     studies = [_study(f"o{n}", when=dt.date(2023, 1, 1) + dt.timedelta(days=n)) for n in range(12)]
     for study in studies:
         archive.upload_many(study.instances)
-    chu = _point(region.chu, archive)
+    chu = pointed_at(region.chu, archive)
 
     def pull_the_plug(state: HarvestProgress) -> None:
         if state.done == 2:
@@ -323,7 +311,7 @@ def test_kill_9_mid_harvest_then_a_rerun_gives_exactly_one_manifest_per_study(
     studies = [_study(f"k{n}", when=dt.date(2024, 1, 1) + dt.timedelta(days=n)) for n in range(30)]
     for study in studies:
         archive.upload_many(study.instances)
-    chu = _point(region.chu, archive)
+    chu = pointed_at(region.chu, archive)
 
     process = _harvest_command("--institution", chu.finess, "--max-rate", "20", "--no-progress")
     deadline = time.monotonic() + 60
@@ -350,7 +338,7 @@ def test_kill_9_mid_harvest_then_a_rerun_gives_exactly_one_manifest_per_study(
 
 @pytest.mark.django_db
 def test_the_command_prints_a_summary_and_refuses_bad_input(region: Region, orthanc_region):
-    chu = _point(region.chu, orthanc_region.archives[CHUB_AE])
+    chu = pointed_at(region.chu, orthanc_region.archives[CHUB_AE])
     from io import StringIO
 
     out = StringIO()

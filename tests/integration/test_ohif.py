@@ -20,6 +20,7 @@ import pytest
 from audit.events import EventCode
 from audit.models import AuditEvent
 from tests.integration.gunicorn_harness import GunicornHarness, gunicorn_serving
+from tests.peers.fixtures import require
 from tests.peers.ohif import CHROMIUM, browser_missing, ohif_dist
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -43,15 +44,6 @@ DATA_SOURCE = {
         "omitQuotationForMultipartRequest": True,
     },
 }
-
-
-def require_browser() -> None:
-    missing = browser_missing()
-    if missing is None:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(missing)
-    pytest.skip(missing)
 
 
 def app_config(dicomweb: str) -> str:
@@ -119,7 +111,7 @@ def broker() -> Iterator[GunicornHarness]:
 
 
 def test_ohif_shows_a_shared_study_through_the_gateway(shared, broker, settings):
-    require_browser()
+    require(browser_missing())
     from playwright.sync_api import sync_playwright
 
     dist = ohif_dist()

@@ -12,17 +12,16 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-import pytest
+from tests.peers.fixtures import require
 
 
 def require_tool(name: str) -> str:
     """The path of DCMTK's ``name``; fails in CI, skips elsewhere, when it is missing."""
     path = shutil.which(name)
-    if path is None:
-        message = f"DCMTK's {name} is not installed (apt-get install dcmtk)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    require(
+        None if path is not None else f"DCMTK's {name} is not installed (apt-get install dcmtk)"
+    )
+    assert path is not None
     return path
 
 

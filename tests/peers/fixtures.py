@@ -26,14 +26,18 @@ from tests.peers.studies import SyntheticStudy, region_studies
 BROKER_MODALITY: str = "RELAIS"
 
 
-def require_orthanc() -> None:
-    """Skip the test without Orthanc; fail it instead in CI (CI=true), where it must be."""
-    missing = orthanc_available()
+def require(missing: str | None) -> None:
+    """A real peer the test needs: `missing` says why it is not here (None: it is). Skip the
+    test without it; fail it instead in CI (CI=true), where every peer must be."""
     if missing is None:
         return
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(missing)
     pytest.skip(missing)
+
+
+def require_orthanc() -> None:
+    require(orthanc_available())
 
 
 @dataclass(frozen=True)
