@@ -17,8 +17,14 @@ its retrieval token (RELAIS_TOKEN_LIFETIME_SECONDS=3600); the broker served by g
 (``broker.wsgi``, one gthread worker, ``--threads``, default concurrency + 2), with the same
 data directory (signing keys) and database.
 
-The same client (httpx, one new connection per fetch, built before the clock starts, the
-body read as it arrives and only counted) fetches, in the same run, taking turns:
+The same client (one new connection per fetch, built before the clock starts, the body read
+as it arrives and only counted, its last bytes checked for the closing boundary) fetches, in
+the same run, taking turns. ``--client lean`` (the default): ``http.client``, ``readinto`` a
+1 MiB buffer, the cheapest receiver in Python (0.4-0.5 CPU s/GB here, see "the receiving side
+alone" below); ``--client httpx``: httpx ``iter_raw``, as a Python viewer would, about twice
+that. All of it shares the machine's 2 cores with Orthanc and the gateway, which a viewer on
+its own workstation would not: every CPU second the client spends is taken from the two
+servers being compared, the more so the more the path needs (the gateway, three processes).
 
 - **direct**: ``GET {dicomweb_url}/studies/{uid}`` from Orthanc with the Accept the gateway's
   archive client sends (``multipart/related; type="application/dicom"; transfer-syntax=*``:
@@ -102,6 +108,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--py-spy", default=shutil.which("py-spy") or "")
     parser.add_argument("--no-relay", action="store_true", help="skip the relay peer")
+    parser.add_argument(
+        "--client",
+        choices=CLIENTS,
+        default="lean",
+        help="the receiving client of every path (see the module docstring)",
+    )
     parser.add_argument(
         "--what-if",
         choices=["shared-ssl-context"],
@@ -367,38 +379,67 @@ class Fetch:
         return self.bytes / MB / self.seconds if self.seconds else 0.0
 
 
-def fetch(url: str, accept: str, token: str | None = None, *, keep: bool = False) -> Fetch:
-    """One GET on a new connection; the body read as it arrives and counted (kept if asked)."""
-    import httpx
+CLIENTS = ("lean", "httpx")
+# The receiving client of every path (--client): set once from the arguments.
+CLIENT = "lean"
 
+
+def fetch(url: str, accept: str, token: str | None = None, *, keep: bool = False) -> Fetch:
+    """One GET on a new connection; the body read as it arrives and counted (kept if asked),
+    by the client --client names (see the module docstring)."""
     headers = {"Accept": accept, "Accept-Encoding": "identity"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     result = Fetch()
-    # Built before the clock starts: an httpx.Client makes an SSL context (~20 ms).
-    client = httpx.Client(trust_env=False, timeout=httpx.Timeout(300, connect=10))
+    tail = bytearray()
+
+    def received(chunk: bytes | memoryview) -> None:
+        if not result.bytes:
+            result.ttfb = time.perf_counter() - started
+        result.bytes += len(chunk)
+        tail[:] = (tail + chunk[-128:])[-128:]
+        if keep:
+            result.body.append(bytes(chunk))
+
+    def answered(status: int, content_type: str) -> None:
+        result.headers = time.perf_counter() - started
+        result.status = status
+        found = re.search(r'boundary="?([^";]+)"?', content_type)
+        result.boundary = found.group(1) if found else ""
+
+    if CLIENT == "httpx":
+        import httpx
+
+        # Built before the clock starts: an httpx.Client makes an SSL context (~20 ms).
+        client = httpx.Client(trust_env=False, timeout=httpx.Timeout(300, connect=10))
+    else:
+        import http.client
+        import urllib.parse
+
+        target = urllib.parse.urlsplit(url)
+        connection = http.client.HTTPConnection(target.hostname or "", target.port, timeout=300)
+        path = target.path + (f"?{target.query}" if target.query else "")
+        buffer = memoryview(bytearray(1 << 20))
     started = time.perf_counter()
     try:
-        with client, client.stream("GET", url, headers=headers) as response:
-            result.headers = time.perf_counter() - started
-            result.status = response.status_code
-            found = re.search(r'boundary="?([^";]+)"?', response.headers.get("content-type", ""))
-            result.boundary = found.group(1) if found else ""
-            tail = b""
-            count = 0
-            for chunk in response.iter_raw():
-                if not chunk:
-                    continue
-                if not count:
-                    result.ttfb = time.perf_counter() - started
-                count += len(chunk)
-                tail = chunk[-128:] if len(chunk) >= 128 else (tail + chunk)[-128:]
-                if keep:
-                    result.body.append(chunk)
-            result.bytes = count
+        if CLIENT == "httpx":
+            with client, client.stream("GET", url, headers=headers) as response:
+                answered(response.status_code, response.headers.get("content-type", ""))
+                for chunk in response.iter_raw():
+                    if chunk:
+                        received(chunk)
+        else:
+            try:
+                connection.request("GET", path, headers=headers)
+                answer = connection.getresponse()
+                answered(answer.status, answer.getheader("Content-Type") or "")
+                while n := answer.readinto(buffer):
+                    received(buffer[:n])
+            finally:
+                connection.close()
         result.seconds = time.perf_counter() - started
         closing = f"--{result.boundary}--".encode()
-        result.complete = bool(result.boundary) and tail.rstrip(b"\r\n").endswith(closing)
+        result.complete = bool(result.boundary) and bytes(tail).rstrip(b"\r\n").endswith(closing)
         if result.status != 200:
             result.error = f"HTTP {result.status}: {b''.join(result.body)[:200]!r}"
         elif not result.complete:
@@ -563,7 +604,9 @@ PATHS = ("direct", "relay", "gateway")
 
 
 def main() -> None:
+    global CLIENT
     args = parse_args()
+    CLIENT = args.client
     threads = args.threads or args.concurrency + 2
     sizes = sorted(args.sizes_mb)
     concurrent_mb = args.concurrent_mb or sizes[-1]
@@ -607,6 +650,7 @@ def main() -> None:
         "paths": paths,
         "server_env": args.server_env,
         "what_if": args.what_if,
+        "client": args.client,
         "sizes": {},
     }
     try:
@@ -1169,7 +1213,8 @@ def report(results: dict[str, Any]) -> None:
     paths = results["paths"]
     print(
         f"\nGateway vs Orthanc WADO-RS, {results['database']}, gunicorn {results['gunicorn']}, "
-        f"medians (min-max) of {results['runs']} runs each, alternated"
+        f"medians (min-max) of {results['runs']} runs each, alternated, "
+        f"client {results.get('client', 'httpx')}"
         + (f"; WHAT-IF: {results['what_if']}" if results["what_if"] else "")
     )
     print()

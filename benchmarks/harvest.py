@@ -11,6 +11,7 @@ studies (2 series x 3 small images each, their own issuer and date range), and:
   and its patient: DICOMweb one instance-level QIDO and one WADO-RS metadata; DIMSE a STUDY
   and an IMAGE C-FIND), sent by a minimal client (httpx keep-alive / one pynetdicom
   association) with the same number of concurrent workers, nothing done with the answers;
+  measured before and after the harvest, the mean of the two times taken;
 - the broker: ``harvest_run`` into an empty registry (fresh database: PostgreSQL
   ``relais_bench_harvest`` on the server of ``--database-url``, or a SQLite file): the same
   queries through the archive client, a KOS built, registered and audited per study.
@@ -234,9 +235,18 @@ def one_round(  # type: ignore[no-untyped-def]
     )
     peer = peer_dicomweb if transport == "dicomweb" else peer_dimse
     peer(archive, args.workers, date_range)  # warm Orthanc's cache
-    orthanc_cpu, own_cpu = cpu_seconds(archive.process.pid), time.process_time()
-    peer_seconds = peer(archive, args.workers, date_range)
-    peer_cpu = (cpu_seconds(archive.process.pid) - orthanc_cpu, time.process_time() - own_cpu)
+
+    def measured_peer() -> tuple[float, tuple[float, float]]:
+        orthanc_cpu, own_cpu = cpu_seconds(archive.process.pid), time.process_time()
+        seconds = peer(archive, args.workers, date_range)
+        return seconds, (
+            cpu_seconds(archive.process.pid) - orthanc_cpu,
+            time.process_time() - own_cpu,
+        )
+
+    # The peer measured before and after the harvest, their mean taken: a machine getting
+    # busier or quieter during the round then weighs on both sides alike.
+    peer_before, peer_cpu_before = measured_peer()
     orthanc_cpu, own_cpu = cpu_seconds(archive.process.pid), time.process_time()
     profiler = cProfile.Profile() if args.profile else None
     if profiler is not None:
@@ -253,6 +263,9 @@ def one_round(  # type: ignore[no-untyped-def]
     )
     harvest_seconds = time.perf_counter() - started
     harvest_cpu = (cpu_seconds(archive.process.pid) - orthanc_cpu, time.process_time() - own_cpu)
+    peer_after, peer_cpu_after = measured_peer()
+    peer_seconds = (peer_before + peer_after) / 2
+    peer_cpu = tuple((a + b) / 2 for a, b in zip(peer_cpu_before, peer_cpu_after, strict=True))
     if profiler is not None:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
@@ -269,7 +282,9 @@ def one_round(  # type: ignore[no-untyped-def]
     }
     print(
         f"  round {n}: {transport} peer {row['peer_studies_per_s']:.0f}/s, "
-        f"harvest {row['harvest_studies_per_s']:.0f}/s, ratio {row['ratio']:.2f}",
+        f"harvest {row['harvest_studies_per_s']:.0f}/s, ratio {row['ratio']:.2f} "
+        f"(peer before / after: {args.studies / peer_before:.0f}/s, "
+        f"{args.studies / peer_after:.0f}/s)",
         flush=True,
     )
     return row
