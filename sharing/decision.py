@@ -307,9 +307,13 @@ def ticket_manifests(ticket: AccessRequest) -> list[Manifest]:
     """The approved manifests a ticket reaches: its studies (or all the patient's, from its
     source when named); for a duty ticket, those of the covered institutions made during the
     shift."""
-    manifests = Manifest.objects.filter(
-        source_identifier__patient_id=ticket.patient_id, status=ManifestStatus.APPROVED
-    ).select_related("source_institution")
+    manifests = (
+        Manifest.objects.filter(
+            source_identifier__patient_id=ticket.patient_id, status=ManifestStatus.APPROVED
+        )
+        .select_related("source_institution")
+        .defer("kos_bytes")
+    )
     if not ticket.all_studies:
         manifests = manifests.filter(study_instance_uid__in=ticket.studies)
     if ticket.source_institution_id is not None:

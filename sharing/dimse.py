@@ -88,6 +88,7 @@ def institution_reachable(
                 source_identifier__patient_id=ticket.patient_id,
             )
             .select_related("source_institution", "source_identifier")
+            .defer("kos_bytes")
             .order_by("registered_at", "id")  # the same copy, whether one study is asked or all
         )
         for manifest in manifests:

@@ -89,6 +89,7 @@ def gateway_manifest(access: GatewayAccess, study_instance_uid: str) -> Manifest
         raise NotFound("No such study", code="gateway:study:not-found")
     manifest = (
         Manifest.objects.select_related("source_institution", "source_identifier")
+        .defer("kos_bytes")  # the document itself: ~200 bytes an instance, not needed here
         .filter(
             study_instance_uid=study_instance_uid,
             status=ManifestStatus.APPROVED,

@@ -24,7 +24,7 @@ from audit.models import AuditEvent
 from broker.dicom.multipart import MultipartParts
 from broker.models import Manifest, ManifestInstance, ManifestStatus
 from sharing import services
-from sharing.gateway import media_storage_sop_instance_uid
+from sharing.gateway import gateway_access, gateway_manifest, media_storage_sop_instance_uid
 from tests.conftest import SYSTEM, Region, make_user
 from tests.integration.conftest import harvested, radiologist_token
 from tests.integration.gunicorn_harness import gunicorn_serving
@@ -99,6 +99,16 @@ def test_a_series_and_an_instance(shared):
     (single,) = parts(client.get(f"{base}/instances/{one}"))
     assert sop_uid(single) == one
     assert media_storage_sop_instance_uid(single) == one
+
+
+def test_the_manifest_is_found_without_loading_its_document(shared):
+    """The KOS itself (~200 bytes an instance) is not read on the way to the first byte."""
+    access = gateway_access(
+        authorization=f"Bearer {shared['token']}", address="127.0.0.1", now=timezone.now()
+    )
+    manifest = gateway_manifest(access, shared["study"].study_instance_uid)
+    assert manifest.pk == shared["manifest"].pk
+    assert manifest.get_deferred_fields() == {"kos_bytes"}
 
 
 def test_the_same_through_c_get_when_the_archive_has_no_dicomweb(shared, chu):
