@@ -106,6 +106,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL", ""))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--profile-gil", action="store_true", help="--profile: only samples holding the GIL"
+    )
     parser.add_argument("--py-spy", default=shutil.which("py-spy") or "")
     parser.add_argument("--no-relay", action="store_true", help="skip the relay peer")
     parser.add_argument(
@@ -500,11 +503,19 @@ def spread(values: list[float], fmt: str = "{:.0f}") -> str:
 # --------------------------------------------------------------------------- the profile
 
 
-def profile_worker(py_spy: str, pid: int, run: Callable[[], None], out: Path) -> dict[str, Any]:
+def profile_worker(
+    py_spy: str, pid: int, run: Callable[[], None], out: Path, *, gil: bool = False
+) -> dict[str, Any]:
     """py-spy record of ``pid`` while ``run()`` runs: the samples of threads handling a
-    request, by leaf line (self) and by function anywhere in the stack (inclusive)."""
+    request, by leaf line (self) and by function anywhere in the stack (inclusive). With
+    ``gil``, only the samples of the thread holding the GIL: where the Python CPU goes, not
+    the waits."""
     recorder = subprocess.Popen(
-        [py_spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "-o", str(out)],
+        [
+            py_spy,
+            *("record", "--pid", str(pid), "--rate", "250", "--format", "raw", "-o", str(out)),
+            *(["--gil"] if gil else []),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -939,7 +950,9 @@ def main() -> None:
                     if got.error:
                         raise SystemExit(got.error)
 
-            results["profile"] = profile_worker(args.py_spy, pid, two, workdir / "pyspy.txt")
+            results["profile"] = profile_worker(
+                args.py_spy, pid, two, workdir / "pyspy.txt", gil=args.profile_gil
+            )
             if args.instances:
                 instance_urls = [
                     f"{bases['gateway']}/studies/{small.uid}/series/"
@@ -952,7 +965,7 @@ def main() -> None:
                     sent[1] += len(instance_urls)
 
                 results["profile_one_instance"] = profile_worker(
-                    args.py_spy, pid, singles, workdir / "pyspy-instances.txt"
+                    args.py_spy, pid, singles, workdir / "pyspy-instances.txt", gil=args.profile_gil
                 )
         # Let the last streams' end records be written, then read the audit trail back.
         time.sleep(1)
