@@ -205,6 +205,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def database_cpu_seconds() -> float:
+    """CPU time the machine's PostgreSQL processes have used so far (0 without any): the
+    registry's share of the work, which the broker's own process does not show."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # gone meanwhile
+            continue
+        name = text[text.find("(") + 1 : text.rfind(")")]
+        if name.startswith("postgres"):
+            fields = text.rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -236,18 +252,27 @@ def one_round(  # type: ignore[no-untyped-def]
     peer = peer_dicomweb if transport == "dicomweb" else peer_dimse
     peer(archive, args.workers, date_range)  # warm Orthanc's cache
 
-    def measured_peer() -> tuple[float, tuple[float, float]]:
-        orthanc_cpu, own_cpu = cpu_seconds(archive.process.pid), time.process_time()
+    def measured_peer() -> tuple[float, tuple[float, float, float]]:
+        orthanc_cpu, own_cpu, db_cpu = (
+            cpu_seconds(archive.process.pid),
+            time.process_time(),
+            database_cpu_seconds(),
+        )
         seconds = peer(archive, args.workers, date_range)
         return seconds, (
             cpu_seconds(archive.process.pid) - orthanc_cpu,
             time.process_time() - own_cpu,
+            database_cpu_seconds() - db_cpu,
         )
 
     # The peer measured before and after the harvest, their mean taken: a machine getting
     # busier or quieter during the round then weighs on both sides alike.
     peer_before, peer_cpu_before = measured_peer()
-    orthanc_cpu, own_cpu = cpu_seconds(archive.process.pid), time.process_time()
+    orthanc_cpu, own_cpu, db_cpu = (
+        cpu_seconds(archive.process.pid),
+        time.process_time(),
+        database_cpu_seconds(),
+    )
     profiler = cProfile.Profile() if args.profile else None
     if profiler is not None:
         profiler.enable()
@@ -262,7 +287,11 @@ def one_round(  # type: ignore[no-untyped-def]
         workers=args.workers,
     )
     harvest_seconds = time.perf_counter() - started
-    harvest_cpu = (cpu_seconds(archive.process.pid) - orthanc_cpu, time.process_time() - own_cpu)
+    harvest_cpu = (
+        cpu_seconds(archive.process.pid) - orthanc_cpu,
+        time.process_time() - own_cpu,
+        database_cpu_seconds() - db_cpu,
+    )
     peer_after, peer_cpu_after = measured_peer()
     peer_seconds = (peer_before + peer_after) / 2
     peer_cpu = tuple((a + b) / 2 for a, b in zip(peer_cpu_before, peer_cpu_after, strict=True))
@@ -276,7 +305,7 @@ def one_round(  # type: ignore[no-untyped-def]
         "peer_studies_per_s": args.studies / peer_seconds,
         "harvest_studies_per_s": args.studies / harvest_seconds,
         "ratio": peer_seconds / harvest_seconds,
-        # CPU ms per study: (Orthanc, this process) for the peer and the harvest
+        # CPU ms per study: (Orthanc, this process, PostgreSQL) for the peer and the harvest
         "peer_cpu_ms_per_study": [1000 * c / args.studies for c in peer_cpu],
         "harvest_cpu_ms_per_study": [1000 * c / args.studies for c in harvest_cpu],
     }
@@ -343,7 +372,8 @@ def main() -> None:
         f"| Harvest, {results['database']}, {args.studies} studies of 6 images a round, "
         f"{args.workers} workers, {args.rounds} rounds | Orthanc answering the queries alone "
         "(studies/s) | harvest (studies/s) | ratio, median (rounds) | CPU ms/study, "
-        "Orthanc + client, alone | CPU ms/study, Orthanc + broker, harvest |"
+        "Orthanc + client + PostgreSQL, alone | CPU ms/study, Orthanc + broker + PostgreSQL, "
+        "harvest |"
     )
     print("|---|---|---|---|---|---|")
     for transport in args.transport:
@@ -351,14 +381,17 @@ def main() -> None:
         assert isinstance(figures, dict)
         measured = figures["rounds"]
         ratios = ", ".join(f"{row['ratio']:.2f}" for row in measured)
-        peer_cpu = [median([row["peer_cpu_ms_per_study"][i] for row in measured]) for i in (0, 1)]
+        peer_cpu = [
+            median([row["peer_cpu_ms_per_study"][i] for row in measured]) for i in (0, 1, 2)
+        ]
         harvest_cpu = [
-            median([row["harvest_cpu_ms_per_study"][i] for row in measured]) for i in (0, 1)
+            median([row["harvest_cpu_ms_per_study"][i] for row in measured]) for i in (0, 1, 2)
         ]
         print(
             f"| {transport} | {figures['peer_studies_per_s']:.0f} "
             f"| {figures['harvest_studies_per_s']:.0f} | {figures['ratio']:.2f} ({ratios}) "
-            f"| {peer_cpu[0]:.1f} + {peer_cpu[1]:.1f} | {harvest_cpu[0]:.1f} + {harvest_cpu[1]:.1f} |"
+            f"| {' + '.join(f'{cpu:.1f}' for cpu in peer_cpu)} "
+            f"| {' + '.join(f'{cpu:.1f}' for cpu in harvest_cpu)} |"
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
