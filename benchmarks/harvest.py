@@ -206,19 +206,20 @@ def cpu_seconds(pid: int) -> float:
 
 
 def database_cpu_seconds() -> float:
-    """CPU time the machine's PostgreSQL processes have used so far (0 without any): the
-    registry's share of the work, which the broker's own process does not show."""
-    total = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:  # gone meanwhile
-            continue
-        name = text[text.find("(") + 1 : text.rfind(")")]
-        if name.startswith("postgres"):
-            fields = text.rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+    """CPU time the server process behind this process's database connection has used so far:
+    the registry's share of the harvest, which the broker's own process does not show (the
+    peer uses no database). 0 for SQLite, or a server on another machine."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return 0.0
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (pid,) = cursor.fetchone()
+    try:
+        return cpu_seconds(pid)
+    except OSError:  # not on this machine
+        return 0.0
 
 
 def median(values: list[float]) -> float:
@@ -292,12 +293,12 @@ def one_round(  # type: ignore[no-untyped-def]
         time.process_time() - own_cpu,
         database_cpu_seconds() - db_cpu,
     )
-    peer_after, peer_cpu_after = measured_peer()
-    peer_seconds = (peer_before + peer_after) / 2
-    peer_cpu = tuple((a + b) / 2 for a, b in zip(peer_cpu_before, peer_cpu_after, strict=True))
     if profiler is not None:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
+    peer_after, peer_cpu_after = measured_peer()
+    peer_seconds = (peer_before + peer_after) / 2
+    peer_cpu = tuple((a + b) / 2 for a, b in zip(peer_cpu_before, peer_cpu_after, strict=True))
     registered = Manifest.objects.filter(source_institution=institution).count()
     if summary.counts["failed"] or registered != args.studies:
         raise SystemExit(f"{transport}: {registered} registered, {summary.failures[:3]}")
