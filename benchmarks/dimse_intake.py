@@ -12,7 +12,10 @@ manifests (one patient each, 2 series x 10 instances), then in the same run:
 - the broker: the same, to ``dicomserver`` (every manifest parsed, validated, its patient
   resolved, registered and audited, one transaction per C-STORE, before the response).
 
-Prints manifests/s for both and the ratio; every manifest must be registered.
+Prints manifests/s for both and the ratio; every manifest must be registered. Then the CPU
+each side spent, ms a manifest (/proc): storescu; Orthanc; the broker's ``dicomserver`` and
+its registrar process; the PostgreSQL backends of the benchmark's database. On a machine of
+2 cores these sum to the ceiling of the rate: 2,000 ms / (CPU ms a manifest).
 """
 
 from __future__ import annotations
@@ -148,6 +151,46 @@ def storescu(port: int, called: str, files: list[Path]) -> tuple[float, float]:
     return elapsed, cpu
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far; 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int) -> list[int]:
+    """The process ``pid`` and every process below it (/proc/PID/task/*/children)."""
+    found = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            found.extend(descendants(int(child)))
+    return found
+
+
+def backends_cpu_seconds(database_url: str) -> float:
+    """CPU time of the PostgreSQL backends now connected to the benchmark's database (the
+    server runs on this machine); 0 for SQLite."""
+    if database_url.startswith("sqlite:///"):
+        return 0.0
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        pids = [
+            pid
+            for (pid,) in conn.execute(
+                "SELECT pid FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        ]
+    return sum(cpu_seconds(pid) for pid in pids)
+
+
 def wait_for_registered(database_url: str, expected: int, timeout: float = 600) -> float:
     """Seconds until the registry holds ``expected`` manifests (polled every 10 ms)."""
     if database_url.startswith("sqlite:///"):
@@ -228,7 +271,9 @@ def main() -> None:
         workdir / "orthanc", aet="ORTHANC", modalities={"BENCH": ("BENCH_PACS", "127.0.0.1", 4242)}
     )
     try:
+        orthanc_cpu = cpu_seconds(orthanc.process.pid)
         peer_seconds, peer_client_cpu = storescu(orthanc.dicom_port, "ORTHANC", files)
+        orthanc_cpu = cpu_seconds(orthanc.process.pid) - orthanc_cpu
     finally:
         orthanc.stop()
 
@@ -242,6 +287,10 @@ def main() -> None:
     )
     try:
         wait_for_echo(port, "RELAIS")
+        time.sleep(1)  # the registrar process started and connected
+        processes = descendants(server.pid)
+        broker_cpu = [cpu_seconds(pid) for pid in processes]
+        database_cpu = backends_cpu_seconds(env["DATABASE_URL"])
         start = time.perf_counter()
         intake_seconds, intake_client_cpu = storescu(port, "RELAIS", files)
         registered_seconds = (
@@ -249,6 +298,10 @@ def main() -> None:
             + (time.perf_counter() - start - intake_seconds)
             + intake_seconds
         )
+        broker_cpu = [
+            cpu_seconds(pid) - before for pid, before in zip(processes, broker_cpu, strict=True)
+        ]
+        database_cpu = backends_cpu_seconds(env["DATABASE_URL"]) - database_cpu
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -258,10 +311,18 @@ def main() -> None:
         "orthanc_per_s": args.manifests / peer_seconds,
         "broker_intake_per_s": args.manifests / intake_seconds,
         "broker_per_s": args.manifests / registered_seconds,
-        # storescu's own CPU, ms a manifest: the client shares the machine's 2 cores
-        "storescu_cpu_ms": {
-            "orthanc": 1000 * peer_client_cpu / args.manifests,
-            "relais": 1000 * intake_client_cpu / args.manifests,
+    }
+    per_manifest = 1000 / args.manifests
+    results["cpu_ms"] = {
+        "orthanc": {
+            "storescu": per_manifest * peer_client_cpu,
+            "orthanc": per_manifest * orthanc_cpu,
+        },
+        "relais": {
+            "storescu": per_manifest * intake_client_cpu,
+            "dicomserver": per_manifest * broker_cpu[0],
+            "registrar": per_manifest * sum(broker_cpu[1:]),
+            "postgresql": per_manifest * database_cpu,
         },
     }
     results["ratio"] = results["broker_per_s"] / results["orthanc_per_s"]
@@ -275,11 +336,9 @@ def main() -> None:
     )
     print(f"| Relais `dicomserver`, all registered | {results['broker_per_s']:.0f} |")
     print(f"| ratio Relais / Orthanc | {results['ratio']:.2f} |")
-    client = results["storescu_cpu_ms"]
-    print(
-        f"storescu's own CPU, ms a manifest: to Orthanc {client['orthanc']:.1f}, "
-        f"to Relais {client['relais']:.1f}"
-    )
+    for side, parts in results["cpu_ms"].items():
+        cells = ", ".join(f"{name} {ms:.1f}" for name, ms in parts.items())
+        print(f"CPU ms a manifest, {side}: {cells}; in all {sum(parts.values()):.1f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     shutil.rmtree(workdir, ignore_errors=True)

@@ -34,6 +34,7 @@ from broker.identity import patient_ref
 from broker.models import Manifest, ManifestInstance, ManifestSeries, ManifestStatus
 from sharing import tokens
 from sharing.models import AccessRequest, IssuedToken
+from sharing.recent import Recent, recent
 from sharing.revocation import token_check
 from sharing.zero_copy import ChunkedSocketWriter, ClientGone, SourceFailed
 
@@ -56,6 +57,26 @@ class GatewayAccess:
     claims: tokens.Claims
     ticket: AccessRequest
     actor: Actor
+    patient: PatientRef  # the ticket's patient, as the audit trail names them
+
+
+@dataclass(frozen=True)
+class _Holder:
+    """Whom a token was issued to, under which ticket (`sharing.recent`)."""
+
+    ticket: AccessRequest
+    user_id: int
+    username: str
+    patient: PatientRef
+
+
+# Kept for the revocation delay (`sharing.recent`): the holder of each token in use, the
+# approved manifest of each (patient, study) asked for, the instances of each manifest (by
+# series; a manifest's instances never change). Bounded: ten thousand tokens of a few
+# hundred bytes; the instances of a few large studies, ~150 bytes an instance.
+_holders: Recent[_Holder] = recent(10_000)
+_manifests: Recent[Manifest] = recent(4_096)
+_instances: Recent[tuple[dict[str, frozenset[str]], frozenset[str]]] = recent(16)
 
 
 def gateway_access(*, authorization: str, address: str, now: dt.datetime) -> GatewayAccess:
@@ -69,34 +90,50 @@ def gateway_access(*, authorization: str, address: str, now: dt.datetime) -> Gat
         claims = token_check(token, studies=[], now=now)
     except tokens.TokenError as exc:
         raise _refused(exc.code, str(exc), actor, now, token=token) from None
-    issued = (
-        IssuedToken.objects.select_related("request__patient", "subject__user")
-        .filter(token_id=claims.token_id)
-        .first()
-    )
-    if issued is None or str(issued.request.public_id) != claims.ticket:
+    holder = _holders.get(claims.token_id, lambda: _holder(claims.token_id))
+    if holder is None or str(holder.ticket.public_id) != claims.ticket:
         raise _refused(
             "token:not-issued", "not a token this broker issued", actor, now, token=token
         )
+    actor = Actor(kind="user", user_id=holder.user_id, username=holder.username, address=address)
+    return GatewayAccess(claims=claims, ticket=holder.ticket, actor=actor, patient=holder.patient)
+
+
+def _holder(token_id: str) -> _Holder | None:
+    issued = (
+        IssuedToken.objects.select_related("request__patient", "subject__user")
+        .filter(token_id=token_id)
+        .first()
+    )
+    if issued is None:
+        return None
     user = issued.subject.user
-    actor = Actor(kind="user", user_id=user.pk, username=user.get_username(), address=address)
-    return GatewayAccess(claims=claims, ticket=issued.request, actor=actor)
+    return _Holder(
+        ticket=issued.request,
+        user_id=user.pk,
+        username=user.get_username(),
+        patient=patient_ref(issued.request.patient),
+    )
 
 
 def gateway_manifest(access: GatewayAccess, study_instance_uid: str) -> Manifest:
     """The approved manifest of a study the token covers, for the ticket's patient."""
     if study_instance_uid not in access.claims.studies:
         raise NotFound("No such study", code="gateway:study:not-found")
-    manifest = (
-        Manifest.objects.select_related("source_institution", "source_identifier")
-        .defer("kos_bytes")  # the document itself: ~200 bytes an instance, not needed here
-        .filter(
-            study_instance_uid=study_instance_uid,
-            status=ManifestStatus.APPROVED,
-            source_identifier__patient_id=access.ticket.patient_id,
-        )
-        .order_by("-registered_at", "-id")
-        .first()
+    patient_id = access.ticket.patient_id
+    manifest = _manifests.get(
+        (patient_id, study_instance_uid),
+        lambda: (
+            Manifest.objects.select_related("source_institution", "source_identifier")
+            .defer("kos_bytes")  # the document itself: ~200 bytes an instance, not needed here
+            .filter(
+                study_instance_uid=study_instance_uid,
+                status=ManifestStatus.APPROVED,
+                source_identifier__patient_id=patient_id,
+            )
+            .order_by("-registered_at", "-id")
+            .first()
+        ),
     )
     if manifest is None:
         raise NotFound("No such study", code="gateway:study:not-found")
@@ -107,15 +144,25 @@ def gateway_instances(
     manifest: Manifest, series_uid: str | None = None, sop_uid: str | None = None
 ) -> frozenset[str]:
     """The SOP Instance UIDs the manifest lists (within a series, or the one asked for)."""
-    instances = ManifestInstance.objects.filter(series__manifest=manifest)
-    if series_uid is not None:
-        instances = instances.filter(series__series_instance_uid=series_uid)
+    listed = _instances.get(manifest.pk, lambda: _listed_instances(manifest))
+    assert listed is not None
+    by_series, every = listed
+    allowed = every if series_uid is None else by_series.get(series_uid, frozenset())
     if sop_uid is not None:
-        instances = instances.filter(sop_instance_uid=sop_uid)
-    allowed = frozenset(instances.values_list("sop_instance_uid", flat=True))
+        allowed = allowed & {sop_uid}
     if not allowed:
         raise NotFound("No such series or instance", code="gateway:instance:not-found")
     return allowed
+
+
+def _listed_instances(manifest: Manifest) -> tuple[dict[str, frozenset[str]], frozenset[str]]:
+    by_series: dict[str, set[str]] = {}
+    for series_uid, sop_uid in ManifestInstance.objects.filter(
+        series__manifest=manifest
+    ).values_list("series__series_instance_uid", "sop_instance_uid"):
+        by_series.setdefault(series_uid, set()).add(sop_uid)
+    frozen = {series_uid: frozenset(sops) for series_uid, sops in by_series.items()}
+    return frozen, frozenset().union(*frozen.values())
 
 
 def gateway_series(manifest: Manifest) -> list[ManifestSeries]:
@@ -151,7 +198,7 @@ def gateway_retrieve(
     socket to socket in the kernel; the body then yields only the framing around them.
     """
     boundary = uuid.uuid4().hex
-    patient = patient_ref(access.ticket.patient)
+    patient = access.patient
     client = institution_archive(manifest.source_institution)
     _audit_transfer(EventCode.TRANSFER_BEGIN, access, manifest, patient, now, Outcome.SUCCESS, None)
     transfer = Transfer()
@@ -336,7 +383,7 @@ def gateway_metadata(
             code=EventCode.GATEWAY_METADATA,
             actor=access.actor,
             now=now,
-            patient=patient_ref(access.ticket.patient),
+            patient=access.patient,
             objects=[
                 {"type": "study", "uid": manifest.study_instance_uid},
                 {"type": "access-request", "id": str(access.ticket.public_id)},
@@ -367,7 +414,7 @@ def gateway_instance_resource(
         raise GatewayUnsupported(
             f"the archive of {manifest.source_institution.name} offers no {resource} (DIMSE)"
         )
-    patient = patient_ref(access.ticket.patient)
+    patient = access.patient
     try:
         content_type, body = relay(
             manifest.study_instance_uid, series_uid, sop_uid, resource, accept
@@ -463,7 +510,7 @@ def gateway_refuse_scope(access: GatewayAccess, what: str, now: dt.datetime) -> 
             actor=access.actor,
             now=now,
             outcome=Outcome.MINOR_FAILURE,
-            patient=patient_ref(access.ticket.patient),
+            patient=access.patient,
             objects=[{"type": "access-request", "id": str(access.ticket.public_id)}],
             purpose_of_use=access.ticket.purpose,
             correlation_id=access.ticket.public_id,
@@ -477,7 +524,7 @@ def gateway_audit_query(access: GatewayAccess, what: str, count: int, now: dt.da
             code=EventCode.GATEWAY_QUERY,
             actor=access.actor,
             now=now,
-            patient=patient_ref(access.ticket.patient),
+            patient=access.patient,
             objects=[{"type": "access-request", "id": str(access.ticket.public_id)}],
             purpose_of_use=access.ticket.purpose,
             correlation_id=access.ticket.public_id,

@@ -164,6 +164,15 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
 
 
 @pytest.fixture(autouse=True)
+def _recent_lookups_forgotten() -> None:
+    """A database rolled back or flushed may give its ids again: the gateway's kept lookups
+    (`sharing.recent`) of the test before must not answer for them."""
+    from sharing.recent import recent_clear
+
+    recent_clear()
+
+
+@pytest.fixture(autouse=True)
 def _audit_trail_emptied_before_flush(request: Any) -> Any:
     """Transactional tests end with a flush, which the audit triggers refuse while audit
     rows exist: empty the trail first (triggers suspended), then let Django flush."""

@@ -16,7 +16,9 @@ from typing import Any
 import httpx
 import pydicom
 import pytest
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from audit.events import EventCode
@@ -109,6 +111,41 @@ def test_the_manifest_is_found_without_loading_its_document(shared):
     manifest = gateway_manifest(access, shared["study"].study_instance_uid)
     assert manifest.pk == shared["manifest"].pk
     assert manifest.get_deferred_fields() == {"kos_bytes"}
+
+
+def test_a_viewing_looks_up_its_token_manifest_and_instances_once(shared):
+    """The requests of a viewing after the first: the token's holder, the study's manifest,
+    its instances and the patient are kept (sharing.recent); only the audit is written."""
+    manifest = shared["manifest"]
+    series = manifest.series.order_by("id").first()
+    first, second = series.instances.order_by("id").values_list("sop_instance_uid", flat=True)[:2]
+    base = f"/dicomweb/studies/{manifest.study_instance_uid}/series/{series.series_instance_uid}"
+    client = viewer(shared["token"])
+    assert len(parts(client.get(f"{base}/instances/{first}"))) == 1
+    with CaptureQueriesContext(connection) as queries:
+        assert len(parts(client.get(f"{base}/instances/{second}"))) == 1
+    read = " ".join(query["sql"] for query in queries)
+    for table in ("sharing_issuedtoken", "broker_manifest", "broker_manifestinstance"):
+        assert f'"{table}"' not in read
+    assert "broker_patientidentifier" not in read
+    assert AuditEvent.objects.filter(code=EventCode.TRANSFER_END).count() == 2  # each audited
+
+
+def test_a_manifest_deprecated_during_a_viewing_is_honoured_within_the_revocation_delay(shared):
+    manifest = shared["manifest"]
+    series = manifest.series.order_by("id").first()
+    sop = series.instances.order_by("id").first().sop_instance_uid
+    url = (
+        f"/dicomweb/studies/{manifest.study_instance_uid}/series/{series.series_instance_uid}"
+        f"/instances/{sop}"
+    )
+    client = viewer(shared["token"])
+    assert len(parts(client.get(url))) == 1
+    Manifest.objects.filter(pk=manifest.pk).update(
+        status=ManifestStatus.DEPRECATED, deprecated_at=timezone.now()
+    )
+    time.sleep(0.6)  # RELAIS_REVOCATION_POLL_SECONDS: 0.5
+    assert client.get(url).status_code == 404
 
 
 def test_the_same_through_c_get_when_the_archive_has_no_dicomweb(shared, chu):
@@ -294,6 +331,7 @@ def test_frames_and_rendered_are_relayed_from_a_dicomweb_archive(shared, chu):
     assert client.get(f"{outside}/frames/1").status_code == 404
     chu.archive_transport = "dimse"
     chu.save(update_fields=["archive_transport"])
+    time.sleep(0.6)  # the gateway's lookups are at most 0.5 s old (sharing.recent)
     assert client.get(f"{base}/frames/1").status_code == 501
 
 
