@@ -17,8 +17,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from django.db import transaction
 from django.utils import timezone
@@ -33,7 +34,7 @@ from broker.errors import NotFound
 from broker.identity import patient_ref
 from broker.models import Manifest, ManifestInstance, ManifestSeries, ManifestStatus
 from sharing import tokens
-from sharing.models import AccessRequest, IssuedToken
+from sharing.models import IssuedToken
 from sharing.recent import Recent, recent
 from sharing.revocation import token_check
 from sharing.zero_copy import ChunkedSocketWriter, ClientGone, SourceFailed
@@ -53,30 +54,50 @@ class GatewayRefused(Exception):
 
 
 @dataclass(frozen=True)
+class TicketRef:
+    """The ticket a token was issued under, as the gateway uses it: values, not the model (the
+    gateway keeps it across requests and threads, `sharing.recent`)."""
+
+    public_id: uuid.UUID
+    purpose: str
+    patient_id: int
+
+
+@dataclass(frozen=True)
 class GatewayAccess:
     claims: tokens.Claims
-    ticket: AccessRequest
+    ticket: TicketRef
     actor: Actor
     patient: PatientRef  # the ticket's patient, as the audit trail names them
 
 
 @dataclass(frozen=True)
 class _Holder:
-    """Whom a token was issued to, under which ticket (`sharing.recent`)."""
+    """Whom a token was issued to, under which ticket."""
 
-    ticket: AccessRequest
+    ticket: TicketRef
     user_id: int
     username: str
     patient: PatientRef
 
 
-# Kept for the revocation delay (`sharing.recent`): the holder of each token in use, the
-# approved manifest of each (patient, study) asked for, the instances of each manifest (by
-# series; a manifest's instances never change). Bounded: ten thousand tokens of a few
-# hundred bytes; the instances of a few large studies, ~150 bytes an instance.
-_holders: Recent[_Holder] = recent(10_000)
-_manifests: Recent[Manifest] = recent(4_096)
-_instances: Recent[tuple[dict[str, frozenset[str]], frozenset[str]]] = recent(16)
+@dataclass(frozen=True)
+class _Listed:
+    """The instances a manifest lists, by series and in all."""
+
+    by_series: Mapping[str, frozenset[str]]
+    every: frozenset[str]
+
+
+# Kept for about the revocation delay (`sharing.recent`): the holder of each token in use, the
+# approved manifest of each (patient, study) asked for, the instances of each manifest (a
+# manifest's instances never change). What one process holds at most: 2,048 holders (about a
+# kilobyte each), 1,024 manifests (about 5 KB each, with their institution and identifier),
+# 50,000 instances (about 200 bytes each): some 17 MB. A study of more instances than that is
+# looked up again at each request.
+_holders: Recent[_Holder] = recent(2_048)
+_manifests: Recent[Manifest] = recent(1_024)
+_instances: Recent[_Listed] = recent(50_000, getsizeof=lambda listed: max(1, len(listed.every)))
 
 
 def gateway_access(*, authorization: str, address: str, now: dt.datetime) -> GatewayAccess:
@@ -91,6 +112,7 @@ def gateway_access(*, authorization: str, address: str, now: dt.datetime) -> Gat
     except tokens.TokenError as exc:
         raise _refused(exc.code, str(exc), actor, now, token=token) from None
     holder = _holders.get(claims.token_id, lambda: _holder(claims.token_id))
+    # on every request, kept or not: the token names the ticket it was issued under
     if holder is None or str(holder.ticket.public_id) != claims.ticket:
         raise _refused(
             "token:not-issued", "not a token this broker issued", actor, now, token=token
@@ -108,8 +130,11 @@ def _holder(token_id: str) -> _Holder | None:
     if issued is None:
         return None
     user = issued.subject.user
+    ticket = issued.request
     return _Holder(
-        ticket=issued.request,
+        ticket=TicketRef(
+            public_id=ticket.public_id, purpose=ticket.purpose, patient_id=ticket.patient_id
+        ),
         user_id=user.pk,
         username=user.get_username(),
         patient=patient_ref(issued.request.patient),
@@ -145,9 +170,10 @@ def gateway_instances(
 ) -> frozenset[str]:
     """The SOP Instance UIDs the manifest lists (within a series, or the one asked for)."""
     listed = _instances.get(manifest.pk, lambda: _listed_instances(manifest))
-    assert listed is not None
-    by_series, every = listed
-    allowed = every if series_uid is None else by_series.get(series_uid, frozenset())
+    if listed is None:  # never: a manifest's listing is never None, even empty
+        raise NotFound("No such series or instance", code="gateway:instance:not-found")
+    in_series = listed.every if series_uid is None else listed.by_series.get(series_uid)
+    allowed = in_series or frozenset()
     if sop_uid is not None:
         allowed = allowed & {sop_uid}
     if not allowed:
@@ -155,14 +181,14 @@ def gateway_instances(
     return allowed
 
 
-def _listed_instances(manifest: Manifest) -> tuple[dict[str, frozenset[str]], frozenset[str]]:
+def _listed_instances(manifest: Manifest) -> _Listed:
     by_series: dict[str, set[str]] = {}
     for series_uid, sop_uid in ManifestInstance.objects.filter(
         series__manifest=manifest
     ).values_list("series__series_instance_uid", "sop_instance_uid"):
         by_series.setdefault(series_uid, set()).add(sop_uid)
     frozen = {series_uid: frozenset(sops) for series_uid, sops in by_series.items()}
-    return frozen, frozenset().union(*frozen.values())
+    return _Listed(by_series=MappingProxyType(frozen), every=frozenset().union(*frozen.values()))
 
 
 def gateway_series(manifest: Manifest) -> list[ManifestSeries]:

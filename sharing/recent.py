@@ -4,16 +4,17 @@ A viewer reads a study with hundreds of requests (an instance, a frame each), ev
 with the same token, for the same study. Each would look up the token's ticket and holder,
 the study's approved manifest and its instances: four queries whose ORM work cost this
 machine more CPU than relaying a 500 KB instance (docs/performance.md). Each process keeps
-them for ``RELAIS_REVOCATION_POLL_SECONDS``, the delay within which it already honours a
-revocation committed anywhere (`sharing.revocation`): a manifest replaced or deprecated, a
-patient's identities merged, an archive's settings changed, are honoured within the same
-delay. What a token gives is
-still checked on every request: signature, time, scope and the revocation copy. A lookup
-that finds nothing is not kept. 0 keeps nothing.
+them for ``RELAIS_REVOCATION_POLL_SECONDS`` from when they were read, the delay within which it
+already honours a revocation committed anywhere (`sharing.revocation`). A manifest replaced
+or deprecated, an identifier merged into or unlinked from a patient, an archive's settings
+changed, are honoured within about the same delay: the setting, plus the time the lookup took.
+What a token gives is still checked on every request: signature, time, scope and the
+revocation copy. A lookup that finds no token or no manifest is not kept. 0 keeps nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -28,11 +29,15 @@ V = TypeVar("V")
 class Recent(Generic[V]):
     """A bounded, thread-safe map of recent lookups, each kept for the revocation delay."""
 
-    def __init__(self, maxsize: int) -> None:
+    def __init__(self, maxsize: int, getsizeof: Callable[[V], float] | None = None) -> None:
         self._maxsize = maxsize
+        self._getsizeof = getsizeof
         self._lock = threading.Lock()
         self._ttl = -1.0
-        self._entries: TTLCache[Hashable, V] = TTLCache(maxsize, ttl=0, timer=time.monotonic)
+        self._entries = self._new(0)
+
+    def _new(self, ttl: float) -> TTLCache[Hashable, V]:
+        return TTLCache(self._maxsize, ttl=ttl, timer=time.monotonic, getsizeof=self._getsizeof)
 
     def get(self, key: Hashable, load: Callable[[], V | None]) -> V | None:
         """The value kept for ``key``, or what ``load()`` gives now (kept unless None)."""
@@ -41,14 +46,14 @@ class Recent(Generic[V]):
             return load()
         with self._lock:
             if ttl != self._ttl:  # the setting changed (tests): start afresh
-                self._entries = TTLCache(self._maxsize, ttl=ttl, timer=time.monotonic)
+                self._entries = self._new(ttl)
                 self._ttl = ttl
             value = self._entries.get(key)
         if value is not None:
             return value
         value = load()
         if value is not None:
-            with self._lock:
+            with self._lock, contextlib.suppress(ValueError):  # larger than the whole map
                 self._entries[key] = value
         return value
 
@@ -60,9 +65,10 @@ class Recent(Generic[V]):
 _all: list[Recent[object]] = []
 
 
-def recent(maxsize: int) -> Recent[V]:
-    """A new map, emptied by `recent_clear`."""
-    lookups: Recent[V] = Recent(maxsize)
+def recent(maxsize: int, getsizeof: Callable[[V], float] | None = None) -> Recent[V]:
+    """A new map of this process, emptied by `recent_clear`: ``maxsize`` entries, or of that
+    total size as ``getsizeof`` measures each."""
+    lookups: Recent[V] = Recent(maxsize, getsizeof)
     _all.append(lookups)  # type: ignore[arg-type]
     return lookups
 

@@ -3,6 +3,7 @@ study through ``/dicomweb/`` and gets every instance as the archive holds it; re
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import io
 import logging
@@ -24,8 +25,9 @@ from django.utils import timezone
 from audit.events import EventCode
 from audit.models import AuditEvent
 from broker.dicom.multipart import MultipartParts
+from broker.errors import NotFound
 from broker.models import Manifest, ManifestInstance, ManifestStatus
-from sharing import services
+from sharing import revocation, services
 from sharing.gateway import gateway_access, gateway_manifest, media_storage_sop_instance_uid
 from tests.conftest import SYSTEM, Region, make_user
 from tests.integration.conftest import harvested, radiologist_token
@@ -113,9 +115,19 @@ def test_the_manifest_is_found_without_loading_its_document(shared):
     assert manifest.get_deferred_fields() == {"kos_bytes"}
 
 
-def test_a_viewing_looks_up_its_token_manifest_and_instances_once(shared):
+def instance_url(manifest: Manifest) -> str:
+    series = manifest.series.order_by("id").first()
+    sop = series.instances.order_by("id").first().sop_instance_uid
+    return (
+        f"/dicomweb/studies/{manifest.study_instance_uid}/series/{series.series_instance_uid}"
+        f"/instances/{sop}"
+    )
+
+
+def test_a_viewing_looks_up_its_token_manifest_and_instances_once(shared, settings):
     """The requests of a viewing after the first: the token's holder, the study's manifest,
     its instances and the patient are kept (sharing.recent); only the audit is written."""
+    settings.RELAIS_REVOCATION_POLL_SECONDS = 1  # kept for longer than a busy machine's request
     manifest = shared["manifest"]
     series = manifest.series.order_by("id").first()
     first, second = series.instances.order_by("id").values_list("sop_instance_uid", flat=True)[:2]
@@ -131,21 +143,53 @@ def test_a_viewing_looks_up_its_token_manifest_and_instances_once(shared):
     assert AuditEvent.objects.filter(code=EventCode.TRANSFER_END).count() == 2  # each audited
 
 
-def test_a_manifest_deprecated_during_a_viewing_is_honoured_within_the_revocation_delay(shared):
-    manifest = shared["manifest"]
-    series = manifest.series.order_by("id").first()
-    sop = series.instances.order_by("id").first().sop_instance_uid
-    url = (
-        f"/dicomweb/studies/{manifest.study_instance_uid}/series/{series.series_instance_uid}"
-        f"/instances/{sop}"
+def test_a_token_revoked_while_its_holder_is_kept_is_refused_at_once(shared, settings, monkeypatch):
+    settings.RELAIS_REVOCATION_POLL_SECONDS = 1
+    monkeypatch.setattr(revocation, "_revocations", revocation.RevocationList(poll_seconds=0))
+    client = viewer(shared["token"])
+    url = instance_url(shared["manifest"])
+    assert client.get(url).status_code == 200  # the holder is now kept
+    services.request_revoke(
+        user=make_user("admin.region3", region_admin=True),
+        ticket=shared["ticket"],
+        reason="erreur de patient",
+        actor=SYSTEM,
+        now=timezone.now(),
     )
+    refused = client.get(url)
+    assert refused.status_code == 401
+    assert refused.json()["code"] == "token:revoked"
+
+
+def test_a_kept_manifest_answers_only_for_its_patient(shared):
+    """The manifests are kept by (patient, study): the same study asked for under another
+    patient's ticket is looked up for that patient, and not found."""
+    access = gateway_access(
+        authorization=f"Bearer {shared['token']}", address="127.0.0.1", now=timezone.now()
+    )
+    study = shared["study"].study_instance_uid
+    assert gateway_manifest(access, study).pk == shared["manifest"].pk  # kept
+    other = dataclasses.replace(
+        access, ticket=dataclasses.replace(access.ticket, patient_id=access.ticket.patient_id + 1)
+    )
+    with pytest.raises(NotFound):
+        gateway_manifest(other, study)
+
+
+def test_a_manifest_deprecated_during_a_viewing_is_refused_once_the_delay_has_passed(shared):
+    """Requests that keep coming do not keep the old manifest alive: it is read again once
+    RELAIS_REVOCATION_POLL_SECONDS (0.5 s) has passed since it was read."""
+    manifest = shared["manifest"]
+    url = instance_url(manifest)
     client = viewer(shared["token"])
     assert len(parts(client.get(url))) == 1
     Manifest.objects.filter(pk=manifest.pk).update(
         status=ManifestStatus.DEPRECATED, deprecated_at=timezone.now()
     )
-    time.sleep(0.6)  # RELAIS_REVOCATION_POLL_SECONDS: 0.5
-    assert client.get(url).status_code == 404
+    deadline = time.monotonic() + 3
+    while (status := client.get(url).status_code) == 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert status == 404
 
 
 def test_the_same_through_c_get_when_the_archive_has_no_dicomweb(shared, chu):

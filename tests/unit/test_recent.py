@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from sharing.recent import recent, recent_clear
+from sharing.recent import Recent, recent, recent_clear
 
 
 def counting(value: object) -> tuple[list[int], object]:
@@ -19,7 +19,7 @@ def counting(value: object) -> tuple[list[int], object]:
 
 def test_a_lookup_is_kept_for_the_revocation_delay_then_made_again(settings):
     settings.RELAIS_REVOCATION_POLL_SECONDS = 0.2
-    lookups = recent(8)
+    lookups: Recent[object] = Recent(8)
     calls, load = counting("manifest")
     assert lookups.get("key", load) == "manifest"
     assert lookups.get("key", load) == "manifest"
@@ -31,7 +31,7 @@ def test_a_lookup_is_kept_for_the_revocation_delay_then_made_again(settings):
 
 def test_nothing_found_is_not_kept(settings):
     settings.RELAIS_REVOCATION_POLL_SECONDS = 0.5
-    lookups = recent(8)
+    lookups: Recent[object] = Recent(8)
     calls, load = counting(None)
     assert lookups.get("key", load) is None
     assert lookups.get("key", load) is None
@@ -40,7 +40,7 @@ def test_nothing_found_is_not_kept(settings):
 
 def test_no_delay_keeps_nothing(settings):
     settings.RELAIS_REVOCATION_POLL_SECONDS = 0
-    lookups = recent(8)
+    lookups: Recent[object] = Recent(8)
     calls, load = counting("manifest")
     lookups.get("key", load)
     lookups.get("key", load)
@@ -58,3 +58,25 @@ def test_bounded_and_cleared(settings):
     recent_clear()
     lookups.get("c", load)
     assert len(calls) == 5
+
+
+def test_bounded_by_size_and_what_is_larger_than_the_whole_is_not_kept(settings):
+    settings.RELAIS_REVOCATION_POLL_SECONDS = 0.5
+    lookups: Recent[tuple[str, ...]] = Recent(5, getsizeof=len)
+    calls: list[str] = []
+
+    def load(value: tuple[str, ...]):  # type: ignore[no-untyped-def]
+        def loader() -> tuple[str, ...]:
+            calls.append(value[0])
+            return value
+
+        return loader
+
+    big = ("x",) * 6
+    assert lookups.get("big", load(big)) == big  # answered, not kept
+    assert lookups.get("big", load(big)) == big
+    assert calls == ["x", "x"]
+    lookups.get("a", load(("a",) * 3))
+    lookups.get("b", load(("b",) * 2))
+    lookups.get("a", load(("a",) * 3))
+    assert calls == ["x", "x", "a", "b"]
