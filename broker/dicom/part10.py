@@ -74,6 +74,30 @@ def part10_file(
     """A data set received as it is (a C-STORE's), made a Part 10 file: preamble, "DICM" and
     the meta group, written here without building a pydicom dataset (a C-STORE SCP does it
     for every object it receives)."""
+    return (
+        part10_header(
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            transfer_syntax_uid=transfer_syntax_uid,
+            implementation_class_uid=implementation_class_uid,
+            implementation_version_name=implementation_version_name,
+            source_ae_title=source_ae_title,
+        )
+        + dataset
+    )
+
+
+def part10_header(
+    *,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax_uid: str,
+    implementation_class_uid: str,
+    implementation_version_name: str,
+    source_ae_title: str = "",
+) -> bytes:
+    """What `part10_file` puts before the data set: the preamble, "DICM" and the meta group
+    (for a caller that joins it with the data set's fragments as received, in one copy)."""
     elements = [
         _meta_long(0x0001, b"OB", b"\x00\x01"),
         _meta_short(0x0002, b"UI", _padded(sop_class_uid, b"\x00")),
@@ -86,7 +110,7 @@ def part10_file(
         elements.append(_meta_short(0x0016, b"AE", _padded(source_ae_title, b" ")))
     group = b"".join(elements)
     length = _meta_short(0x0000, b"UL", struct.pack("<I", len(group)))
-    return b"\x00" * 128 + b"DICM" + length + group + dataset
+    return b"\x00" * 128 + b"DICM" + length + group
 
 
 def _padded(text: str, pad: bytes) -> bytes:

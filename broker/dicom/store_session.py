@@ -72,7 +72,7 @@ from pynetdicom.status import STATUS_FAILURE, STORAGE_SERVICE_CLASS_STATUS
 from broker.dicom.kos import RELAIS_IMPLEMENTATION_CLASS_UID, RELAIS_IMPLEMENTATION_VERSION_NAME
 from broker.dicom.multipart import DEFAULT_MAX_PART_BYTES
 from broker.dicom.network import EncodedInstance, ae_value, command_set, uid_value, us_value
-from broker.dicom.part10 import part10_file
+from broker.dicom.part10 import part10_header
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ class StoreSession:
         kind, body = self._read_pdu(self.acse_timeout)
         if kind == _A_ASSOCIATE_RJ:
             rejection = A_ASSOCIATE_RJ()
-            rejection.decode(body)
+            rejection.decode(bytes(body))
             answer = rejection.to_primitive()
             self.rejection = (
                 f"rejected (result {answer.result}, source {answer.result_source}, "
@@ -285,7 +285,7 @@ class StoreSession:
                 reason=0x02 if 0x01 <= kind <= 0x07 else 0x01,
             )
         acceptance = A_ASSOCIATE_AC()
-        acceptance.decode(body)
+        acceptance.decode(bytes(body))
         answer = acceptance.to_primitive()
         for item in answer.user_information:
             if isinstance(item, MaximumLengthNotification):
@@ -538,7 +538,7 @@ class StoreSession:
                     raise StoreSessionProtocolError("malformed P-DATA-TF item", reason=0x06)
                 if not control & 0x01:
                     raise StoreSessionProtocolError("a data set in answer to C-STORE")
-                fragments.append(pdu[offset + 6 : offset + 4 + length])
+                fragments.append(bytes(pdu[offset + 6 : offset + 4 + length]))
                 offset += 4 + length
                 if control & 0x02:
                     return b"".join(fragments)
@@ -612,7 +612,7 @@ class StoreSession:
                     )
                 if fields[0x0900] in (0xFF00, 0xFF01):  # pending: a match
                     if data:
-                        yield _decoded(data, self.context_syntax.get(context, syntax))
+                        yield _decoded(b"".join(data), self.context_syntax.get(context, syntax))
                     continue
                 finished = True
                 return _get_status(received, fields)
@@ -652,7 +652,7 @@ class StoreSession:
         context_id: int,
         received: bytes,
         fields: dict[int, int],
-        data: bytes | None,
+        data: list[memoryview] | None,
         source_ae_title: str,
     ) -> bytes:
         """A C-STORE sub-operation of a C-GET: its instance as a Part 10 file, after its
@@ -669,8 +669,7 @@ class StoreSession:
                 "a C-STORE-RQ on a presentation context of another SOP class", reason=0x06
             )
         try:
-            instance = part10_file(
-                data,
+            header = part10_header(
                 sop_class_uid=sop_class.decode("ascii").rstrip("\0 "),
                 sop_instance_uid=sop_instance.decode("ascii").rstrip("\0 "),
                 transfer_syntax_uid=syntax,
@@ -679,7 +678,11 @@ class StoreSession:
                 source_ae_title=source_ae_title,
             )
         except (UnicodeError, ValueError):  # a UID that is not ASCII: pydicom writes the meta
-            instance = _part10_by_pydicom(data, syntax, sop_class, sop_instance, source_ae_title)
+            instance = _part10_by_pydicom(
+                b"".join(data), syntax, sop_class, sop_instance, source_ae_title
+            )
+        else:  # the fragments as received, copied once, after the meta group
+            instance = b"".join((header, *data))
         response = command_set(
             [
                 (0x0002, _even(sop_class)),
@@ -699,10 +702,10 @@ class StoreSession:
                 return context_id, syntax
         raise StoreSessionError(f"the peer accepted no context for {sop_class}")
 
-    def _read_message(self, timeout: float | None) -> tuple[int, bytes, bytes | None]:
+    def _read_message(self, timeout: float | None) -> tuple[int, bytes, list[memoryview] | None]:
         """The peer's next DIMSE message: its presentation context, its command set and its
-        data set (None when the command says there is none), from as many P-DATA PDVs as it
-        takes."""
+        data set's fragments as received (None when the command says there is none: joined by
+        the caller, once), from as many P-DATA PDVs as it takes."""
         command: list[memoryview] = []
         data: list[memoryview] = []
         command_size = data_size = 0
@@ -738,7 +741,7 @@ class StoreSession:
                 data.append(fragment)
                 if control & 0x02:
                     self._pending_pdvs = items[index + 1 :]
-                    return context_id, b"".join(command), b"".join(data)
+                    return context_id, b"".join(command), data
 
     def _next_pdvs(self, timeout: float | None) -> list[tuple[int, int, memoryview]]:
         """The PDVs of the next P-DATA-TF PDU (or those left of the last one)."""
@@ -776,22 +779,59 @@ class StoreSession:
 
     # ------------------------------------------------------------------ transport
 
-    def _read_pdu(self, timeout: float | None) -> tuple[int, bytes]:
-        """The type and the bytes (header included) of the peer's next PDU. What the socket
-        has is read at once (a response usually comes in one read); the rest of it is kept
-        for the next PDU."""
+    def _read_pdu(self, timeout: float | None) -> tuple[int, bytes | bytearray]:
+        """The type and the bytes (header included) of the peer's next PDU.
+
+        A PDU that the bytes already read do not hold whole is read into its own buffer; one
+        they hold (responses, which often come several to a read) is cut from them. With
+        nothing read ahead, the header is read alone: a long PDU (a C-GET's instance data,
+        128 KiB a PDU from DCMTK) then goes from the socket to its buffer in one copy."""
         self._connected().settimeout(timeout)
-        self._fill(6)
+        if not self._received:
+            header = bytearray(6)
+            with memoryview(header) as view:
+                got = 0
+                while got < 6:
+                    got += self._recv_into(view[got:])
+            self._received += header
+        else:
+            self._fill(6)
         kind, _reserved, length = struct.unpack_from(">BBI", self._received)
         if length > max(_LARGEST_PDU_READ, self.maximum_received_pdu):
             raise StoreSessionProtocolError(
                 f"a PDU of {length} bytes, more than the {self.maximum_received_pdu} offered",
                 reason=0x06,
             )
-        self._fill(6 + length)
-        pdu = bytes(self._received[: 6 + length])
-        del self._received[: 6 + length]
-        return kind, pdu
+        total = 6 + length
+        if length <= _RECEIVE_CHUNK:  # a short one: read with what follows it, if it has come
+            self._fill(total)
+        have = len(self._received)
+        if have >= total:
+            with memoryview(self._received) as view:
+                pdu = bytes(view[:total])
+            del self._received[:total]
+            return kind, pdu
+        whole = bytearray(total)
+        whole[:have] = self._received
+        self._received.clear()
+        with memoryview(whole) as view:
+            while have < total:
+                have += self._recv_into(view[have:])
+        return kind, whole
+
+    def _recv_into(self, view: memoryview) -> int:
+        """Read what the socket has, at most ``len(view)`` bytes, into ``view``."""
+        try:
+            count = self._connected().recv_into(view)
+        except TimeoutError as exc:
+            raise StoreSessionTimeout("the peer did not answer in time") from exc
+        except OSError as exc:  # reset, a TLS failure
+            self.is_established = False
+            raise StoreSessionClosed(f"the connection failed: {exc}") from exc
+        if not count:
+            self.is_established = False
+            raise StoreSessionClosed("the peer closed the connection")
+        return count
 
     def _fill(self, size: int) -> None:
         """Read until `size` bytes are waiting."""

@@ -588,7 +588,9 @@ def test_messages_are_read_whatever_pdus_carry_their_fragments() -> None:
             p_data(pdv(3, 0x01, first[:10]), pdv(3, 0x03, first[10:]), pdv(3, 0x00, b"abc"))
             + p_data(pdv(3, 0x02, b"def"), pdv(1, 0x03, second))
         )
-        assert session._read_message(5) == (3, first, b"abcdef")
+        context, command, fragments = session._read_message(5)
+        assert (context, command, b"".join(fragments)) == (3, first, b"abcdef")
+        assert [bytes(fragment) for fragment in fragments] == [b"abc", b"def"]  # as received
         assert session._read_message(5) == (1, second, None)
         far.sendall(p_data(pdv(3, 0x00, b"a data set first")))
         with pytest.raises(StoreSessionProtocolError, match="data set before its command"):
@@ -596,6 +598,38 @@ def test_messages_are_read_whatever_pdus_carry_their_fragments() -> None:
         far.sendall(struct.pack(">BBI", 0x04, 0, 0))  # a P-DATA-TF without any PDV
         with pytest.raises(StoreSessionProtocolError, match="malformed"):
             session._read_message(5)
+
+
+def test_long_pdus_arriving_in_pieces_are_read_whole_and_no_further() -> None:
+    """A data set in PDUs longer than what is read at a time (DCMTK sends 128 KiB ones),
+    arriving a few bytes, then many, at a time, the next message right behind it."""
+    command = command_set(
+        [(0x0100, us_value(0x0001)), (0x0110, us_value(7)), (0x0800, us_value(0))]
+    )
+    after = command_set([(0x0100, us_value(0x8010)), (0x0800, us_value(0x0101))])
+    data = bytes(range(256)) * 1200  # 300 KiB
+    stream = (
+        p_data(pdv(5, 0x03, command))
+        + p_data(pdv(5, 0x00, data[:150_000]))
+        + p_data(pdv(5, 0x02, data[150_000:]))
+        + p_data(pdv(1, 0x03, after))
+    )
+    near, far = socket.socketpair()
+    with near, far:
+
+        def send() -> None:
+            for start, size in ((0, 3), (3, 5), (8, 70_000), (70_008, 1)):
+                far.sendall(stream[start : start + size])
+                time.sleep(0.01)
+            far.sendall(stream[70_009:])
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        session = StoreSession(near)
+        context, received, fragments = session._read_message(5)
+        assert (context, received, b"".join(fragments)) == (5, command, data)
+        assert session._read_message(5) == (1, after, None)
+        sender.join()
 
 
 def archive_at(port: int) -> DimseArchive:
