@@ -85,6 +85,8 @@ _LARGEST_PDU_READ = 1 << 20
 # (as a WADO-RS part is: broker.dicom.multipart).
 _LARGEST_COMMAND_SET = 64 * 1024
 LARGEST_INSTANCE = DEFAULT_MAX_PART_BYTES
+# A received fragment's cost beyond its bytes: its memoryview and its slot in the list.
+_FRAGMENT_OVERHEAD = 200
 # What one read asks of the socket.
 _RECEIVE_CHUNK = 65536
 # At most this many buffers in one vectored write (Linux's IOV_MAX is 1024).
@@ -733,12 +735,15 @@ class StoreSession:
                     continue
                 if control & 0x01 or context != context_id:
                     raise StoreSessionProtocolError("a command where a data set was due")
-                data_size += len(fragment)
+                # What is held counts each fragment's view too: a peer sending endless tiny
+                # PDVs is stopped like one sending a data set too large.
+                data_size += len(fragment) + _FRAGMENT_OVERHEAD
                 if data_size > LARGEST_INSTANCE:
                     raise StoreSessionProtocolError(
                         f"a data set larger than {LARGEST_INSTANCE} bytes", reason=0x06
                     )
-                data.append(fragment)
+                if fragment:  # an empty data set stays empty (no fragment), as the checks expect
+                    data.append(fragment)
                 if control & 0x02:
                     self._pending_pdvs = items[index + 1 :]
                     return context_id, b"".join(command), data
@@ -783,11 +788,12 @@ class StoreSession:
         """The type and the bytes (header included) of the peer's next PDU.
 
         A PDU that the bytes already read do not hold whole is read into its own buffer; one
-        they hold (responses, which often come several to a read) is cut from them. With
-        nothing read ahead, the header is read alone: a long PDU (a C-GET's instance data,
-        128 KiB a PDU from DCMTK) then goes from the socket to its buffer in one copy."""
+        they hold (responses, which often come several to a read) is cut from them. On a
+        session that takes long PDUs (a C-GET's instance data: DCMTK sends 128 KiB ones) with
+        nothing read ahead, the header is read alone: such a PDU then goes from the socket to
+        its buffer in one copy."""
         self._connected().settimeout(timeout)
-        if not self._received:
+        if not self._received and self.maximum_received_pdu > _RECEIVE_CHUNK:
             header = bytearray(6)
             with memoryview(header) as view:
                 got = 0
