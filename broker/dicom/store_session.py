@@ -41,7 +41,7 @@ import ssl
 import struct
 import warnings
 from collections.abc import Generator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -828,32 +828,33 @@ class StoreSession:
     def _recv_into(self, view: memoryview) -> int:
         """Read what the socket has, at most ``len(view)`` bytes, into ``view``."""
         try:
-            count = self._connected().recv_into(view)
-        except TimeoutError as exc:
-            raise StoreSessionTimeout("the peer did not answer in time") from exc
-        except OSError as exc:  # reset, a TLS failure
-            self.is_established = False
-            raise StoreSessionClosed(f"the connection failed: {exc}") from exc
-        if not count:
-            self.is_established = False
-            raise StoreSessionClosed("the peer closed the connection")
-        return count
+            count: int = self._connected().recv_into(view)
+        except OSError as exc:
+            self._read_failed(exc)
+        return count or self._closed_by_peer()
 
     def _fill(self, size: int) -> None:
         """Read until `size` bytes are waiting."""
         sock = self._connected()
         while len(self._received) < size:
             try:
-                chunk = sock.recv(max(_RECEIVE_CHUNK, size - len(self._received)))
-            except TimeoutError as exc:
-                raise StoreSessionTimeout("the peer did not answer in time") from exc
-            except OSError as exc:  # reset, a TLS failure
-                self.is_established = False
-                raise StoreSessionClosed(f"the connection failed: {exc}") from exc
-            if not chunk:
-                self.is_established = False
-                raise StoreSessionClosed("the peer closed the connection")
-            self._received += chunk
+                chunk: bytes = sock.recv(max(_RECEIVE_CHUNK, size - len(self._received)))
+            except OSError as exc:
+                self._read_failed(exc)
+            self._received += chunk or self._closed_by_peer()
+
+    def _read_failed(self, exc: OSError) -> NoReturn:
+        """A read from the peer's socket that failed, as the session's error (no context
+        manager around the reads: they are the C-GET's hot path)."""
+        if isinstance(exc, TimeoutError):
+            raise StoreSessionTimeout("the peer did not answer in time") from exc
+        self.is_established = False  # reset, a TLS failure
+        raise StoreSessionClosed(f"the connection failed: {exc}") from exc
+
+    def _closed_by_peer(self) -> NoReturn:
+        """A read of nothing: the peer closed the connection."""
+        self.is_established = False
+        raise StoreSessionClosed("the peer closed the connection")
 
     def _write(self, buffers: list[bytes | memoryview], timeout: float | None) -> None:
         """Write every buffer; a peer that takes nothing for `timeout` s fails the write."""
