@@ -1473,6 +1473,7 @@ _MOVE_MODEL: Final = UID(StudyRootQueryRetrieveInformationModelMove)
 # invalid PDU; and ours: A-RELEASE or A-ABORT requested, after which a closed connection is ours.
 _PEER_EVENTS: Final = frozenset({"Evt16", "Evt17", "Evt19"})
 _LOCAL_END_EVENTS: Final = frozenset({"Evt11", "Evt15"})
+_DUL_ENDING_SECONDS: Final = 2.0  # a DUL thread told to stop ends within its next turn
 
 
 class _Watch:
@@ -1481,18 +1482,30 @@ class _Watch:
     def __init__(self) -> None:
         self.connected = False
         self.ending = False  # the broker asked for a release or an abort
-        self.peer_event: str | None = None  # first of _PEER_EVENTS before that
+        self._peer_event: str | None = None  # first of _PEER_EVENTS before that
+        self._dul: threading.Thread | None = None
+
+    @property
+    def peer_event(self) -> str | None:
+        """The peer's event that ended the association, if one did. pynetdicom's state machine
+        hands the association its abort (or its end of a request) before it reports the event
+        that caused it: once the association's DUL thread is told to stop, wait for it."""
+        dul = self._dul
+        if dul is not None and getattr(dul, "_kill_thread", False):
+            dul.join(_DUL_ENDING_SECONDS)
+        return self._peer_event
 
     def on_open(self, event: Any) -> None:
         self.connected = True
+        self._dul = event.assoc.dul
 
     def on_transition(self, event: Any) -> None:
-        if self.peer_event is not None or self.ending:
+        if self._peer_event is not None or self.ending:
             return
         if event.fsm_event in _LOCAL_END_EVENTS:
             self.ending = True
         elif event.fsm_event in _PEER_EVENTS:
-            self.peer_event = event.fsm_event
+            self._peer_event = event.fsm_event
 
     def handlers(self) -> list[tuple[Any, Any]]:
         return [

@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import io
+import queue
+import select
 import socket
 import ssl
 import struct
 import threading
 import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -29,6 +33,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom import association as pynetdicom_association
+from pynetdicom import dul as pynetdicom_dul
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
@@ -47,22 +52,23 @@ _config.LOG_HANDLER_LEVEL = "none"
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
 
-# pynetdicom's DUL thread sleeps this long whenever it finds nothing to do (1 ms by
-# default), which adds up to a millisecond to every PDU in each direction; 0.1 ms costs
-# an idle association about 2 % of a core.
-DUL_LOOP_DELAY = 0.0001
-
-
 # pynetdicom's threads poll: each association's DUL thread (`_run_loop_delay`, 1 ms by
 # default) and its reactor (a hard-coded 1 ms). On a busy association every PDU and every
 # request waits for them: an SCP answering C-STOREs one after another loses about a tenth of
-# its rate to the reactor alone. On an idle one, polling every 0.1 ms costs CPU and the GIL
-# for nothing: sixteen idle association ends took 1.3 cores, 1.0 even at pynetdicom's 1 ms.
-# So both poll every 0.1 ms while the association has received something within the last
-# second, and every 10 ms once it has not (the first message after a pause waits up to that).
-# The reactors of busy associations the broker requests keep 1 ms: their requests do not wait
-# on the reactor (`PauseSafeAssociation`). pynetdicom's other sleeps are left as they are.
-REACTOR_LOOP_DELAY = DUL_LOOP_DELAY
+# its rate to the reactor alone. Polling faster costs CPU and the GIL for nothing: sixteen
+# idle association ends took 1.3 cores at 0.1 ms, 1.0 even at pynetdicom's 1 ms.
+#
+# So the associations of the broker (those bound to `NODELAY_HANDLERS`) do not poll; their
+# threads sleep until there is work:
+# - the DUL thread, until its socket has data or another thread queues something for it (a
+#   PDU to send, an event, a request to stop): `_WakingDUL`;
+# - the reactor, until the DUL thread hands it a DIMSE message, an A-RELEASE or an A-ABORT,
+#   or the association is killed: `_WakingAssociation`. (The reactor of an association
+#   another AE requests keeps pynetdicom's 1 ms turn, `IDLE_LOOP_DELAY` when it has been idle
+#   for `BUSY_SECONDS`: each of its requests waits for the reactor to come round and park.)
+# Either wakes at least every `WAKING_TURN` anyway, for pynetdicom's timers (ARTIM, the
+# network timeout) and for what changes without a wake (a DUL thread that ends on an error).
+WAKING_TURN = 0.1
 IDLE_LOOP_DELAY = 0.01
 BUSY_SECONDS = 1.0
 
@@ -75,8 +81,8 @@ def _busy(dul: object) -> bool:
 
 
 class _ReactorClock:
-    """`time`, as pynetdicom.association sees it: the reactor's 1 ms turn shortened for a
-    busy accepted association, lengthened for an idle one."""
+    """`time`, as pynetdicom.association sees it: the reactor's 1 ms turn spent waiting for
+    work on a `_WakingAssociation`, lengthened on another that has been idle."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
@@ -85,34 +91,154 @@ class _ReactorClock:
     def sleep(seconds: float) -> None:
         if seconds == 0.001:  # the reactor's turn
             thread = threading.current_thread()
+            if isinstance(thread, _WakingAssociation):
+                thread.wait_for_work()
+                return
             if not _busy(getattr(thread, "dul", None)):
                 seconds = IDLE_LOOP_DELAY
-            elif getattr(thread, "mode", "") == "acceptor":
-                seconds = REACTOR_LOOP_DELAY
         time.sleep(seconds)
 
 
+class _DULClock:
+    """`time`, as pynetdicom.dul sees it: a `_WakingDUL` thread waits for work instead of
+    sleeping; any other thread sleeps."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        thread = threading.current_thread()
+        if isinstance(thread, _WakingDUL):
+            thread.wait_for_work(WAKING_TURN)
+        else:
+            time.sleep(seconds)
+
+
 setattr(pynetdicom_association, "time", _ReactorClock())  # noqa: B010 - a module global
+setattr(pynetdicom_dul, "time", _DULClock())  # noqa: B010 - a module global
 
 
-class _AdaptiveDUL(DULServiceProvider):
-    """A DUL thread that polls fast while its association is busy (see above)."""
+class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
+    """A queue whose `put` wakes the thread that reads it (`_wake`)."""
 
-    @property
-    def _run_loop_delay(self) -> float:
-        return DUL_LOOP_DELAY if _busy(self) else IDLE_LOOP_DELAY
+    _wake: Callable[[], None]
 
-    @_run_loop_delay.setter
-    def _run_loop_delay(self, value: float) -> None:
-        pass  # pynetdicom sets its default in __init__
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._wake()
+
+
+def _waking(queue_: queue.Queue, wake: Callable[[], None]) -> None:  # type: ignore[type-arg]
+    queue_.__class__ = _WakingQueue
+    cast(_WakingQueue, queue_)._wake = wake
+
+
+class _WakingDUL(DULServiceProvider):
+    """A DUL thread that waits for its socket or for work instead of polling (see above).
+
+    Another thread wakes it through a socket pair: a byte written after it queues a primitive
+    or an event, or asks the thread to stop. The pair is closed as the thread ends, whichever
+    way: its state machine stops it, it finds itself told to stop as it waits, `stop_dul`
+    has seen it end; or at the latest when the provider is collected."""
+
+    def _install_wake(self) -> None:
+        self._wake_in, self._wake_out = socket.socketpair()
+        self._wake_in.setblocking(False)
+        self._wake_out.setblocking(False)
+        weakref.finalize(self, _close_all, self._wake_in, self._wake_out)
+        _waking(self.to_provider_queue, self._wake)
+        _waking(self.event_queue, self._wake)
+
+    def _wake(self) -> None:
+        if threading.current_thread() is not self:
+            with contextlib.suppress(OSError):  # full (it is awake), or closed (it has ended)
+                self._wake_out.send(b"\0")
+
+    def wait_for_work(self, timeout: float) -> None:
+        if not self._kill_thread:
+            self._wait(timeout)
+        if self._kill_thread:  # the reactor ends as this returns
+            self._close_wake()
+
+    def _wait(self, timeout: float) -> None:
+        poll = select.poll()  # not select(): no limit on descriptor numbers
+        poll.register(self._wake_in, select.POLLIN)
+        sock = getattr(self.socket, "socket", None)
+        if sock is not None:
+            if isinstance(sock, ssl.SSLSocket) and sock.pending():
+                return  # decrypted bytes wait in the TLS layer, not on the socket
+            if sock.fileno() >= 0:
+                poll.register(sock, select.POLLIN)
+        if poll.poll(timeout * 1000):
+            with contextlib.suppress(OSError):  # nothing more to read
+                while self._wake_in.recv(4096):
+                    pass
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        if threading.current_thread() is self:  # its state machine: the reactor ends next turn
+            self._close_wake()
+        else:
+            self._wake()
+
+    def stop_dul(self) -> bool:
+        if self.state_machine.current_state == "Sta1":
+            self._kill_thread = True
+            self._wake()
+        stopped = super().stop_dul()  # True once the thread has ended
+        if stopped:
+            self._close_wake()
+        return stopped
+
+    def _close_wake(self) -> None:
+        _close_all(self._wake_in, self._wake_out)
+
+
+def _close_all(*sockets: socket.socket) -> None:
+    for sock in sockets:
+        sock.close()
+
+
+class _WakingAssociation(Association):
+    """An association whose reactor thread sleeps until it has work (see above): its DUL
+    thread queues a message for it, or it is killed. For the associations the broker accepts,
+    and those it requests (`PauseSafeAssociation`): their requests do not wait for the
+    reactor to come round."""
+
+    _relais_work: threading.Event | None = None  # from the connection's opening
+
+    def _install_work(self) -> None:
+        self._relais_work = work = threading.Event()
+        _waking(self.dul.to_user_queue, work.set)
+        _waking(self.dimse.msg_queue, work.set)
+
+    def wait_for_work(self) -> None:
+        work = self._relais_work
+        if work is None:  # never connected
+            time.sleep(IDLE_LOOP_DELAY)
+            return
+        work.wait(WAKING_TURN)
+        work.clear()  # what woke it is on a queue the reactor reads next
+
+    def kill(self) -> None:
+        super().kill()
+        if self._relais_work is not None:
+            self._relais_work.set()
 
 
 def _set_nodelay(event: Any) -> None:
-    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    assoc = event.assoc
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if type(event.assoc.dul) is DULServiceProvider:
-        event.assoc.dul.__class__ = _AdaptiveDUL
+    if type(assoc.dul) is DULServiceProvider:
+        assoc.dul.__class__ = _WakingDUL
+        cast(_WakingDUL, assoc.dul)._install_wake()
+    if assoc.is_acceptor and type(assoc) is Association:
+        assoc.__class__ = _WakingAssociation
+    if isinstance(assoc, _WakingAssociation) and assoc._relais_work is None:
+        assoc._install_work()
 
 
 NODELAY_HANDLERS: list[tuple[Any, Any]] = [(evt.EVT_CONN_OPEN, _set_nodelay)]
@@ -148,7 +274,7 @@ def tls_client_context(files: TLSFiles | None, *, ca_certificates: Path) -> ssl.
     return context
 
 
-class PauseSafeAssociation(Association):
+class PauseSafeAssociation(_WakingAssociation):
     """An association whose reactor thread cannot take the response to a request.
 
     pynetdicom 3.0 pauses an association's reactor thread before each request (C-ECHO,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
+import os
 import socket
 import struct
 import threading
@@ -37,6 +38,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from broker.dicom import network
 from broker.dicom.archive import (
     RETRIEVE_SYNTAXES,
     ArchiveEndpoint,
@@ -123,6 +125,42 @@ def test_many_requests_on_one_association_lose_no_response(echo_port: int) -> No
     finally:
         assoc.release()
     assert all(status and status.Status == 0x0000 for status in statuses)
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_an_association_s_threads_wake_for_their_work_not_their_clock(
+    echo_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both ends' DUL and reactor threads sleep until they have work: with their turn at a
+    minute, requests are still answered and the association released at once, its threads
+    ended (they would wait for the turn, and the requests time out after 2 s)."""
+    monkeypatch.setattr(network, "WAKING_TURN", 60.0)
+    threads = threading.active_count()
+    started = time.monotonic()
+    assoc = associate(echo_port)
+    statuses = [assoc.send_c_echo() for _ in range(20)]
+    assoc.release()
+    assert all(status and status.Status == 0x0000 for status in statuses)
+    while threading.active_count() > threads and time.monotonic() - started < 10:
+        time.sleep(0.01)  # the accepting end's threads end as it answers the release
+    assert threading.active_count() == threads
+    assert time.monotonic() - started < 10
+
+
+def test_an_association_s_wake_up_sockets_close_as_it_ends(echo_port: int) -> None:
+    threads = threading.active_count()
+    associate(echo_port).release()  # pynetdicom's first association opens what it keeps
+    before = open_descriptors()
+    for _ in range(10):
+        associate(echo_port).release()
+    deadline = time.monotonic() + 10
+    while threading.active_count() > threads and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # no garbage collection asked for: each association's pairs close as its threads end
+    assert open_descriptors() <= before
 
 
 def part10(
