@@ -187,7 +187,8 @@ def harvest_run(
         checkpoint.save(update_fields=["total"])
         chunk: list[tuple[StudySummary, StudyDescription | ArchiveError]] = []
         timeouts = 0
-        with contextlib.closing(_described(todo, client_factory, max_rate, workers)) as stream:
+        described_ahead = _described(todo, client_factory, max_rate, workers, batch)
+        with contextlib.closing(described_ahead) as stream:
             for study, described in stream:
                 # The archive is gone (unreachable, or timing out study after study): stop
                 # here, resumable, rather than fail every remaining study and call the run
@@ -334,9 +335,14 @@ def _described(
     client_factory: Callable[[], ArchiveClient],
     max_rate: float | None,
     workers: int,
+    batch: int,
 ) -> Iterator[tuple[StudySummary, StudyDescription | ArchiveError]]:
     """Each study with its description (or the archive's error), in order, fetched ahead
-    by ``workers`` threads, each with its own client, at most ``max_rate`` a second."""
+    by ``workers`` threads, each with its own client, at most ``max_rate`` a second.
+
+    The caller takes them by batches of ``batch`` and registers each batch before it takes
+    the next: the threads fetch a batch and more ahead, so that they keep the archive busy
+    while a batch is registered."""
     limiter = RateLimiter(max_rate)
     local = threading.local()
     clients: list[ArchiveClient] = []
@@ -362,7 +368,7 @@ def _described(
                 retryable=False,
             )
 
-    window = max(1, workers) * 4
+    window = max(1, batch) + max(1, workers) * 4
     futures: list[Future[StudyDescription | ArchiveError] | None] = []
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="harvest") as pool:
         try:

@@ -1488,10 +1488,11 @@ class _Watch:
     @property
     def peer_event(self) -> str | None:
         """The peer's event that ended the association, if one did. pynetdicom's state machine
-        hands the association its abort (or its end of a request) before it reports the event
-        that caused it: once the association's DUL thread is told to stop, wait for it."""
-        dul = self._dul
-        if dul is not None and getattr(dul, "_kill_thread", False):
+        hands the association its abort (or the end of its request) before it reports the
+        event that caused it: read once the association's DUL thread has ended (it ends
+        with the association: this is read when a request or the association failed)."""
+        dul, self._dul = self._dul, None
+        if dul is not None and dul is not threading.current_thread():
             dul.join(_DUL_ENDING_SECONDS)
         return self._peer_event
 

@@ -62,12 +62,13 @@ _config.LOG_RESPONSE_IDENTIFIERS = False
 # threads sleep until there is work:
 # - the DUL thread, until its socket has data or another thread queues something for it (a
 #   PDU to send, an event, a request to stop): `_WakingDUL`;
-# - the reactor, until the DUL thread hands it a DIMSE message, an A-RELEASE or an A-ABORT,
-#   or the association is killed: `_WakingAssociation`. (The reactor of an association
-#   another AE requests keeps pynetdicom's 1 ms turn, `IDLE_LOOP_DELAY` when it has been idle
-#   for `BUSY_SECONDS`: each of its requests waits for the reactor to come round and park.)
+# - the reactor of an association the broker accepts or requests (`RelaisAE`), until the
+#   DUL thread hands it a DIMSE message, an A-RELEASE or an A-ABORT, a request begins (the
+#   reactor parks for it), or the association is killed: `_WakingAssociation`.
 # Either wakes at least every `WAKING_TURN` anyway, for pynetdicom's timers (ARTIM, the
 # network timeout) and for what changes without a wake (a DUL thread that ends on an error).
+# The reactor of an association that another AE (pynetdicom's own) requests keeps its 1 ms
+# turn, `IDLE_LOOP_DELAY` once it has been idle for `BUSY_SECONDS`.
 WAKING_TURN = 0.1
 IDLE_LOOP_DELAY = 0.01
 BUSY_SECONDS = 1.0
@@ -130,40 +131,74 @@ class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
 
 
 def _waking(queue_: queue.Queue, wake: Callable[[], None]) -> None:  # type: ignore[type-arg]
+    queue_._wake = wake  # type: ignore[attr-defined]
     queue_.__class__ = _WakingQueue
-    cast(_WakingQueue, queue_)._wake = wake
+
+
+class _WakingCheckpoint(threading.Event):
+    """An association's reactor checkpoint whose `clear` (a request beginning, which waits
+    for the reactor to park) wakes the reactor (`_wake`)."""
+
+    _wake: Callable[[], None]
+
+    def clear(self) -> None:
+        super().clear()
+        self._wake()
+
+
+class _WakePair:
+    """The socket pair that wakes a `_WakingDUL` thread polling its reading end: other threads
+    write a byte to it. Closed once, under the lock the writers take, so that no late writer
+    writes to a descriptor number reused meanwhile."""
+
+    def __init__(self) -> None:
+        self.reading, self._writing = socket.socketpair()
+        self.reading.setblocking(False)
+        self._writing.setblocking(False)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def wake(self) -> None:
+        with self._lock:
+            if not self._closed:
+                with contextlib.suppress(OSError):  # full: the thread has bytes to wake it
+                    self._writing.send(b"\0")
+
+    def drain(self) -> None:
+        with contextlib.suppress(OSError):  # nothing more to read
+            while self.reading.recv(4096):
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self.reading.close()
+            self._writing.close()
 
 
 class _WakingDUL(DULServiceProvider):
     """A DUL thread that waits for its socket or for work instead of polling (see above).
 
-    Another thread wakes it through a socket pair: a byte written after it queues a primitive
-    or an event, or asks the thread to stop. The pair is closed as the thread ends, whichever
-    way: its state machine stops it, it finds itself told to stop as it waits, `stop_dul`
-    has seen it end; or at the latest when the provider is collected."""
+    Another thread wakes it through a `_WakePair` after it queues a primitive or an event, or
+    asks the thread to stop. The pair is closed as the thread ends: as its state machine stops
+    it, as it finds itself told to stop when it would wait, once `stop_dul` or the
+    association's `kill` has seen it end; at the latest when the provider is collected."""
 
-    def _install_wake(self) -> None:
-        self._wake_in, self._wake_out = socket.socketpair()
-        self._wake_in.setblocking(False)
-        self._wake_out.setblocking(False)
-        weakref.finalize(self, _close_all, self._wake_in, self._wake_out)
-        _waking(self.to_provider_queue, self._wake)
-        _waking(self.event_queue, self._wake)
+    _wake_pair: _WakePair
 
     def _wake(self) -> None:
         if threading.current_thread() is not self:
-            with contextlib.suppress(OSError):  # full (it is awake), or closed (it has ended)
-                self._wake_out.send(b"\0")
+            self._wake_pair.wake()
 
     def wait_for_work(self, timeout: float) -> None:
         if not self._kill_thread:
             self._wait(timeout)
         if self._kill_thread:  # the reactor ends as this returns
-            self._close_wake()
+            self._wake_pair.close()
 
     def _wait(self, timeout: float) -> None:
         poll = select.poll()  # not select(): no limit on descriptor numbers
-        poll.register(self._wake_in, select.POLLIN)
+        poll.register(self._wake_pair.reading, select.POLLIN)
         sock = getattr(self.socket, "socket", None)
         if sock is not None:
             if isinstance(sock, ssl.SSLSocket) and sock.pending():
@@ -171,14 +206,12 @@ class _WakingDUL(DULServiceProvider):
             if sock.fileno() >= 0:
                 poll.register(sock, select.POLLIN)
         if poll.poll(timeout * 1000):
-            with contextlib.suppress(OSError):  # nothing more to read
-                while self._wake_in.recv(4096):
-                    pass
+            self._wake_pair.drain()
 
     def kill_dul(self) -> None:
         super().kill_dul()
         if threading.current_thread() is self:  # its state machine: the reactor ends next turn
-            self._close_wake()
+            self._wake_pair.close()
         else:
             self._wake()
 
@@ -188,43 +221,60 @@ class _WakingDUL(DULServiceProvider):
             self._wake()
         stopped = super().stop_dul()  # True once the thread has ended
         if stopped:
-            self._close_wake()
+            self._wake_pair.close()
         return stopped
 
-    def _close_wake(self) -> None:
-        _close_all(self._wake_in, self._wake_out)
 
-
-def _close_all(*sockets: socket.socket) -> None:
-    for sock in sockets:
-        sock.close()
+def _make_waking(dul: DULServiceProvider) -> None:
+    try:
+        pair = _WakePair()
+    except OSError:  # out of descriptors: this one polls, as pynetdicom's do
+        return
+    weakref.finalize(dul, pair.close)
+    dul._wake_pair = pair  # type: ignore[attr-defined]
+    dul.__class__ = _WakingDUL
+    waking = cast(_WakingDUL, dul)
+    _waking(dul.to_provider_queue, waking._wake)
+    _waking(dul.event_queue, waking._wake)
 
 
 class _WakingAssociation(Association):
     """An association whose reactor thread sleeps until it has work (see above): its DUL
-    thread queues a message for it, or it is killed. For the associations the broker accepts,
-    and those it requests (`PauseSafeAssociation`): their requests do not wait for the
-    reactor to come round."""
+    thread queues a message for it, a request begins (the reactor parks for it), or the
+    association is killed. For the associations the broker accepts, and those it requests
+    (`PauseSafeAssociation`)."""
 
     _relais_work: threading.Event | None = None  # from the connection's opening
 
     def _install_work(self) -> None:
-        self._relais_work = work = threading.Event()
+        work = threading.Event()
         _waking(self.dul.to_user_queue, work.set)
         _waking(self.dimse.msg_queue, work.set)
+        checkpoint = self._reactor_checkpoint
+        if type(checkpoint) is threading.Event:
+            cast(_WakingCheckpoint, checkpoint)._wake = work.set
+            checkpoint.__class__ = _WakingCheckpoint
+        self._relais_work = work
 
     def wait_for_work(self) -> None:
         work = self._relais_work
         if work is None:  # never connected
             time.sleep(IDLE_LOOP_DELAY)
             return
+        if self.dimse.msg_queue.qsize():  # the reactor takes one message a turn
+            return
         work.wait(WAKING_TURN)
-        work.clear()  # what woke it is on a queue the reactor reads next
+        # What set it is on a queue, or the checkpoint, that the reactor reads next; what sets
+        # it from here on wakes the next wait.
+        work.clear()
 
     def kill(self) -> None:
         super().kill()
         if self._relais_work is not None:
             self._relais_work.set()
+        dul = self.dul
+        if isinstance(dul, _WakingDUL) and not dul.is_alive():  # however it ended
+            dul._wake_pair.close()
 
 
 def _set_nodelay(event: Any) -> None:
@@ -233,8 +283,7 @@ def _set_nodelay(event: Any) -> None:
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if type(assoc.dul) is DULServiceProvider:
-        assoc.dul.__class__ = _WakingDUL
-        cast(_WakingDUL, assoc.dul)._install_wake()
+        _make_waking(assoc.dul)
     if assoc.is_acceptor and type(assoc) is Association:
         assoc.__class__ = _WakingAssociation
     if isinstance(assoc, _WakingAssociation) and assoc._relais_work is None:

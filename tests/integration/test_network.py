@@ -30,6 +30,7 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE, build_context, build_role, evt
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_ECHO
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
@@ -148,6 +149,72 @@ def test_an_association_s_threads_wake_for_their_work_not_their_clock(
         time.sleep(0.01)  # the accepting end's threads end as it answers the release
     assert threading.active_count() == threads
     assert time.monotonic() - started < 10
+
+
+def test_requests_that_arrive_together_are_each_answered_without_waiting_for_a_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The accepting reactor takes one message a turn: three requests queued while its
+    handler works are answered one after the other, not one a turn (a minute here)."""
+    monkeypatch.setattr(network, "WAKING_TURN", 60.0)
+
+    def slow_echo(event: Any) -> int:
+        time.sleep(0.2)
+        return 0x0000
+
+    scp = AE(ae_title="ECHO")
+    scp.add_supported_context(Verification)
+    server = scp.start_server(
+        ("127.0.0.1", 0),
+        block=False,
+        evt_handlers=[*NODELAY_HANDLERS, (evt.EVT_C_ECHO, slow_echo)],
+    )
+    try:
+        assoc = associate(server.server_address[1])
+        context_id = assoc.accepted_contexts[0].context_id
+        assoc._reactor_checkpoint.clear()  # this thread reads the responses itself
+        started = time.monotonic()
+        for message_id in (1, 2, 3):  # sent back to back, as a pipelining peer does
+            request = C_ECHO()
+            request.MessageID = message_id
+            request.AffectedSOPClassUID = Verification
+            assoc.dimse.send_msg(request, context_id)
+        answered = [assoc.dimse.get_msg(block=True)[1] for _ in range(3)]
+        elapsed = time.monotonic() - started
+        assoc._reactor_checkpoint.set()
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert [response.MessageIDBeingRespondedTo for response in answered] == [1, 2, 3]
+    assert all(response.Status == 0x0000 for response in answered)
+    assert elapsed < 10
+
+
+def test_an_accepted_association_released_from_another_thread_does_not_wait_for_a_turn(
+    echo_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request from another thread waits for the reactor to park: beginning it wakes the
+    reactor (the turn is a minute here; the release would wait for it)."""
+    monkeypatch.setattr(network, "WAKING_TURN", 60.0)
+    assoc = associate(echo_port)
+    deadline = time.monotonic() + 5
+    accepted: list[Any] = []
+    while not accepted and time.monotonic() < deadline:
+        accepted = [
+            thread
+            for thread in threading.enumerate()
+            if isinstance(thread, Association) and thread.is_acceptor and thread.is_established
+        ]
+        time.sleep(0.01)
+    (acceptor,) = accepted
+    started = time.monotonic()
+    acceptor.release()
+    elapsed = time.monotonic() - started
+    while not assoc.is_released and time.monotonic() < deadline + 10:
+        time.sleep(0.01)
+    assert acceptor.is_released
+    assert assoc.is_released  # the requesting end answered the release
+    assert elapsed < 10
 
 
 def test_an_association_s_wake_up_sockets_close_as_it_ends(echo_port: int) -> None:
