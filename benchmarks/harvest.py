@@ -49,6 +49,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--transport", nargs="+", default=["dicomweb", "dimse"])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
+        "--batch", type=int, default=None, help="studies registered a transaction (harvest's own)"
+    )
+    parser.add_argument(
         "--rounds", type=int, default=3, help="rounds, each transport in turn (new studies each)"
     )
     parser.add_argument("--json", type=Path, default=None)
@@ -286,6 +289,7 @@ def one_round(  # type: ignore[no-untyped-def]
         since=since,
         until=until,
         workers=args.workers,
+        **({"batch": args.batch} if args.batch else {}),
     )
     harvest_seconds = time.perf_counter() - started
     harvest_cpu = (
