@@ -315,7 +315,7 @@ def series_query(request: HttpRequest, access: GatewayAccess, study: str) -> Htt
             "0020000E": _attr("UI", series.series_instance_uid),
             "00080060": _attr("CS", series.modality),
             "00180015": _attr("CS", series.body_part),
-            "00201209": _attr("IS", series.instances.count()),
+            "00201209": _attr("IS", series.instance_count),
             "00081190": _attr("UR", f"{base}/studies/{study}/series/{series.series_instance_uid}"),
         }
         for series in manifest.series.order_by("id")

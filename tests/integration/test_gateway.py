@@ -214,8 +214,14 @@ def test_qido_answers_from_the_registry_within_the_token(shared, orthanc_region)
     (found,) = studies.json()
     assert found["0020000D"]["Value"] == [study.study_instance_uid]
     assert found["00201208"]["Value"] == [manifest.instance_count]
-    series = client.get(f"/dicomweb/studies/{study.study_instance_uid}/series").json()
+    with CaptureQueriesContext(connection) as queries:
+        series = client.get(f"/dicomweb/studies/{study.study_instance_uid}/series").json()
     assert len(series) == manifest.series_count
+    assert {s["0020000E"]["Value"][0]: s["00201209"]["Value"][0] for s in series} == {
+        s.series_instance_uid: s.instances.count() for s in manifest.series.all()
+    }
+    # the counts are the registry's own, not one query a series
+    assert not [q for q in queries.captured_queries if "broker_manifestinstance" in q["sql"]]
     first = series[0]["0020000E"]["Value"][0]
     instances = client.get(
         f"/dicomweb/studies/{study.study_instance_uid}/series/{first}/instances"
