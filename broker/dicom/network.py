@@ -282,6 +282,8 @@ def _set_nodelay(event: Any) -> None:
     sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if type(assoc.dul.socket) is AssociationSocket:  # an accepted connection's
+        assoc.dul.socket.__class__ = _ClosingSocket
     if type(assoc.dul) is DULServiceProvider:
         _make_waking(assoc.dul)
     if assoc.is_acceptor and type(assoc) is Association:
@@ -416,9 +418,12 @@ class EncodedInstance(Dataset):
 
 
 class _ClosingSocket(AssociationSocket):
-    """pynetdicom 3.0.4 never closes the socket of a connection that failed (its
-    `_shutdown_socket` calls `shutdown`, which raises on an unconnected socket, and skips
-    `close`): a ResourceWarning for every unreachable peer. Close it regardless."""
+    """pynetdicom 3.0.4 never closes the socket of a connection that failed or that the peer
+    closed first (its `_shutdown_socket` calls `shutdown`, which raises on an unconnected
+    socket, and skips `close`): a ResourceWarning, and a descriptor held until the collector
+    runs, for every unreachable peer and every peer that aborts. Close it regardless. The
+    sockets of associations the broker requests (`RelaisAE`) and of those it accepts
+    (`NODELAY_HANDLERS`) are these."""
 
     def _shutdown_socket(self) -> None:
         sock = self.socket
