@@ -518,6 +518,13 @@ class IntakeItem(models.Model):
     sop_instance_uid = models.CharField(max_length=64)
     sha256 = models.CharField(max_length=64)
     data = models.BinaryField()
+    parsed = models.BinaryField(
+        null=True,
+        blank=True,
+        help_text=_(
+            "the check's parse of data (kos.dump_parsed_kos): registered without parsing again"
+        ),
+    )
     actor_username = models.CharField(max_length=150)
     actor_address = models.CharField(max_length=255, blank=True, default="")
     correlation_id = models.UUIDField(help_text=_("the association that received it"))

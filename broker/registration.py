@@ -131,14 +131,15 @@ def manifests_register(
     actor: Actor,
     now: datetime,
     correlation_id: uuid.UUID | None = None,
-    parsed: Sequence[ParsedKOS] | None = None,
+    parsed: Sequence[ParsedKOS | None] | None = None,
 ) -> list[RegistrationResult]:
     """Register a batch of manifests published by ``institution``: one result per document.
 
     ``parsed``: what `parse_kos` gave for each document, when the caller has it (a harvest
-    builds its manifests with `kos.build_kos_parsed`); they are not parsed again. The caller
-    vouches that each is the parse of its document's bytes: only code that built the bytes
-    itself may pass it, never with documents received from outside."""
+    builds its manifests with `kos.build_kos_parsed`; the DIMSE intake keeps the parse of
+    `manifest_check` with the bytes it queues); they are not parsed again, a None is. The
+    caller vouches that each is the parse of its document's bytes: only the broker's own
+    parse or build of those very bytes, never a parse that came from outside."""
     correlation_id = correlation_id or uuid.uuid4()
     if parsed is not None and len(parsed) != len(documents):
         raise ValueError("one parsed manifest per document")
@@ -161,12 +162,15 @@ def manifests_register(
     return [document.result for document in batch if document.result is not None]
 
 
-def manifest_check(*, data: bytes, institution: Institution) -> tuple[str, DomainError | None]:
+def manifest_check(
+    *, data: bytes, institution: Institution
+) -> tuple[ParsedKOS | None, DomainError | None]:
     """What registration would refuse on the document's face, without the database:
-    (its SOP Instance UID or "", the refusal or None). Registry conflicts (a UID reused,
-    a study of another patient) are found only when it is registered."""
+    (its parse or None, the refusal or None). Registry conflicts (a UID reused, a study of
+    another patient) are found only when it is registered. The parse may be kept with the
+    bytes and given to `manifests_register` (``parsed``)."""
     document = _prepare(data, institution)
-    return (document.kos.sop_instance_uid if document.kos else ""), document.error
+    return document.kos, document.error
 
 
 def _retryable(exc: Exception) -> bool:

@@ -81,6 +81,9 @@ before (see the "fast reading" section below). `build_kos` validates each value 
 fills `_Draft`s that a small writer encodes to the very bytes pydicom's dcmwrite gives;
 descriptions with values that are not plain strings are written by pydicom itself.
 `parse_kos_dataset` (a dataset pydicom already decoded) still reads through pydicom.
+`dump_parsed_kos` / `load_parsed_kos` keep a parse beside the bytes it came from (the DIMSE
+intake queue: the check's parse is registered, not parsed again): JSON written and read back
+by msgspec into the very dataclasses, some 10 µs against 0.4 ms for a parse.
 
 Note: pydicom warnings are silenced with `warnings.catch_warnings`, which swaps process-wide
 state; it is restored on exit, but another thread warning at that very moment may lose its
@@ -104,6 +107,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias, cast
 
+import msgspec
 import pydicom
 from pydicom import config as pydicom_config
 from pydicom.charset import convert_encodings, default_encoding, encode_string
@@ -302,6 +306,43 @@ class StudyDescription:
     retrieve_location_uid: str | None = None
     retrieve_url: str | None = None
     institution_name: str = ""
+
+
+PARSED_KOS_FORMAT: Final = 1
+"""Version of `dump_parsed_kos`'s output. Bump it when `ParsedKOS` (or a class inside it)
+changes, or what `parse_kos` gives for the same bytes does: a parse stored under another
+version is not loaded (`load_parsed_kos` gives None, and the bytes are parsed again)."""
+
+
+@dataclass(frozen=True)
+class _StoredParse:
+    format: int
+    kos: ParsedKOS
+
+
+def _plain_str(value: object) -> str:
+    if isinstance(value, str):  # pydicom's UID and other str subclasses
+        return str.__str__(value)
+    raise NotImplementedError(f"{type(value).__name__} is not part of a ParsedKOS")
+
+
+_parse_encoder = msgspec.json.Encoder(enc_hook=_plain_str)
+_parse_decoder = msgspec.json.Decoder(_StoredParse)
+
+
+def dump_parsed_kos(kos: ParsedKOS) -> bytes:
+    """`kos` as JSON, for `load_parsed_kos`: to keep a parse beside the bytes it came from."""
+    return _parse_encoder.encode(_StoredParse(PARSED_KOS_FORMAT, kos))
+
+
+def load_parsed_kos(data: bytes) -> ParsedKOS | None:
+    """What `dump_parsed_kos` stored, or None when it was stored under another
+    `PARSED_KOS_FORMAT` or does not read as a `ParsedKOS` (the caller parses the bytes)."""
+    try:
+        stored = _parse_decoder.decode(data)
+    except msgspec.MsgspecError:
+        return None
+    return stored.kos if stored.format == PARSED_KOS_FORMAT else None
 
 
 # --------------------------------------------------------------------------- parsing

@@ -17,6 +17,7 @@ from django.db import connection
 from audit.events import EventCode
 from audit.models import AuditEvent
 from audit.types import Actor, ActorKind
+from broker.dicom.kos import load_parsed_kos, parse_kos
 from broker.errors import UnprocessableManifest
 from broker.intake import intake_drain, intake_receive
 from broker.models import IntakeItem, Manifest
@@ -68,6 +69,36 @@ def test_queued_manifests_are_registered_once_and_leave_the_queue(region: Region
     assert Manifest.objects.count() == 3
     registered = AuditEvent.objects.filter(code=EventCode.MANIFEST_REGISTER)
     assert {e.actor_username for e in registered} == {PACS.username}
+
+
+@pytest.mark.django_db
+def test_the_checks_parse_is_queued_with_the_manifest_and_registered_without_parsing_again(
+    region: Region, monkeypatch
+):
+    from broker import registration
+
+    data = kos_for(region.chu, "IPP1", study=1)
+    item = intake_receive(data=data, institution=region.chu, actor=PACS, now=NOW)
+    item.refresh_from_db()
+    assert load_parsed_kos(bytes(item.parsed)) == parse_kos(data)
+    # Queued before the parse was kept (or under another format): parsed at registration.
+    older = intake_receive(
+        data=kos_for(region.chu, "IPP2", study=2), institution=region.chu, actor=PACS, now=NOW
+    )
+    IntakeItem.objects.filter(pk=older.pk).update(parsed=None)
+    parses = []
+
+    def counting_parse(data: bytes):
+        parses.append(data)
+        return parse_kos(data)
+
+    monkeypatch.setattr(registration, "parse_kos", counting_parse)
+    results = intake_drain(now=NOW)
+
+    assert [r.outcome for r in results] == ["new", "new"]
+    assert parses == [bytes(older.data)]
+    manifest = Manifest.objects.get(sop_instance_uid=parse_kos(data).sop_instance_uid)
+    assert manifest.instance_count == parse_kos(data).instance_count
 
 
 @pytest.mark.django_db

@@ -36,6 +36,8 @@ from broker.dicom.kos import (
     StudyDescription,
     build_kos,
     derive_kos_uids,
+    dump_parsed_kos,
+    load_parsed_kos,
     national_ids,
     normalise_ins_matricule,
     parse_kos,
@@ -1321,3 +1323,45 @@ def test_a_description_with_a_lone_surrogate_is_refused_as_a_bad_value() -> None
         build_kos(study, now=NOW)
 
     assert refused.value.code == "kos:invalid-value"
+
+
+# --------------------------------------------------------------------------- a stored parse
+
+
+@pytest.mark.parametrize(
+    "now",
+    [NOW, NOW.replace(tzinfo=None), NOW.replace(tzinfo=dt.timezone(-dt.timedelta(hours=3.5)))],
+    ids=["cet", "naive", "negative-offset"],
+)
+def test_a_stored_parse_reads_back_as_the_same_parse_with_its_time_zone(now: dt.datetime) -> None:
+    kos = parse_kos(build_kos(make_study_description(), now=now))
+
+    loaded = load_parsed_kos(dump_parsed_kos(kos))
+
+    assert loaded == kos
+    assert loaded is not None
+    assert loaded.content_datetime is not None
+    assert loaded.content_datetime.utcoffset() == now.utcoffset()
+
+
+def test_a_stored_parse_with_pydicoms_str_types_reads_back_as_plain_strings() -> None:
+    kos = parse_kos(make_kos_bytes())
+    with_uid = dataclasses.replace(kos, sop_instance_uid=pydicom.uid.UID(kos.sop_instance_uid))
+
+    loaded = load_parsed_kos(dump_parsed_kos(with_uid))
+
+    assert loaded == kos
+    assert loaded is not None
+    assert type(loaded.sop_instance_uid) is str
+
+
+def test_a_parse_stored_under_another_format_or_damaged_is_not_loaded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stored = dump_parsed_kos(parse_kos(make_kos_bytes()))
+    assert load_parsed_kos(stored) is not None
+
+    for damaged in (b"", b"{}", b"null", stored[: len(stored) // 2], stored.replace(b'"', b"'")):
+        assert load_parsed_kos(damaged) is None
+    monkeypatch.setattr(kos_module, "PARSED_KOS_FORMAT", kos_module.PARSED_KOS_FORMAT + 1)
+    assert load_parsed_kos(stored) is None
