@@ -14,8 +14,12 @@ manifests (one patient each, 2 series x 10 instances), then in the same run:
 
 Prints manifests/s for both and the ratio; every manifest must be registered. Then the CPU
 each side spent, ms a manifest (/proc): storescu; Orthanc; the broker's ``dicomserver`` and
-its registrar process; the PostgreSQL backends of the benchmark's database. On a machine of
+its registrar process; the PostgreSQL server. On a machine of
 2 cores these sum to the ceiling of the rate: 2,000 ms / (CPU ms a manifest).
+
+``--registrar after`` measures each half alone, where the default runs them together as in
+production: ``dicomserver`` checks and queues the manifests with no registrar running, then an
+``intake_registrar`` registers the full queue (its rate and CPU counted from its first batch).
 """
 
 from __future__ import annotations
@@ -45,7 +49,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--manifests", type=int, default=1000)
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL", ""))
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--registrar", choices=["process", "thread"], default="process")
+    parser.add_argument(
+        "--registrar",
+        choices=["process", "thread", "after"],
+        default="process",
+        help="after: each half alone, dicomserver queueing without a registrar, then "
+        "intake_registrar registering the full queue",
+    )
     return parser.parse_args()
 
 
@@ -173,26 +183,28 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def backends_cpu_seconds(database_url: str) -> float:
-    """CPU time of the PostgreSQL backends now connected to the benchmark's database (the
-    server runs on this machine); 0 for SQLite."""
+def postgres_cpu_seconds(database_url: str) -> float:
+    """CPU time of the whole PostgreSQL server so far (it runs on this machine): the
+    postmaster with the children it has reaped, plus the processes running now. Backends that
+    end in between count too (an association's connection closes with it), and the WAL
+    writer's flushes; other databases' work would, but nothing else runs meanwhile. 0 for
+    SQLite."""
     if database_url.startswith("sqlite:///"):
         return 0.0
     import psycopg
 
     with psycopg.connect(database_url, autocommit=True) as conn:
-        pids = [
-            pid
-            for (pid,) in conn.execute(
-                "SELECT pid FROM pg_stat_activity"
-                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            )
-        ]
-    return sum(cpu_seconds(pid) for pid in pids)
+        (backend,) = conn.execute("SELECT pg_backend_pid()").fetchone()
+        postmaster = int(Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    fields = Path(f"/proc/{postmaster}/stat").read_text().rsplit(")", 1)[1].split()
+    reaped = sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return reaped + sum(cpu_seconds(pid) for pid in descendants(postmaster)[1:])
 
 
-def wait_for_registered(database_url: str, expected: int, timeout: float = 600) -> float:
-    """Seconds until the registry holds ``expected`` manifests (polled every 10 ms)."""
+def wait_for_registered(
+    database_url: str, expected: int, timeout: float = 600, poll: float = 0.01
+) -> float:
+    """Seconds until the registry holds ``expected`` manifests (polled every ``poll`` s)."""
     if database_url.startswith("sqlite:///"):
         import sqlite3
 
@@ -207,10 +219,44 @@ def wait_for_registered(database_url: str, expected: int, timeout: float = 600) 
             (count,) = conn.execute("SELECT count(*) FROM broker_manifest").fetchone()
             if count >= expected:
                 return time.perf_counter() - start
-            time.sleep(0.01)
+            time.sleep(poll)
     finally:
         conn.close()
     raise SystemExit(f"only {count} of {expected} manifests registered after {timeout} s")
+
+
+def drain_queue(manage: list[str], env: dict[str, str], expected: int) -> dict[str, float]:
+    """``--registrar after``: an ``intake_registrar`` started on the full queue. Counted from
+    its first registered batch (Django's start-up is not registration) to the last: seconds,
+    manifests, its CPU and the database's meanwhile."""
+    registrar = subprocess.Popen(
+        [*manage, "intake_registrar"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        wait_for_registered(env["DATABASE_URL"], 1, poll=0.001)
+        first = registered_count(env["DATABASE_URL"])
+        registrar_cpu = cpu_seconds(registrar.pid)
+        database_cpu = postgres_cpu_seconds(env["DATABASE_URL"])
+        seconds = wait_for_registered(env["DATABASE_URL"], expected)
+        registrar_cpu = cpu_seconds(registrar.pid) - registrar_cpu
+        database_cpu = postgres_cpu_seconds(env["DATABASE_URL"]) - database_cpu
+    finally:
+        registrar.terminate()
+        registrar.wait(timeout=60)
+    return {
+        "seconds": seconds,
+        "manifests": expected - first,
+        "registrar_cpu": registrar_cpu,
+        "database_cpu": database_cpu,
+    }
+
+
+def registered_count(database_url: str) -> int:
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        (count,) = conn.execute("SELECT count(*) FROM broker_manifest").fetchone()
+    return int(count)
 
 
 def wait_for_echo(port: int, called: str, timeout: float = 30) -> None:
@@ -278,8 +324,16 @@ def main() -> None:
         orthanc.stop()
 
     port = free_port()
+    alone = args.registrar == "after"
     server = subprocess.Popen(
-        [*manage, "dicomserver", "--port", str(port), "--registrar", args.registrar],
+        [
+            *manage,
+            "dicomserver",
+            "--port",
+            str(port),
+            "--registrar",
+            "none" if alone else args.registrar,
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -290,18 +344,26 @@ def main() -> None:
         time.sleep(1)  # the registrar process started and connected
         processes = descendants(server.pid)
         broker_cpu = [cpu_seconds(pid) for pid in processes]
-        database_cpu = backends_cpu_seconds(env["DATABASE_URL"])
+        database_cpu = postgres_cpu_seconds(env["DATABASE_URL"])
         start = time.perf_counter()
         intake_seconds, intake_client_cpu = storescu(port, "RELAIS", files)
-        registered_seconds = (
-            wait_for_registered(env["DATABASE_URL"], args.manifests)
-            + (time.perf_counter() - start - intake_seconds)
-            + intake_seconds
-        )
-        broker_cpu = [
-            cpu_seconds(pid) - before for pid, before in zip(processes, broker_cpu, strict=True)
-        ]
-        database_cpu = backends_cpu_seconds(env["DATABASE_URL"]) - database_cpu
+        if alone:
+            broker_cpu = [
+                cpu_seconds(pid) - before for pid, before in zip(processes, broker_cpu, strict=True)
+            ]
+            database_cpu = postgres_cpu_seconds(env["DATABASE_URL"]) - database_cpu
+            drain = drain_queue(manage, env, args.manifests)
+            registered_seconds = intake_seconds + drain["seconds"]
+        else:
+            registered_seconds = (
+                wait_for_registered(env["DATABASE_URL"], args.manifests)
+                + (time.perf_counter() - start - intake_seconds)
+                + intake_seconds
+            )
+            broker_cpu = [
+                cpu_seconds(pid) - before for pid, before in zip(processes, broker_cpu, strict=True)
+            ]
+            database_cpu = postgres_cpu_seconds(env["DATABASE_URL"]) - database_cpu
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -326,6 +388,14 @@ def main() -> None:
         },
     }
     results["ratio"] = results["broker_per_s"] / results["orthanc_per_s"]
+    if alone:
+        drained = 1000 / drain["manifests"]
+        results["registrar_alone_per_s"] = drain["manifests"] / drain["seconds"]
+        del results["cpu_ms"]["relais"]["registrar"]
+        results["cpu_ms"]["relais, registering the full queue"] = {
+            "registrar": drained * drain["registrar_cpu"],
+            "postgresql": drained * drain["database_cpu"],
+        }
     print(
         f"| KOS intake over C-STORE ({results['database']}, {args.manifests} manifests, storescu, one association) | manifests/s |"
     )
@@ -334,6 +404,11 @@ def main() -> None:
     print(
         f"| Relais `dicomserver`, C-STORE answered (checked, queued) | {results['broker_intake_per_s']:.0f} |"
     )
+    if alone:
+        print(
+            "| Relais `intake_registrar` alone, registering the full queue | "
+            f"{results['registrar_alone_per_s']:.0f} |"
+        )
     print(f"| Relais `dicomserver`, all registered | {results['broker_per_s']:.0f} |")
     print(f"| ratio Relais / Orthanc | {results['ratio']:.2f} |")
     for side, parts in results["cpu_ms"].items():

@@ -596,24 +596,28 @@ def test_concurrent_writers_on_postgresql_leave_one_unbroken_chain(
 
 
 @pytest.mark.django_db
-def test_a_batch_larger_than_one_insert_statement_stays_one_contiguous_chain():
+@pytest.mark.parametrize("size", [1, 3, 1007], ids=["one", "a-copy-on-postgresql", "chunks"])
+def test_a_batch_is_stored_as_written_in_one_contiguous_chain(size: int):
+    # One INSERT, or COPY on PostgreSQL above 50 parameters; several INSERTs above INSERT_CHUNK.
     from audit.services import INSERT_CHUNK, AuditEntry, audit_record_many
 
+    assert size in (1, 3, 2 * INSERT_CHUNK + 7)
     entries = [
         AuditEntry(
             code=EventCode.MANIFEST_REGISTER,
             actor=DOCTOR,
-            now=NOW,
+            now=NOW + dt.timedelta(microseconds=n),
             patient=PatientRef("p-1", ({"issuer": "CHU", "value": "1", "kind": "PI"},)),
-            details={"n": n, "name": "Hélène"},
+            correlation_id=uuid.UUID(int=n),
+            details={"n": n, "name": "Hélène\t« » \\N", "nested": {"empty": "", "none": None}},
         )
-        for n in range(2 * INSERT_CHUNK + 7)
+        for n in range(size)
     ]
     with transaction.atomic():
         written = audit_record_many(entries)
     stored = list(AuditEvent.objects.order_by("sequence"))
     assert [e.sequence for e in stored] == list(range(1, len(entries) + 1))
-    assert [e.details["n"] for e in stored] == list(range(len(entries)))
-    assert stored[-1].hash == written[-1].hash
-    assert stored[0].patient_identifiers == [{"issuer": "CHU", "value": "1", "kind": "PI"}]
+    fields = [field.attname for field in AuditEvent._meta.concrete_fields]
+    for event, row in zip(written, stored, strict=True):
+        assert {f: getattr(row, f) for f in fields} == {f: getattr(event, f) for f in fields}
     assert audit_verify(actor=Actor.system(), now=NOW).intact

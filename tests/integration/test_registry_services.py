@@ -6,11 +6,12 @@ import datetime as dt
 import io
 
 import pytest
+from django.db import IntegrityError, transaction
 
 from audit.events import EventCode
 from audit.models import AuditEvent
 from broker import identity, selectors
-from broker.dicom.kos import normalise_ins_matricule
+from broker.dicom.kos import normalise_ins_matricule, parse_kos
 from broker.errors import Conflict, InvalidInput, UnprocessableManifest
 from broker.models import (
     IdentifierLinkHistory,
@@ -488,6 +489,59 @@ def test_a_study_registered_under_another_patient_is_refused(region):
     assert results[0].error.code == "registry:manifest:patient-mismatch"
     assert Manifest.objects.count() == 1
     assert not PatientIdentifier.objects.filter(value="999999").exists()
+
+
+def test_a_batch_stores_each_manifest_and_its_instances_as_the_service_built_them(region):
+    # On PostgreSQL a batch's manifests and instances go by COPY: read back, they are the
+    # rows the service built, with the IDs it was given.
+    documents = [
+        kos_for(region.chu, f"4000{n}", study=n, series=(("CT", CT, 3), ("MR", MR, n)))
+        for n in range(1, 4)
+    ]
+
+    results = register_batch(region.chu, documents)
+
+    fields = [field.attname for field in Manifest._meta.concrete_fields]
+    for result, data in zip(results, documents, strict=True):
+        assert result.manifest is not None
+        stored = Manifest.objects.get(pk=result.manifest.pk)
+        assert {f: _plain(getattr(stored, f)) for f in fields} == {
+            f: _plain(getattr(result.manifest, f)) for f in fields
+        }
+        kos = parse_kos(data)
+        assert sorted(
+            ManifestInstance.objects.filter(series__manifest=stored).values_list(
+                "series__series_instance_uid", "sop_instance_uid", "sop_class_uid"
+            )
+        ) == sorted(
+            (series.series_instance_uid, instance.sop_instance_uid, instance.sop_class_uid)
+            for study in kos.studies
+            for series in study.series
+            for instance in series.instances
+        )
+
+
+def test_a_batchs_manifest_rows_taking_a_taken_key_raise_djangos_integrity_error(region):
+    # What a concurrent registration meets; manifests_register retries on IntegrityError,
+    # so the COPY of PostgreSQL must raise it as bulk_create would.
+    from broker import registration
+
+    results = register_batch(region.chu, [kos_for(region.chu, "500001", study=n) for n in (1, 2)])
+    again = []
+    for result in results:
+        assert result.manifest is not None
+        row = Manifest.objects.get(pk=result.manifest.pk)
+        row.pk, row._state.adding = None, True
+        row.study_instance_uid += ".9"
+        again.append(row)
+
+    with pytest.raises(IntegrityError), transaction.atomic():
+        registration._create_manifests(again)
+    assert Manifest.objects.count() == 2
+
+
+def _plain(value: object) -> object:
+    return bytes(value) if isinstance(value, memoryview) else value
 
 
 def test_a_batch_appends_one_unbroken_audit_chain(region):
