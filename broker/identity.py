@@ -23,6 +23,7 @@ from django.db import transaction
 
 from audit.events import EventCode
 from audit.services import Actor, AuditEntry, PatientRef, audit_record
+from broker.bulk import bulk_insert
 from broker.dicom.kos import PatientInfo, ResolvedPatientId
 from broker.errors import Conflict, InvalidInput
 from broker.models import (
@@ -484,8 +485,9 @@ def identities_create(
     """
     if not people:
         return {}
-    patients = Patient.objects.bulk_create([Patient(created_at=now) for _ in people])
-    identifiers = PatientIdentifier.objects.bulk_create(
+    patients = bulk_insert(Patient, [Patient(created_at=now) for _ in people])
+    identifiers = bulk_insert(
+        PatientIdentifier,
         [
             PatientIdentifier(
                 patient=patient,
@@ -498,9 +500,10 @@ def identities_create(
                 **_traits(traits),
             )
             for patient, (value, traits, _ins) in zip(patients, people, strict=True)
-        ]
+        ],
     )
-    national_rows = PatientIdentifier.objects.bulk_create(
+    national_rows = bulk_insert(
+        PatientIdentifier,
         [
             PatientIdentifier(
                 patient=patient,
@@ -515,13 +518,14 @@ def identities_create(
             )
             for patient, (_value, traits, nationals) in zip(patients, people, strict=True)
             for ins in nationals
-        ]
+        ],
     )
-    IdentifierLinkHistory.objects.bulk_create(
+    bulk_insert(
+        IdentifierLinkHistory,
         [
             _creation_history(identifier, actor=actor, correlation_id=correlation_id, now=now)
             for identifier in [*identifiers, *national_rows]
-        ]
+        ],
     )
     nationals_of: dict[int, list[PatientIdentifier]] = {}
     for row in national_rows:

@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
 from django.conf import settings
 from django.db import IntegrityError, OperationalError, connection, transaction
-from django.db.backends.utils import CursorWrapper
 
 from audit.events import EventCode, Outcome
 from audit.services import Actor, AuditEntry, PatientRef, audit_record_many
+from broker.bulk import bulk_insert, copy_rows
 from broker.dicom.kos import (
     KOSError,
     ParsedKOS,
@@ -694,7 +694,7 @@ def _insert_manifests(batch: list[_Document], institution: Institution, now: dat
                 registered_at=now,
             )
         )
-    manifests = _create_manifests(rows)
+    manifests = bulk_insert(Manifest, rows)
     for document, manifest in zip(batch, manifests, strict=True):
         document.manifest = manifest
     # Point what was replaced to what replaced it.
@@ -723,7 +723,7 @@ def _insert_manifests(batch: list[_Document], institution: Institution, now: dat
                         instance_count=len(series.instances),
                     )
                 )
-    created_series = ManifestSeries.objects.bulk_create(series_rows, batch_size=2000)
+    created_series = bulk_insert(ManifestSeries, series_rows)
     _insert_instances(
         [
             (row.id, instance.sop_instance_uid, instance.sop_class_uid)
@@ -731,39 +731,6 @@ def _insert_manifests(batch: list[_Document], institution: Institution, now: dat
             for instance in series.instances
         ]
     )
-
-
-def _create_manifests(rows: list[Manifest]) -> list[Manifest]:
-    """``Manifest.objects.bulk_create(rows)``; on PostgreSQL, their IDs drawn from the
-    sequence and the rows sent by COPY. A row is some 25 columns, the KOS bytes among them:
-    a batch in one INSERT was a statement of hundreds of parameters, which Django compiled
-    and psycopg parsed again in Python each time, a sixth of registration's CPU."""
-    if connection.vendor != "postgresql" or len(rows) < 2:
-        return Manifest.objects.bulk_create(rows)
-    meta = Manifest._meta
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT nextval(pg_get_serial_sequence(%s, %s)) FROM generate_series(1, %s)",
-            [meta.db_table, meta.pk.column, len(rows)],
-        )
-        for row, (pk,) in zip(rows, cursor.fetchall(), strict=True):
-            row.pk = pk
-        _copy_rows(
-            cursor,
-            meta.db_table,
-            [field.column for field in meta.concrete_fields],
-            (
-                [
-                    field.get_db_prep_save(field.pre_save(row, True), connection)
-                    for field in meta.concrete_fields
-                ]
-                for row in rows
-            ),
-        )
-    for row in rows:
-        row._state.adding = False
-        row._state.db = connection.alias
-    return rows
 
 
 def _insert_instances(rows: list[tuple[int, str, str]]) -> None:
@@ -779,24 +746,12 @@ def _insert_instances(rows: list[tuple[int, str, str]]) -> None:
     columns = ["series_id", "sop_instance_uid", "sop_class_uid"]
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
-            _copy_rows(cursor, table, columns, rows)
+            copy_rows(cursor, table, columns, rows)
         else:
             cursor.executemany(
                 f"INSERT INTO {table} ({', '.join(columns)}) VALUES (%s, %s, %s)",  # noqa: S608
                 rows,
             )
-
-
-def _copy_rows(
-    cursor: CursorWrapper, table: str, columns: list[str], rows: Iterable[Sequence[object]]
-) -> None:
-    """PostgreSQL's COPY of ``rows`` into ``table``, its errors raised as Django's (an
-    IntegrityError, say, for a concurrent registration's key: `manifests_register` retries)."""
-    quote = connection.ops.quote_name
-    statement = f"COPY {quote(table)} ({', '.join(quote(c) for c in columns)}) FROM STDIN"
-    with connection.wrap_database_errors, cursor.cursor.copy(statement) as copy:
-        for row in rows:
-            copy.write_row(row)
 
 
 # ---------------------------------------------------------------------------

@@ -6,7 +6,6 @@ import datetime as dt
 import io
 
 import pytest
-from django.db import IntegrityError, transaction
 
 from audit.events import EventCode
 from audit.models import AuditEvent
@@ -519,25 +518,6 @@ def test_a_batch_stores_each_manifest_and_its_instances_as_the_service_built_the
             for series in study.series
             for instance in series.instances
         )
-
-
-def test_a_batchs_manifest_rows_taking_a_taken_key_raise_djangos_integrity_error(region):
-    # What a concurrent registration meets; manifests_register retries on IntegrityError,
-    # so the COPY of PostgreSQL must raise it as bulk_create would.
-    from broker import registration
-
-    results = register_batch(region.chu, [kos_for(region.chu, "500001", study=n) for n in (1, 2)])
-    again = []
-    for result in results:
-        assert result.manifest is not None
-        row = Manifest.objects.get(pk=result.manifest.pk)
-        row.pk, row._state.adding = None, True
-        row.study_instance_uid += ".9"
-        again.append(row)
-
-    with pytest.raises(IntegrityError), transaction.atomic():
-        registration._create_manifests(again)
-    assert Manifest.objects.count() == 2
 
 
 def _plain(value: object) -> object:
