@@ -183,13 +183,16 @@ def _insert(events: Sequence[AuditEvent]) -> None:
     """
     fields = AuditEvent._meta.concrete_fields
     columns = ", ".join(connection.ops.quote_name(field.column) for field in fields)
-    rows = (
-        [field.get_db_prep_save(getattr(event, field.attname), connection) for field in fields]
-        for event in events
-    )
+    rows = iter(
+        [
+            [field.get_db_prep_save(getattr(event, field.attname), connection) for field in fields]
+            for event in events
+        ]
+    )  # prepared before the COPY: an error in its middle would abort the transaction
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql" and len(events) * len(fields) > COPY_ABOVE_PARAMETERS:
-            # Errors raised as Django's, as through cursor.execute().
+            # Checked, and errors raised as Django's, as through cursor.execute().
+            connection.validate_no_broken_transaction()
             with (
                 connection.wrap_database_errors,
                 cursor.cursor.copy(

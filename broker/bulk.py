@@ -28,10 +28,16 @@ M = TypeVar("M", bound=models.Model)
 def bulk_insert(model: type[M], rows: list[M]) -> list[M]:
     """``model.objects.bulk_create(rows)``, by COPY on PostgreSQL: ``rows`` get their
     primary keys and are saved."""
-    if connection.vendor != "postgresql" or len(rows) < 2:
-        return model._default_manager.bulk_create(rows)
     meta = model._meta
     fields = meta.concrete_fields
+    if (
+        connection.vendor != "postgresql"
+        or len(rows) < 2
+        # What COPY cannot take as values: a parent table, a default or value of the database's.
+        or meta.parents
+        or any(field.generated or field.has_db_default() for field in fields)
+    ):
+        return model._default_manager.bulk_create(rows)
     for row in rows:
         row._prepare_related_fields_for_save(operation_name="bulk_create")
     without_key = [row for row in rows if row.pk is None]
@@ -47,10 +53,10 @@ def bulk_insert(model: type[M], rows: list[M]) -> list[M]:
             cursor,
             meta.db_table,
             [field.column for field in fields],
-            (
+            [
                 [field.get_db_prep_save(field.pre_save(row, True), connection) for field in fields]
                 for row in rows
-            ),
+            ],
         )
     for row in rows:
         row._state.adding = False
@@ -61,8 +67,10 @@ def bulk_insert(model: type[M], rows: list[M]) -> list[M]:
 def copy_rows(
     cursor: CursorWrapper, table: str, columns: list[str], rows: Iterable[Sequence[object]]
 ) -> None:
-    """PostgreSQL's COPY of ``rows`` (values ready for psycopg) into ``table``, its errors
-    raised as Django's, as through ``cursor.execute()``."""
+    """PostgreSQL's COPY of ``rows`` (values prepared for psycopg: prepare them before, as an
+    error in the middle of a COPY aborts the transaction) into ``table``, checked and its
+    errors raised as through ``cursor.execute()``. Django's query log does not see it."""
+    connection.validate_no_broken_transaction()
     quote = connection.ops.quote_name
     statement = f"COPY {quote(table)} ({', '.join(quote(c) for c in columns)}) FROM STDIN"
     with connection.wrap_database_errors, cursor.cursor.copy(statement) as copy:

@@ -39,7 +39,7 @@ from django.utils import timezone
 from audit.events import EventCode, Outcome
 from audit.services import audit_record
 from audit.types import Actor, ActorKind
-from broker.dicom.kos import dump_parsed_kos, load_parsed_kos
+from broker.dicom.kos import ParsedKOS, dump_parsed_kos, load_parsed_kos
 from broker.models import Institution, IntakeItem
 from broker.registration import (
     RegistrationResult,
@@ -76,13 +76,14 @@ def intake_receive(
         )
         raise error
     assert kos is not None  # manifest_check gives the parse or the refusal
+    sha256 = _sha256(data)
     item = IntakeItem(
         institution=institution,
         received_at=now,
         sop_instance_uid=kos.sop_instance_uid,
-        sha256=_sha256(data),
+        sha256=sha256,
         data=data,
-        parsed=dump_parsed_kos(kos),
+        parsed=dump_parsed_kos(kos, sha256=sha256),
         actor_username=actor.username,
         actor_address=actor.address,
         correlation_id=correlation_id,
@@ -94,7 +95,8 @@ def intake_receive(
 def _insert(item: IntakeItem) -> None:
     """One INSERT (committed at once, in autocommit) of the item's row, values prepared by the
     model's own fields: the ORM's save() took a fifth of the C-STORE's own CPU
-    (docs/performance.md); the statement is the same every time, so psycopg prepares it."""
+    (docs/performance.md); the statement is the same every time, so psycopg prepares it on a
+    connection that has run it five times."""
     fields = [field for field in IntakeItem._meta.concrete_fields if not field.primary_key]
     with connection.cursor() as cursor:
         cursor.execute(
@@ -156,7 +158,8 @@ def intake_retry_oldest(*, now: datetime | None = None) -> str:
                 .first()
             )
             if locked is not None:
-                _register_items(item.institution, [locked], now)
+                # Alone, after its batch failed: its bytes are parsed again, not its kept parse.
+                _register_items(item.institution, [locked], now, keep_parse=False)
         return "registered"
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"[:2000]
@@ -193,7 +196,7 @@ def _next_institution() -> Institution | None:
 
 
 def _register_items(
-    institution: Institution, items: list[IntakeItem], now: datetime
+    institution: Institution, items: list[IntakeItem], now: datetime, *, keep_parse: bool = True
 ) -> list[RegistrationResult]:
     results: list[RegistrationResult] = []
     key = attrgetter("actor_username", "actor_address", "correlation_id")
@@ -201,7 +204,7 @@ def _register_items(
         batch = list(run)
         results += manifests_register(
             documents=[bytes(item.data) for item in batch],
-            parsed=[load_parsed_kos(bytes(item.parsed)) if item.parsed else None for item in batch],
+            parsed=[_kept_parse(item) if keep_parse else None for item in batch],
             institution=institution,
             actor=_actor(batch[0], institution),
             now=now,
@@ -209,6 +212,14 @@ def _register_items(
         )
     IntakeItem.objects.filter(id__in=[item.id for item in items]).delete()
     return results
+
+
+def _kept_parse(item: IntakeItem) -> ParsedKOS | None:
+    """The check's parse kept with the item, if it is the parse of the item's very bytes
+    under today's parser (`kos.load_parsed_kos`); None: parse them again."""
+    if not item.parsed:
+        return None
+    return load_parsed_kos(bytes(item.parsed), sha256=_sha256(bytes(item.data)))
 
 
 def _audit_set_aside(item: IntakeItem, error: str, now: datetime) -> None:

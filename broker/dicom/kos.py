@@ -94,6 +94,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import hashlib
 import io
 import json
 import re
@@ -309,14 +310,16 @@ class StudyDescription:
 
 
 PARSED_KOS_FORMAT: Final = 1
-"""Version of `dump_parsed_kos`'s output. Bump it when `ParsedKOS` (or a class inside it)
-changes, or what `parse_kos` gives for the same bytes does: a parse stored under another
-version is not loaded (`load_parsed_kos` gives None, and the bytes are parsed again)."""
+"""Version of what `parse_kos` gives. Bump it when the same bytes would give another
+`ParsedKOS` (a value read differently, a check added or tightened): a parse stored under
+another version is not loaded, and the bytes are parsed again. A change of the classes'
+fields needs no bump: the stored format carries a fingerprint of their schema."""
 
 
 @dataclass(frozen=True)
 class _StoredParse:
-    format: int
+    format: str
+    sha256: str  # of the bytes it is the parse of
     kos: ParsedKOS
 
 
@@ -330,19 +333,30 @@ _parse_encoder = msgspec.json.Encoder(enc_hook=_plain_str)
 _parse_decoder = msgspec.json.Decoder(_StoredParse)
 
 
-def dump_parsed_kos(kos: ParsedKOS) -> bytes:
-    """`kos` as JSON, for `load_parsed_kos`: to keep a parse beside the bytes it came from."""
-    return _parse_encoder.encode(_StoredParse(PARSED_KOS_FORMAT, kos))
+def _schema_fingerprint(cls: type) -> str:
+    return hashlib.sha256(msgspec.json.encode(msgspec.json.schema(cls))).hexdigest()[:16]
 
 
-def load_parsed_kos(data: bytes) -> ParsedKOS | None:
-    """What `dump_parsed_kos` stored, or None when it was stored under another
-    `PARSED_KOS_FORMAT` or does not read as a `ParsedKOS` (the caller parses the bytes)."""
+_STORED_FORMAT: Final = f"{PARSED_KOS_FORMAT}:{_schema_fingerprint(ParsedKOS)}"
+
+
+def dump_parsed_kos(kos: ParsedKOS, *, sha256: str) -> bytes:
+    """`kos`, the parse of the bytes whose SHA-256 (hex) is ``sha256``, as JSON: to keep it
+    beside those bytes, for `load_parsed_kos`."""
+    return _parse_encoder.encode(_StoredParse(_STORED_FORMAT, sha256, kos))
+
+
+def load_parsed_kos(data: bytes, *, sha256: str) -> ParsedKOS | None:
+    """The parse `dump_parsed_kos` stored for the bytes whose SHA-256 is ``sha256``; None
+    when it was stored for other bytes, under another version or fields of `ParsedKOS`
+    (`PARSED_KOS_FORMAT`), or does not read as one: the caller parses the bytes."""
     try:
         stored = _parse_decoder.decode(data)
     except msgspec.MsgspecError:
         return None
-    return stored.kos if stored.format == PARSED_KOS_FORMAT else None
+    if stored.format != _STORED_FORMAT or stored.sha256 != sha256:
+        return None
+    return stored.kos
 
 
 # --------------------------------------------------------------------------- parsing

@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 from django.db import IntegrityError, connection, transaction
+from django.db.transaction import TransactionManagementError
 
 from broker.bulk import bulk_insert
 from broker.models import IdentifierKind, IdentifierLinkHistory, Patient, PatientIdentifier
@@ -92,3 +93,14 @@ def test_postgresql_takes_them_by_copy(region):
     # Only the keys go through execute(); the rows go by COPY.
     assert [q["sql"].split()[0] for q in queries.captured_queries] == ["SELECT"]
     assert Patient.objects.count() == 3
+
+
+@pytest.mark.postgres
+def test_a_transaction_that_must_be_rolled_back_refuses_the_copy_too(region):
+    # As cursor.execute() refuses any query once an error inside the atomic block was caught.
+    rows = [Patient(pk=10_000 + n, created_at=NOW) for n in range(2)]  # keys given: no query
+    with transaction.atomic():
+        connection.needs_rollback = True  # what Django sets after an error inside this block
+        with pytest.raises(TransactionManagementError):
+            bulk_insert(Patient, rows)
+    assert not Patient.objects.filter(pk__gte=10_000).exists()

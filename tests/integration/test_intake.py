@@ -80,12 +80,17 @@ def test_the_checks_parse_is_queued_with_the_manifest_and_registered_without_par
     data = kos_for(region.chu, "IPP1", study=1)
     item = intake_receive(data=data, institution=region.chu, actor=PACS, now=NOW)
     item.refresh_from_db()
-    assert load_parsed_kos(bytes(item.parsed)) == parse_kos(data)
+    assert load_parsed_kos(bytes(item.parsed), sha256=item.sha256) == parse_kos(data)
     # Queued before the parse was kept (or under another format): parsed at registration.
     older = intake_receive(
         data=kos_for(region.chu, "IPP2", study=2), institution=region.chu, actor=PACS, now=NOW
     )
     IntakeItem.objects.filter(pk=older.pk).update(parsed=None)
+    # A kept parse that is not that of the row's bytes (an operator's edit, say): not used.
+    other = intake_receive(
+        data=kos_for(region.chu, "IPP3", study=3), institution=region.chu, actor=PACS, now=NOW
+    )
+    IntakeItem.objects.filter(pk=other.pk).update(parsed=item.parsed)
     parses = []
 
     def counting_parse(data: bytes):
@@ -95,10 +100,12 @@ def test_the_checks_parse_is_queued_with_the_manifest_and_registered_without_par
     monkeypatch.setattr(registration, "parse_kos", counting_parse)
     results = intake_drain(now=NOW)
 
-    assert [r.outcome for r in results] == ["new", "new"]
-    assert parses == [bytes(older.data)]
-    manifest = Manifest.objects.get(sop_instance_uid=parse_kos(data).sop_instance_uid)
-    assert manifest.instance_count == parse_kos(data).instance_count
+    assert [r.outcome for r in results] == ["new", "new", "new"]
+    assert parses == [bytes(older.data), bytes(other.data)]
+    for queued in (data, bytes(older.data), bytes(other.data)):
+        manifest = Manifest.objects.get(sop_instance_uid=parse_kos(queued).sop_instance_uid)
+        assert bytes(manifest.kos_bytes) == queued
+        assert manifest.study_instance_uid == parse_kos(queued).study_instance_uid
 
 
 @pytest.mark.django_db
@@ -115,7 +122,10 @@ def test_a_manifest_that_cannot_be_registered_is_set_aside_and_the_queue_goes_on
     )
     real = intake.manifests_register
 
+    parsed_given: list[object] = []
+
     def failing(*, documents, **kwargs):
+        parsed_given.append(kwargs["parsed"])
         if bytes(poison.data) in documents:
             raise RuntimeError("registry bug")
         return real(documents=documents, **kwargs)
@@ -125,6 +135,8 @@ def test_a_manifest_that_cannot_be_registered_is_set_aside_and_the_queue_goes_on
         intake_drain(now=NOW)  # the batch holding it fails as a whole: nothing changes
     assert IntakeItem.objects.count() == 2
     assert [intake.intake_retry_oldest(now=NOW) for _ in range(3)] == ["failed"] * 3
+    # Alone, after its batch failed, its bytes are parsed again (not its kept parse).
+    assert parsed_given[-3:] == [[None]] * 3
     poison.refresh_from_db()
     assert poison.failed_at is not None
     assert poison.attempts == 3

@@ -507,7 +507,25 @@ def test_a_batch_stores_each_manifest_and_its_instances_as_the_service_built_the
         assert {f: _plain(getattr(stored, f)) for f in fields} == {
             f: _plain(getattr(result.manifest, f)) for f in fields
         }
+        series_fields = [field.attname for field in ManifestSeries._meta.concrete_fields]
         kos = parse_kos(data)
+        assert sorted(
+            tuple(getattr(row, f) for f in series_fields if f not in ("id", "manifest_id"))
+            for row in ManifestSeries.objects.filter(manifest=stored)
+        ) == sorted(
+            (
+                study.study_instance_uid,
+                series.series_instance_uid,
+                series.modality or "",
+                series.body_part or "",
+                series.retrieve_ae_title or "",
+                series.retrieve_location_uid or "",
+                series.retrieve_url or "",
+                len(series.instances),
+            )
+            for study in kos.studies
+            for series in study.series
+        )
         assert sorted(
             ManifestInstance.objects.filter(series__manifest=stored).values_list(
                 "series__series_instance_uid", "sop_instance_uid", "sop_class_uid"

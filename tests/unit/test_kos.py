@@ -1327,6 +1327,8 @@ def test_a_description_with_a_lone_surrogate_is_refused_as_a_bad_value() -> None
 
 # --------------------------------------------------------------------------- a stored parse
 
+SHA = "9" * 64  # the SHA-256 of the bytes a parse is stored for
+
 
 @pytest.mark.parametrize(
     "now",
@@ -1336,7 +1338,7 @@ def test_a_description_with_a_lone_surrogate_is_refused_as_a_bad_value() -> None
 def test_a_stored_parse_reads_back_as_the_same_parse_with_its_time_zone(now: dt.datetime) -> None:
     kos = parse_kos(build_kos(make_study_description(), now=now))
 
-    loaded = load_parsed_kos(dump_parsed_kos(kos))
+    loaded = load_parsed_kos(dump_parsed_kos(kos, sha256=SHA), sha256=SHA)
 
     assert loaded == kos
     assert loaded is not None
@@ -1348,20 +1350,32 @@ def test_a_stored_parse_with_pydicoms_str_types_reads_back_as_plain_strings() ->
     kos = parse_kos(make_kos_bytes())
     with_uid = dataclasses.replace(kos, sop_instance_uid=pydicom.uid.UID(kos.sop_instance_uid))
 
-    loaded = load_parsed_kos(dump_parsed_kos(with_uid))
+    loaded = load_parsed_kos(dump_parsed_kos(with_uid, sha256=SHA), sha256=SHA)
 
     assert loaded == kos
     assert loaded is not None
     assert type(loaded.sop_instance_uid) is str
 
 
-def test_a_parse_stored_under_another_format_or_damaged_is_not_loaded(
+def test_a_parse_stored_for_other_bytes_under_another_format_or_damaged_is_not_loaded(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    stored = dump_parsed_kos(parse_kos(make_kos_bytes()))
-    assert load_parsed_kos(stored) is not None
+    stored = dump_parsed_kos(parse_kos(make_kos_bytes()), sha256=SHA)
+    assert load_parsed_kos(stored, sha256=SHA) is not None
 
+    assert load_parsed_kos(stored, sha256="0" * 64) is None
     for damaged in (b"", b"{}", b"null", stored[: len(stored) // 2], stored.replace(b'"', b"'")):
-        assert load_parsed_kos(damaged) is None
-    monkeypatch.setattr(kos_module, "PARSED_KOS_FORMAT", kos_module.PARSED_KOS_FORMAT + 1)
-    assert load_parsed_kos(stored) is None
+        assert load_parsed_kos(damaged, sha256=SHA) is None
+    # Another PARSED_KOS_FORMAT, or other fields in ParsedKOS (their schema's fingerprint).
+    monkeypatch.setattr(kos_module, "_STORED_FORMAT", kos_module._STORED_FORMAT + "x")
+    assert load_parsed_kos(stored, sha256=SHA) is None
+
+
+def test_the_stored_format_follows_the_version_and_the_fields_of_a_parse() -> None:
+    assert (
+        f"{kos_module.PARSED_KOS_FORMAT}:{kos_module._schema_fingerprint(ParsedKOS)}"
+    ) == kos_module._STORED_FORMAT
+    with_a_field = dataclasses.make_dataclass(
+        "ParsedKOS", [("added", str | None, None)], bases=(ParsedKOS,), frozen=True
+    )
+    assert kos_module._schema_fingerprint(with_a_field) != kos_module._schema_fingerprint(ParsedKOS)
