@@ -15,6 +15,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from audit.events import EventCode
 from audit.models import AuditEvent
+from broker.dicom import network
 from broker.dicom.network import NODELAY_HANDLERS, TLSFiles, tls_client_context, tls_server_context
 from broker.dicom.scp import BrokerSCP, SCPConfig
 from broker.intake import IntakeRegistrar
@@ -113,7 +114,18 @@ def test_an_inactive_institution_is_rejected(broker, region):
     assert event.details["reason"] == "institution-inactive"
 
 
-def test_storescu_registers_manifests_through_the_registration_service(broker, region, tmp_path):
+def test_storescu_registers_manifests_through_the_registration_service(
+    broker, region, tmp_path, monkeypatch
+):
+    decoded_by_the_broker: list[str] = []  # the C-STORE-RQ command sets it decoded itself
+    message_to_primitive = network._StoreRequestMessage.message_to_primitive
+
+    def spied(message: network._StoreRequestMessage) -> object:
+        primitive = message_to_primitive(message)
+        decoded_by_the_broker.append(str(primitive.AffectedSOPInstanceUID))
+        return primitive
+
+    monkeypatch.setattr(network._StoreRequestMessage, "message_to_primitive", spied)
     files = [
         _write(tmp_path, f"kos{n}.dcm", kos_for(region.chu, f"IPP{n}", study=n)) for n in range(5)
     ]
@@ -121,6 +133,7 @@ def test_storescu_registers_manifests_through_the_registration_service(broker, r
         "storescu", ["-aet", "CHUB_PACS", "-aec", "RELAIS", "127.0.0.1", broker.port, *files]
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    assert len(decoded_by_the_broker) == 5
     broker.registered()
     manifests = Manifest.objects.filter(source_institution=region.chu)
     assert manifests.count() == 5
