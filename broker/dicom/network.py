@@ -38,6 +38,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import decode as decode_dataset
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AddressInformation, AssociationSocket
@@ -587,20 +588,37 @@ def store_request_command(command: bytes) -> StoreRequestCommand | None:
 class _StoreRequestMessage(C_STORE_RQ):
     """A C-STORE-RQ whose command set the broker decoded (`store_request_command`); its data
     set is gathered as pynetdicom gathers it, and `message_to_primitive` makes the same
-    C_STORE primitive, through the primitive's own checks."""
+    C_STORE primitive, through the primitive's own checks. ``command_set``, which nothing of
+    the broker's reads, is decoded by pydicom only if something asks for it (a handler bound
+    to ``EVT_DIMSE_RECV`` while the message was arriving).
 
-    def __init__(self, context_id: int, command: StoreRequestCommand) -> None:
-        # DIMSEMessage's attributes, without the command set pynetdicom builds to decode into
-        # (what it would hold is `command`; only an EVT_DIMSE_RECV handler would read it).
+    One difference, on a broken stream: a command fragment after the command set, among the
+    data set's fragments, aborts the association (PS3.8 E.2: a message's command fragments
+    come before its data set's). pynetdicom would add it to the command set it has decoded
+    already and go on, or decode the two as one command."""
+
+    def __init__(self, context_id: int, command: StoreRequestCommand, encoded: bytes) -> None:
+        # DIMSEMessage's attributes; the command set is `command` (and `encoded`, for pydicom)
         self.context_id: int | None = context_id
         self.encoded_command_set = io.BytesIO()
         self.data_set: io.BytesIO | None = io.BytesIO()
-        self.command_set = Dataset()
         self._data_set_path = None
         self._data_set_file = None
         self._command = command
+        self._encoded = encoded
+        self._command_set: Dataset | None = None
         self._command_fragments = 0
         self._invalid = ""
+
+    @property
+    def command_set(self) -> Dataset:
+        if self._command_set is None:
+            self._command_set = decode_dataset(io.BytesIO(self._encoded), True, True)
+        return self._command_set
+
+    @command_set.setter
+    def command_set(self, value: Dataset) -> None:
+        self._command_set = value
 
     def decode_msg(self, primitive: P_DATA, assoc: Association | None = None) -> bool:
         for _context_id, data in primitive.presentation_data_value_list:
@@ -660,8 +678,9 @@ class StoreResponseDIMSE(DIMSEServiceProvider):
             return None
         if self.assoc.get_handlers(evt.EVT_DIMSE_RECV):
             return None
-        command = store_request_command(data[1:])
-        return None if command is None else _StoreRequestMessage(context_id, command)
+        encoded = data[1:]
+        command = store_request_command(encoded)
+        return None if command is None else _StoreRequestMessage(context_id, command, encoded)
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         if isinstance(primitive, C_STORE) and self._send_store_response(primitive, context_id):
