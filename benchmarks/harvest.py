@@ -318,7 +318,9 @@ def one_round(  # type: ignore[no-untyped-def]
         f"  round {n}: {transport} peer {row['peer_studies_per_s']:.0f}/s, "
         f"harvest {row['harvest_studies_per_s']:.0f}/s, ratio {row['ratio']:.2f} "
         f"(peer before / after: {args.studies / peer_before:.0f}/s, "
-        f"{args.studies / peer_after:.0f}/s)",
+        f"{args.studies / peer_after:.0f}/s); CPU ms/study, Orthanc + client + PostgreSQL "
+        f"{' + '.join(f'{c:.1f}' for c in row['peer_cpu_ms_per_study'])}, Orthanc + broker + "
+        f"PostgreSQL {' + '.join(f'{c:.1f}' for c in row['harvest_cpu_ms_per_study'])}",
         flush=True,
     )
     return row

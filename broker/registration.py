@@ -412,14 +412,25 @@ def _approved_manifests(batch: list[_Document], institution: Institution) -> dic
     study_uids = {s.study_instance_uid for d in batch if d.kos for s in d.kos.studies}
     if not study_uids:
         return {}
+    # Two queries, not one with a subquery: joined, PostgreSQL may drive the join from the
+    # source's approved manifests (all of them) when its statistics are older than the
+    # registry (a registry filling fast, as at go-live), and the batch's cost then grows with
+    # the registry. Here each query has one way to go: series by study UID, manifests by key.
+    manifest_ids = sorted(
+        set(
+            ManifestSeries.objects.filter(study_instance_uid__in=study_uids).values_list(
+                "manifest_id", flat=True
+            )
+        )
+    )
+    if not manifest_ids:
+        return {}
     manifests = (
         Manifest.objects.select_for_update()
         .filter(
+            id__in=manifest_ids,
             source_institution=institution,
             status=ManifestStatus.APPROVED,
-            id__in=ManifestSeries.objects.filter(study_instance_uid__in=study_uids).values(
-                "manifest_id"
-            ),
         )
         .defer("kos_bytes")
         .order_by("id")
