@@ -111,6 +111,52 @@ def test_the_same_study_from_another_institution_does_not_replace(region):
     assert Manifest.objects.filter(status=ManifestStatus.APPROVED).count() == 2
 
 
+def test_a_study_whose_manifest_was_deprecated_gets_a_new_one_not_a_replacement(region):
+    """The deprecated manifest is history: a new manifest for its study replaces nothing."""
+    first = register(region.chu, kos_for(region.chu, "100001", study=1)).manifest
+    manifest_deprecate(manifest=first, actor=SYSTEM, now=NOW, reason="published in error")
+
+    again = register(
+        region.chu,
+        kos_for(region.chu, "100001", study=1, series=(("CT", CT, 3), ("CT", CT, 4))),
+        now=NOW + dt.timedelta(hours=1),
+    )
+
+    first.refresh_from_db()
+    assert again.outcome == "new"
+    assert first.status == ManifestStatus.DEPRECATED
+    assert first.replaced_by is None
+    assert not AuditEvent.objects.filter(code=EventCode.MANIFEST_REPLACE).exists()
+
+
+def test_a_third_manifest_replaces_the_approved_one_not_the_history(region):
+    first = register(region.chu, kos_for(region.chu, "100001", study=1)).manifest
+    second = register(
+        region.chu,
+        kos_for(region.chu, "100001", study=1, series=(("CT", CT, 3), ("CT", CT, 4))),
+        now=NOW + dt.timedelta(hours=1),
+    ).manifest
+
+    third = register(
+        region.chu,
+        kos_for(region.chu, "100001", study=1, series=(("CT", CT, 3), ("MR", MR, 2))),
+        now=NOW + dt.timedelta(hours=2),
+    )
+
+    first.refresh_from_db()
+    second.refresh_from_db()
+    assert third.outcome == "replaced"
+    assert first.replaced_by == second
+    assert second.replaced_by == third.manifest
+    assert second.status == ManifestStatus.DEPRECATED
+    assert (
+        Manifest.objects.filter(
+            study_instance_uid=study_uid(1), status=ManifestStatus.APPROVED
+        ).get()
+        == third.manifest
+    )
+
+
 def test_deprecating_a_manifest_keeps_it_and_audits(region):
     manifest = register(region.chu, kos_for(region.chu, "100001", study=1)).manifest
 
