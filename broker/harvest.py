@@ -428,11 +428,14 @@ def _harvest_chunk(
         else:
             described_ok.append((study, described))
     existing: dict[str, dict[str, str]] = {}  # study UID -> {SOP instance UID: status}
-    for study_uid, sop_uid, status in Manifest.objects.filter(
-        source_institution=institution,
+    # By study UID alone, the source checked here: with the source in the WHERE clause,
+    # PostgreSQL may read the source's every manifest while its statistics lag behind a
+    # registry this very harvest fills (see registration._approved_manifests).
+    for study_uid, sop_uid, status, source_id in Manifest.objects.filter(
         study_instance_uid__in=[d.study_instance_uid for _, d in described_ok],
-    ).values_list("study_instance_uid", "sop_instance_uid", "status"):
-        existing.setdefault(study_uid, {})[sop_uid] = status
+    ).values_list("study_instance_uid", "sop_instance_uid", "status", "source_institution_id"):
+        if source_id == institution.pk:
+            existing.setdefault(study_uid, {})[sop_uid] = status
     now = timezone.now()
     pending: list[tuple[StudySummary, bytes, ParsedKOS]] = []
     for study, described in described_ok:
