@@ -37,6 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_database import fresh_database  # noqa: E402
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -48,18 +50,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=20261128)
     parser.add_argument("--json", type=Path, default=None)
     return parser.parse_args()
-
-
-def prepare_database(database_url: str, workdir: Path) -> str:
-    if not database_url:
-        return f"sqlite:///{workdir / 'bench.sqlite3'}"
-    import psycopg
-
-    base = database_url.rsplit("/", 1)[0]
-    with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
-        conn.execute("DROP DATABASE IF EXISTS relais_bench_decision")
-        conn.execute("CREATE DATABASE relais_bench_decision")
-    return f"{base}/relais_bench_decision"
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -188,7 +178,7 @@ def seed(patients: int, rng: random.Random) -> tuple[list, object]:
 def main() -> None:
     args = parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="relais-bench-"))
-    os.environ["DATABASE_URL"] = prepare_database(args.database_url, workdir)
+    os.environ["DATABASE_URL"] = fresh_database(args.database_url, workdir, "relais_bench_decision")
     os.environ["RELAIS_DATA_DIR"] = str(workdir / "data")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "broker.settings")
     os.environ["LOG_LEVEL"] = "WARNING"

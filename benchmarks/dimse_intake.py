@@ -39,6 +39,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_database import fresh_database  # noqa: E402
+
 PYTHON = sys.executable
 
 
@@ -63,18 +66,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def prepare_database(database_url: str, workdir: Path) -> str:
-    if not database_url:
-        return f"sqlite:///{workdir / 'bench.sqlite3'}"
-    import psycopg
-
-    base = database_url.rsplit("/", 1)[0]
-    with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
-        conn.execute("DROP DATABASE IF EXISTS relais_bench_dimse")
-        conn.execute("CREATE DATABASE relais_bench_dimse")
-    return f"{base}/relais_bench_dimse"
 
 
 def write_manifests(folder: Path, count: int) -> list[Path]:
@@ -284,7 +275,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="relais-bench-dimse-"))
     env = {
         **os.environ,
-        "DATABASE_URL": prepare_database(args.database_url, workdir),
+        "DATABASE_URL": fresh_database(args.database_url, workdir, "relais_bench_dimse"),
         "RELAIS_DATA_DIR": str(workdir / "data"),
         "LOG_LEVEL": "WARNING",
     }

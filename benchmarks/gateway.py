@@ -84,6 +84,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_database import fresh_database  # noqa: E402
+
 ACCEPT_GATEWAY = 'multipart/related; type="application/dicom"'
 # What the gateway's archive client asks (broker/dicom/archive.py): no transcoding.
 ACCEPT_DIRECT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -135,18 +137,6 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     return parser.parse_args()
-
-
-def prepare_database(database_url: str, workdir: Path) -> str:
-    if not database_url:
-        return f"sqlite:///{workdir / 'bench.sqlite3'}"
-    import psycopg
-
-    base = database_url.rsplit("/", 1)[0]
-    with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
-        conn.execute("DROP DATABASE IF EXISTS relais_bench_gateway WITH (FORCE)")
-        conn.execute("CREATE DATABASE relais_bench_gateway")
-    return f"{base}/relais_bench_gateway"
 
 
 def free_port() -> int:
@@ -632,7 +622,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="relais-bench-gateway-"))
     env = {
         **os.environ,
-        "DATABASE_URL": prepare_database(args.database_url, workdir),
+        "DATABASE_URL": fresh_database(args.database_url, workdir, "relais_bench_gateway"),
         "RELAIS_DATA_DIR": str(workdir / "data"),
         "DJANGO_SETTINGS_MODULE": "broker.settings",
         "ALLOWED_HOSTS": "127.0.0.1",

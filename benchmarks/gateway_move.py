@@ -91,6 +91,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_database import fresh_database  # noqa: E402
 from benchmarks.gateway import (  # noqa: E402 - after the path above
     ISSUER,
     MB,
@@ -148,19 +149,6 @@ def parse_args() -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- database
-
-
-def prepare_database(database_url: str, workdir: Path) -> str:
-    """A fresh database (its own name: the gateway benchmark may be running beside)."""
-    if not database_url:
-        return f"sqlite:///{workdir / 'bench.sqlite3'}"
-    import psycopg
-
-    base = database_url.rsplit("/", 1)[0]
-    with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {DATABASE}")
-    return f"{base}/{DATABASE}"
 
 
 def drop_database(database_url: str) -> None:
@@ -611,7 +599,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="relais-bench-move-"))
     env = {
         **os.environ,
-        "DATABASE_URL": prepare_database(args.database_url, workdir),
+        "DATABASE_URL": fresh_database(args.database_url, workdir, DATABASE),
         "RELAIS_DATA_DIR": str(workdir / "data"),
         "DJANGO_SETTINGS_MODULE": "broker.settings",
         "RELAIS_DICOM_AE_TITLE": BROKER_AE,

@@ -39,6 +39,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_database import fresh_database  # noqa: E402
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -59,18 +61,6 @@ def parse_args() -> argparse.Namespace:
         "--profile", action="store_true", help="cProfile the harvest's main thread (figures off)"
     )
     return parser.parse_args()
-
-
-def prepare_database(database_url: str, workdir: Path) -> str:
-    if not database_url:
-        return f"sqlite:///{workdir / 'bench.sqlite3'}"
-    import psycopg
-
-    base = database_url.rsplit("/", 1)[0]
-    with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
-        conn.execute("DROP DATABASE IF EXISTS relais_bench_harvest")
-        conn.execute("CREATE DATABASE relais_bench_harvest")
-    return f"{base}/relais_bench_harvest"
 
 
 def load_archive(archive, count: int, issuer: str, first_day: dt.date) -> None:  # type: ignore[no-untyped-def]
@@ -330,7 +320,7 @@ def main() -> None:
     args = parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="relais-bench-harvest-"))
     os.environ.update(
-        DATABASE_URL=prepare_database(args.database_url, workdir),
+        DATABASE_URL=fresh_database(args.database_url, workdir, "relais_bench_harvest"),
         RELAIS_DATA_DIR=str(workdir / "data"),
         DJANGO_SETTINGS_MODULE="broker.settings",
         LOG_LEVEL="WARNING",

@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from benchmarks.bench_database import fresh_database  # noqa: E402
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -49,18 +51,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--per-phase", type=int, default=300, help="manifests a phase")
     parser.add_argument("--slow-ms", type=float, default=5.0)
     return parser.parse_args()
-
-
-def prepare_database(database_url: str, workdir: Path) -> str:
-    if not database_url:
-        return f"sqlite:///{workdir / 'bench.sqlite3'}"
-    import psycopg
-
-    base = database_url.rsplit("/", 1)[0]
-    with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
-        conn.execute("DROP DATABASE IF EXISTS relais_bench_registration")
-        conn.execute("CREATE DATABASE relais_bench_registration")
-    return f"{base}/relais_bench_registration"
 
 
 def backend_cpu_seconds() -> float:
@@ -88,7 +78,7 @@ def main() -> None:
     args = parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="relais-bench-registration-"))
     os.environ.update(
-        DATABASE_URL=prepare_database(args.database_url, workdir),
+        DATABASE_URL=fresh_database(args.database_url, workdir, "relais_bench_registration"),
         RELAIS_DATA_DIR=str(workdir / "data"),
         DJANGO_SETTINGS_MODULE="broker.settings",
         LOG_LEVEL="WARNING",

@@ -38,6 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_database import fresh_database  # noqa: E402
+
 INS_OID = "1.2.250.1.213.1.4.10"
 UID_ROOT = "1.2.826.0.1.3680043.10.777."
 
@@ -59,18 +61,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def prepare_database(database_url: str, workdir: Path) -> str:
-    if not database_url:
-        return f"sqlite:///{workdir / 'bench.sqlite3'}"
-    import psycopg
-
-    base = database_url.rsplit("/", 1)[0]
-    with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
-        conn.execute("DROP DATABASE IF EXISTS relais_bench")
-        conn.execute("CREATE DATABASE relais_bench")
-    return f"{base}/relais_bench"
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -86,7 +76,7 @@ def timed(samples: list[float], fn, *args, **kwargs):  # type: ignore[no-untyped
 def main() -> None:
     args = parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="relais-bench-"))
-    os.environ["DATABASE_URL"] = prepare_database(args.database_url, workdir)
+    os.environ["DATABASE_URL"] = fresh_database(args.database_url, workdir, "relais_bench")
     os.environ["RELAIS_DATA_DIR"] = str(workdir / "data")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "broker.settings")
     os.environ["LOG_LEVEL"] = "WARNING"
