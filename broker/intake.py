@@ -33,7 +33,7 @@ from itertools import groupby
 from operator import attrgetter
 
 from django.db import close_old_connections, connection, transaction
-from django.db.models import Min
+from django.db.models import OuterRef, Subquery
 from django.utils import timezone
 
 from audit.events import EventCode, Outcome
@@ -176,13 +176,20 @@ def intake_retry_oldest(*, now: datetime | None = None) -> str:
 
 
 def _next_institution() -> Institution | None:
-    """The institution with the oldest waiting manifest that no other registrar holds."""
+    """The institution with the oldest waiting manifest that no other registrar holds.
+
+    Institution by institution (a region has tens), each one's oldest waiting manifest read
+    from the index of the waiting: a query that does not grow with the queue."""
+    oldest_waiting = (
+        IntakeItem.objects.filter(institution=OuterRef("pk"), failed_at__isnull=True)
+        .order_by("id")
+        .values("id")[:1]
+    )
     waiting = (
-        IntakeItem.objects.filter(failed_at__isnull=True)
-        .values("institution_id")
-        .annotate(first=Min("id"))
+        Institution.objects.annotate(first=Subquery(oldest_waiting))
+        .filter(first__isnull=False)
         .order_by("first")
-        .values_list("institution_id", flat=True)
+        .values_list("pk", flat=True)
     )
     for institution_id in waiting:
         held = (

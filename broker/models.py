@@ -537,6 +537,15 @@ class IntakeItem(models.Model):
     class Meta:
         ordering = ["id"]
         verbose_name = _("manifest waiting for registration")
+        indexes = [
+            # An institution's oldest waiting manifests, without reading the whole queue (a
+            # backlog): which institution comes next, and its next batch.
+            models.Index(
+                fields=["institution", "id"],
+                condition=Q(failed_at__isnull=True),
+                name="broker_intake_waiting_idx",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.sop_instance_uid} from {self.actor_username}"

@@ -47,6 +47,42 @@ def test_a_manifest_refused_on_its_face_is_audited_and_never_queued(region: Regi
 
 
 @pytest.mark.django_db
+def test_the_institution_with_the_oldest_waiting_manifest_is_drained_first(region: Region):
+    """One institution a drain, the one whose oldest waiting manifest is the oldest; a
+    manifest set aside (failed) does not make its institution wait for a drain."""
+    intake_receive(
+        data=kos_for(region.portmael, "PM-1", study=10),
+        institution=region.portmael,
+        actor=PACS,
+        now=NOW,
+    )
+    for n in range(2):
+        intake_receive(
+            data=kos_for(region.chu, f"IPP{n}", study=n),
+            institution=region.chu,
+            actor=PACS,
+            now=NOW,
+        )
+    oldest = IntakeItem.objects.filter(institution=region.portmael).get()
+
+    first = intake_drain(now=NOW)
+    assert [r.manifest.source_institution for r in first] == [region.portmael]
+    assert not IntakeItem.objects.filter(pk=oldest.pk).exists()
+    second = intake_drain(now=NOW)
+    assert [r.manifest.source_institution for r in second] == [region.chu, region.chu]
+    assert intake_drain(now=NOW) == []
+
+    intake_receive(
+        data=kos_for(region.portmael, "PM-2", study=11),
+        institution=region.portmael,
+        actor=PACS,
+        now=NOW,
+    )
+    IntakeItem.objects.update(failed_at=NOW)  # set aside: for an operator, not a registrar
+    assert intake_drain(now=NOW) == []
+
+
+@pytest.mark.django_db
 def test_queued_manifests_are_registered_once_and_leave_the_queue(region: Region):
     for n in range(3):
         intake_receive(
