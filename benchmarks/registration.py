@@ -37,7 +37,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from benchmarks.bench_database import fresh_database  # noqa: E402
 
@@ -86,12 +85,12 @@ def main() -> None:
     import django
 
     django.setup()
-    from dimse_intake import write_manifests
     from django.core.management import call_command
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
     from audit.types import Actor
+    from benchmarks.dimse_intake import write_manifests
     from broker.dicom.kos import parse_kos
     from broker.models import Institution
     from broker.registration import manifests_register
