@@ -1,5 +1,6 @@
 # Relais: `make run` serves the demo region on http://127.0.0.1:8000 (and its DICOM server on
-# port 11112), `make test` runs the whole suite.
+# RELAIS_DICOM_PORT, 11112 by default, or DICOM_PORT if given: `make run DICOM_PORT=11113`),
+# `make test` runs the whole suite.
 # Both set everything up on a fresh Debian 12 machine (Python 3.11): system packages when run
 # as root (or with passwordless sudo), the virtualenv in .venv, the database migrations.
 
@@ -13,14 +14,14 @@ SYSTEM_PACKAGES := python3-venv orthanc orthanc-dicomweb dcmtk chromium
 PYTEST_WORKERS ?= 2
 HOST ?= 127.0.0.1
 PORT ?= 8000
-DICOM_PORT ?= 11112
+# DICOM_PORT: unset, the DICOM server listens on RELAIS_DICOM_PORT (the settings, 11112).
 
 .PHONY: run test lint system-deps migrate demo serve bench clean ohif
 
 run: $(VENV)/.installed migrate demo
 	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
-	@echo "Relais: http://$(HOST):$(PORT)/  (API: /api/v1/, OpenAPI: /api/schema/), DICOM: RELAIS@127.0.0.1:$(DICOM_PORT)"
-	$(BIN)/python manage.py dicomserver --port $(DICOM_PORT) & dicom=$$!; \
+	@echo "Relais: http://$(HOST):$(PORT)/  (API: /api/v1/, OpenAPI: /api/schema/); the DICOM server says where it listens"
+	$(BIN)/python manage.py dicomserver $(if $(DICOM_PORT),--port $(DICOM_PORT)) & dicom=$$!; \
 	$(BIN)/python manage.py expire_requests --every 60 > /dev/null & sweeper=$$!; \
 	trap 'kill $$dicom $$sweeper 2>/dev/null; wait $$dicom $$sweeper' EXIT INT TERM; \
 	$(BIN)/gunicorn -c python:broker.gunicorn_conf broker.wsgi --bind $(HOST):$(PORT) --workers 2 --access-logfile -

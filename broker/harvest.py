@@ -11,7 +11,8 @@ and registered through the same service as any other manifest.
 - **Resumable.** Studies go in (study date, study UID) order; each batch of manifests is
   registered in the transaction that moves the checkpoint past it, so an interrupted run
   (even ``kill -9``) resumes after the last committed study and never registers a study
-  twice.
+  twice; it tries again the studies the interrupted run failed (counted once, by the run
+  that resumes).
 - **Gentle.** At most ``max_rate`` studies a second are described (each description is one
   or two queries to the archive); descriptions are fetched ahead by ``workers`` threads
   while the previous ones are registered.
@@ -159,6 +160,7 @@ def harvest_run(
         details={"transport": transport, "range": key, "resumed": resumed, "prune": prune},
     )
     counts: Counter[str] = Counter({k: int(v) for k, v in checkpoint.counts.items()})
+    retried = set(checkpoint.failed_studies)  # failed before the interruption: tried again
     summary = HarvestSummary(
         institution=institution.finess,
         transport=transport,
@@ -172,13 +174,17 @@ def harvest_run(
         with client_factory() as lister:
             studies = sorted(lister.find_studies(since=since, until=until), key=_order)
         cursor = (checkpoint.cursor_study_date or dt.date.min, checkpoint.cursor_study_uid)
-        # Resuming: after the cursor, and any study before it that has no manifest from
-        # this source yet (one that appeared in the archive since, with an older date).
+        # Resuming: after the cursor, and any study before it that the interrupted run
+        # failed or that has no manifest from this source yet (one that appeared in the
+        # archive since, with an older date).
         known = _studies_with_manifests(institution) if resumed else set()
         todo = [
             s
             for s in studies
-            if not resumed or _order(s) > cursor or s.study_instance_uid not in known
+            if not resumed
+            or _order(s) > cursor
+            or s.study_instance_uid not in known
+            or s.study_instance_uid in retried
         ]
         summary.total = len(studies)
         summary.resumed_after = len(studies) - len(todo)
@@ -316,6 +322,7 @@ def _checkpoint(
             checkpoint.cursor_study_date = None
             checkpoint.cursor_study_uid = ""
             checkpoint.counts = {}
+            checkpoint.failed_studies = []
             checkpoint.started_at = now
             checkpoint.finished_at = None
         checkpoint.status = HarvestStatus.RUNNING
@@ -419,11 +426,11 @@ def _harvest_chunk(
     of `_candidate_uids` no manifest of the source has used. A study the archive could not
     describe, or that makes no valid manifest, has failed.
     """
-    counts, failures = summary.counts, summary.failures
+    counts = summary.counts
+    failures: list[tuple[str, str]] = []  # this chunk's
     described_ok: list[tuple[StudySummary, StudyDescription]] = []
     for study, described in chunk:
         if isinstance(described, ArchiveError):
-            counts["failed"] += 1
             failures.append((study.study_instance_uid, str(described)))
         else:
             described_ok.append((study, described))
@@ -454,7 +461,6 @@ def _harvest_chunk(
                 series_instance_uid=series_instance_uid,
             )
         except KOSError as exc:
-            counts["failed"] += 1
             failures.append((study.study_instance_uid, f"{exc.code}: {exc.message}"))
             continue
         pending.append((study, data, parsed))
@@ -471,7 +477,6 @@ def _harvest_chunk(
             )
             for (study, _, _), result in zip(pending, results, strict=True):
                 if result.error is not None:
-                    counts["failed"] += 1
                     failures.append(
                         (study.study_instance_uid, f"{result.error.code}: {result.error.detail}")
                     )
@@ -481,11 +486,25 @@ def _harvest_chunk(
         if _order(last) > cursor:  # a resumed run's late studies come before the cursor
             checkpoint.cursor_study_date = last.study_date
             checkpoint.cursor_study_uid = last.study_instance_uid
+        # Failed: the studies that failed and were not harvested since, this run's and an
+        # interrupted run's alike (a resumed run tries those again: each is counted once).
+        tried = {study.study_instance_uid for study, _ in chunk}
+        failed_now = [uid for uid, _ in failures]
+        failed = [uid for uid in checkpoint.failed_studies if uid not in tried] + failed_now
+        counts["failed"] = len(failed)
+        checkpoint.failed_studies = failed
         checkpoint.counts = dict(counts)
         checkpoint.updated_at = now
         checkpoint.save(
-            update_fields=["cursor_study_date", "cursor_study_uid", "counts", "updated_at"]
+            update_fields=[
+                "cursor_study_date",
+                "cursor_study_uid",
+                "counts",
+                "failed_studies",
+                "updated_at",
+            ]
         )
+    summary.failures.extend(failures)
 
 
 def _studies_with_manifests(institution: Institution) -> set[str]:

@@ -572,6 +572,14 @@ class HarvestCheckpoint(models.Model):
     cursor_study_date = models.DateField(null=True, blank=True)
     cursor_study_uid = models.CharField(max_length=64, blank=True, default="")
     counts = models.JSONField(default=dict)
+    failed_studies = models.JSONField(
+        default=list,
+        blank=True,
+        help_text=_(
+            "Study Instance UIDs that failed and were not harvested since: a resumed run "
+            "tries them again"
+        ),
+    )
     total = models.PositiveIntegerField(default=0)
     owner = models.CharField(
         max_length=255, blank=True, default="", help_text=_("host:pid of the run holding it")

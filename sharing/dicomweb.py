@@ -2,8 +2,10 @@
 streamed from the source archive), for a viewer or a PACS holding a retrieval token.
 
 Plain Django views (a streamed body, no serializer): each checks the token
-(`sharing.gateway.gateway_access`), finds what it may reach, and answers. Errors are RFC 9457
-problems: 401 without a valid token (with ``WWW-Authenticate: Bearer``), the same 404 for a
+(`sharing.gateway.gateway_access`), finds what it may reach, and answers. QIDO-RS also
+answers a signed-in user without a token, within the tokens they hold
+(`sharing.gateway.gateway_session_accesses`); a retrieval always needs the token. Errors are
+RFC 9457 problems: 401 without a valid token (with ``WWW-Authenticate: Bearer``), the same 404 for a
 study, series or instance outside the token's scope as for a missing one, 502/503/504 with
 ``Retry-After`` when the source archive fails.
 """
@@ -18,6 +20,7 @@ from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
+from audit.types import Actor
 from broker.access import client_address
 from broker.dicom.archive import (
     ArchiveError,
@@ -38,8 +41,10 @@ from sharing.gateway import (
     gateway_instances,
     gateway_manifest,
     gateway_metadata,
+    gateway_refuse_query,
     gateway_refuse_scope,
     gateway_retrieve,
+    gateway_session_accesses,
 )
 from sharing.zero_copy import chunk_writer
 
@@ -94,6 +99,42 @@ def _guarded(
             return _archive_problem(failure)
 
     return wrapper
+
+
+def _query_guarded(
+    view: Callable[[HttpRequest, list[GatewayAccess]], HttpResponse],
+) -> Callable[..., HttpResponse]:
+    """QIDO-RS: a token, as for a retrieval; or, without one, the signed-in user's session,
+    answered within the tokens they hold (`gateway_session_accesses`)."""
+    token_view = _guarded(lambda request, access, **kwargs: view(request, [access], **kwargs))
+
+    @require_GET
+    def wrapper(request: HttpRequest, **kwargs: str) -> HttpResponse:
+        user = getattr(request, "user", None)
+        if "Authorization" in request.headers or user is None or not user.is_authenticated:
+            return token_view(request, **kwargs)
+        now = timezone.now()
+        address = client_address(request)
+        accesses = gateway_session_accesses(user=user, address=address, now=now)
+        try:
+            return view(request, accesses, **kwargs)  # type: ignore[call-arg]
+        except NotFound as missing:
+            gateway_refuse_query(
+                accesses[0].actor if accesses else Actor.anonymous(address), request.path, now
+            )
+            return _problem(404, "Not found", missing.detail, missing.code)
+
+    return wrapper
+
+
+def _covering(accesses: list[GatewayAccess], study: str) -> tuple[GatewayAccess, Manifest]:
+    """The first access that reaches ``study``, with its manifest; the same 404 otherwise."""
+    for access in accesses:
+        try:
+            return access, gateway_manifest(access, study)
+        except NotFound:
+            continue
+    raise NotFound("No such study", code="gateway:study:not-found")
 
 
 def _archive_problem(failure: ArchiveError) -> HttpResponse:
@@ -194,7 +235,7 @@ def _metadata(
     manifest = gateway_manifest(access, study)
     allowed = gateway_instances(manifest, series, instance)
     items = gateway_metadata(
-        access, manifest, series_uid=series, allowed=allowed, now=timezone.now()
+        access, manifest, series_uid=series, sop_uid=instance, allowed=allowed, now=timezone.now()
     )
     return _json(items)
 
@@ -288,26 +329,33 @@ def _base(request: HttpRequest) -> str:
     return request.build_absolute_uri("/dicomweb").rstrip("/")
 
 
-@_guarded
-def studies_query(request: HttpRequest, access: GatewayAccess) -> HttpResponse:
-    """The studies of the token (``StudyInstanceUID`` may narrow them)."""
+@_query_guarded
+def studies_query(request: HttpRequest, accesses: list[GatewayAccess]) -> HttpResponse:
+    """The studies of the token, or of the signed-in user's tokens (``StudyInstanceUID`` may
+    narrow them). Each token's share is audited for its patient."""
     wanted = request.GET.get("StudyInstanceUID") or request.GET.get("0020000D")
     results = []
-    for uid in access.claims.studies:
-        if wanted and uid not in wanted.split(","):
-            continue
-        try:
-            manifest = gateway_manifest(access, uid)
-        except NotFound:
-            continue
-        results.append(_study_json(manifest, _base(request)))
-    gateway_audit_query(access, request.get_full_path(), len(results), timezone.now())
+    listed: set[str] = set()
+    now = timezone.now()
+    for access in accesses:
+        found = 0
+        for uid in access.claims.studies:
+            if uid in listed or (wanted and uid not in wanted.split(",")):
+                continue
+            try:
+                manifest = gateway_manifest(access, uid)
+            except NotFound:
+                continue
+            listed.add(uid)
+            found += 1
+            results.append(_study_json(manifest, _base(request)))
+        gateway_audit_query(access, request.get_full_path(), found, now)
     return _json(results)
 
 
-@_guarded
-def series_query(request: HttpRequest, access: GatewayAccess, study: str) -> HttpResponse:
-    manifest = gateway_manifest(access, study)
+@_query_guarded
+def series_query(request: HttpRequest, accesses: list[GatewayAccess], study: str) -> HttpResponse:
+    access, manifest = _covering(accesses, study)
     base = _base(request)
     results = [
         {
@@ -324,11 +372,11 @@ def series_query(request: HttpRequest, access: GatewayAccess, study: str) -> Htt
     return _json(results)
 
 
-@_guarded
+@_query_guarded
 def instances_query(
-    request: HttpRequest, access: GatewayAccess, study: str, series: str
+    request: HttpRequest, accesses: list[GatewayAccess], study: str, series: str
 ) -> HttpResponse:
-    manifest = gateway_manifest(access, study)
+    access, manifest = _covering(accesses, study)
     gateway_instances(manifest, series)  # 404 for a series the manifest does not list
     base = _base(request)
     rows = manifest.series.get(series_instance_uid=series).instances.order_by("id")

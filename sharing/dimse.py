@@ -6,6 +6,8 @@ title and address, `broker.dicom.scp`), and what it may reach is what its instit
 tickets reach (approved, not ended; the avis's recipient institution, or the requester's for
 the other purposes). Each C-MOVE is an access decision: the ticket, its scope, and the
 patient's consent for the ticket's holder at that institution, now; permit or deny, audited.
+A C-FIND lists only what such a decision would permit now (the consent is evaluated, not
+held: nothing is issued).
 The instances are fetched from the source archive and sent by C-STORE to the AE registered
 for the institution (its archive entry), never to another: an unknown destination is refused
 (0xA801).
@@ -14,7 +16,7 @@ for the institution (its archive entry), never to another: an unknown destinatio
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from django.db import transaction
@@ -32,6 +34,7 @@ from broker.dicom.read_ahead import ReadAhead
 from broker.identity import patient_ref
 from broker.models import Institution, Manifest, ManifestInstance, ManifestStatus
 from consent import policy
+from consent.selectors import consent_evaluate
 from consent.services import consent_decide_for_issuance
 from sharing.decision import (
     institution_knows_patient,
@@ -178,6 +181,11 @@ def _answers(
     for _uid, found in sorted(institution_reachable(institution, now).items()):
         study = _study_attributes(found.manifest, ae_title)
         if not _all_match(study, wanted, _STUDY_KEYS):
+            continue
+        # What a C-MOVE would be refused is not listed either: a ticket outlives an opt-in
+        # that has expired since, say (a directive change revokes the tickets it restricts).
+        decision = _consent(found.ticket, found.manifest, institution, now, consent_evaluate)
+        if decision is None or not decision.permit:
             continue
         if level == "STUDY":
             answers.append(_answer(study, wanted, level))
@@ -338,24 +346,8 @@ def move_plan(
             actor, now, ticket, False, "nothing asked for is in the study's manifest", asked=asked
         )
         raise MoveRefused(STATUS_REFUSED, "nothing asked for is in the manifest")
-    holder = ticket.recipient if ticket.purpose == Purpose.AVIS else ticket.requester
     with transaction.atomic():
-        decision = None
-        if holder is not None:
-            decision = consent_decide_for_issuance(
-                patient=ticket.patient,
-                requester=policy.Requester(policy_professional_id(holder), institution.finess),
-                relationship=ticket_relationship(
-                    ticket, institution_knows_patient(institution.pk, ticket.patient_id)
-                ),
-                purpose=policy.Purpose(ticket.purpose),
-                studies=(
-                    policy.StudyRef(
-                        manifest.study_instance_uid, manifest.source_institution.finess
-                    ),
-                ),
-                now=now,
-            )
+        decision = _consent(ticket, manifest, institution, now, consent_decide_for_issuance)
         permit = decision is not None and decision.permit
         _audit_move(
             actor,
@@ -374,6 +366,32 @@ def move_plan(
         allowed=allowed,
         series=one_series,
         sop_classes=sop_classes,
+    )
+
+
+def _consent(
+    ticket: AccessRequest,
+    manifest: Manifest,
+    institution: Institution,
+    now: dt.datetime,
+    decide: Callable[..., policy.Decision],
+) -> policy.Decision | None:
+    """The patient's consent to ``institution`` reaching ``manifest``'s study under ``ticket``,
+    now, for the ticket's holder (None: the ticket has no holder). ``decide`` is
+    `consent_decide_for_issuance` for a C-MOVE (the patient's row held while it is decided),
+    `consent_evaluate` for a C-FIND (a listing: nothing is issued)."""
+    holder = ticket.recipient if ticket.purpose == Purpose.AVIS else ticket.requester
+    if holder is None:
+        return None
+    return decide(
+        patient=ticket.patient,
+        requester=policy.Requester(policy_professional_id(holder), institution.finess),
+        relationship=ticket_relationship(
+            ticket, institution_knows_patient(institution.pk, ticket.patient_id)
+        ),
+        purpose=policy.Purpose(ticket.purpose),
+        studies=(policy.StudyRef(manifest.study_instance_uid, manifest.source_institution.finess),),
+        now=now,
     )
 
 

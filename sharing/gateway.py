@@ -20,14 +20,16 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
 from audit.events import EventCode, Outcome
 from audit.services import Actor, PatientRef, audit_record
 from broker.archives import institution_archive
-from broker.dicom.archive import ArchiveError, PendingRetrieval
+from broker.dicom.archive import ArchiveError, ArchiveNotFound, PendingRetrieval
 from broker.dicom.multipart import PendingPart
 from broker.dicom.part10 import file_meta
 from broker.errors import NotFound
@@ -36,7 +38,7 @@ from broker.models import Manifest, ManifestInstance, ManifestSeries, ManifestSt
 from sharing import tokens
 from sharing.models import IssuedToken
 from sharing.recent import Recent, recent
-from sharing.revocation import token_check
+from sharing.revocation import revocation_list, token_check
 from sharing.zero_copy import ChunkedSocketWriter, ClientGone, SourceFailed
 
 logger = logging.getLogger(__name__)
@@ -119,6 +121,53 @@ def gateway_access(*, authorization: str, address: str, now: dt.datetime) -> Gat
         )
     actor = Actor(kind="user", user_id=holder.user_id, username=holder.username, address=address)
     return GatewayAccess(claims=claims, ticket=holder.ticket, actor=actor, patient=holder.patient)
+
+
+def gateway_session_accesses(*, user: Any, address: str, now: dt.datetime) -> list[GatewayAccess]:
+    """What a signed-in user may query (QIDO-RS) without a token in hand: the scope of each
+    retrieval token they hold that is valid now (issued, not expired, neither it nor its
+    ticket revoked). Each was a permitted, audited access decision; a revocation or a consent
+    change that revokes it closes the query side too. Images are never reached this way: a
+    retrieval needs the token itself."""
+    actor = Actor(kind="user", user_id=user.pk, username=user.get_username(), address=address)
+    issued = (
+        IssuedToken.objects.select_related("request__patient")
+        .filter(
+            subject__user=user,
+            revoked_at__isnull=True,
+            issued_at__lte=now,
+            expires_at__gt=now,
+        )
+        .order_by("issued_at", "id")
+    )
+    accesses = []
+    for row in issued:
+        ticket = row.request
+        claims = tokens.Claims(
+            issuer=settings.RELAIS_TOKEN_ISSUER,
+            audience=settings.RELAIS_TOKEN_AUDIENCE,
+            subject=user.get_username(),
+            token_id=str(row.token_id),
+            issued_at=row.issued_at,
+            not_before=row.issued_at,
+            expires_at=row.expires_at,
+            studies=tuple(str(uid) for uid in row.studies),
+            purpose=ticket.purpose,
+            ticket=str(ticket.public_id),
+        )
+        if revocation_list().is_revoked(claims, now):
+            continue
+        accesses.append(
+            GatewayAccess(
+                claims=claims,
+                ticket=TicketRef(
+                    public_id=ticket.public_id, purpose=ticket.purpose, patient_id=ticket.patient_id
+                ),
+                actor=actor,
+                patient=patient_ref(ticket.patient),
+            )
+        )
+    return accesses
 
 
 def _holder(token_id: str) -> _Holder | None:
@@ -238,6 +287,8 @@ def gateway_retrieve(
             try:
                 parts = iter(pending)
                 first_part = _next_allowed_part(parts, allowed, transfer)
+                if first_part is None:
+                    raise _none_held(client)
             except ArchiveError:
                 pending.close()
                 raise
@@ -256,6 +307,9 @@ def gateway_retrieve(
             )
         source = client.retrieve(manifest.study_instance_uid, series_uid, sop_uid)
         first = _next_allowed(source, allowed, transfer)
+        if first is None:
+            getattr(source, "close", lambda: None)()
+            raise _none_held(client)
     except ArchiveError as exc:
         client.close()
         _audit_transfer(
@@ -267,9 +321,18 @@ def gateway_retrieve(
     )
 
 
+def _none_held(client: object) -> ArchiveNotFound:
+    """The archive answered, but with none of the instances asked for that the manifest
+    lists: a 404 (the registry is behind the archive), not an empty 200."""
+    return ArchiveNotFound(
+        "the source archive holds none of the instances the manifest lists",
+        transport=getattr(client, "transport", "dicomweb"),
+    )
+
+
 def _body(
     boundary: str,
-    first: bytes | None,
+    first: bytes,
     source: Iterator[bytes],
     client: object,
     allowed: frozenset[str],
@@ -281,9 +344,10 @@ def _body(
     # Two chunks per instance: the delimiter with the part's headers (and the CRLF ending the
     # part before), then the instance's bytes as the archive client read them, never copied.
     head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii")
-    outcome, error = Outcome.SUCCESS, None
+    outcome: Outcome = Outcome.SUCCESS
+    error: Exception | None = None
     try:
-        data = first
+        data: bytes | None = first
         while data is not None:
             yield head if not transfer.instances else b"\r\n" + head
             yield data
@@ -292,11 +356,18 @@ def _body(
             data = _next_allowed(source, allowed, transfer)
         closing = f"--{boundary}--\r\n".encode("ascii")
         yield b"\r\n" + closing if transfer.instances else closing
-    except ArchiveError as exc:  # mid-stream: the status is sent; the body stops short
+    # The status is sent: a failure is raised on to the server, which breaks the connection
+    # (no closing chunk), so that the client sees a broken transfer, not a well-framed body
+    # short of some instances.
+    except ArchiveError as exc:
         outcome, error = _outcome(exc), exc
         logger.warning("retrieval of %s cut short: %s", manifest.study_instance_uid, exc)
+        raise
     except GeneratorExit:  # the client went away
         outcome, error = Outcome.MINOR_FAILURE, None
+        raise
+    except Exception as exc:
+        outcome, error = Outcome.SERIOUS_FAILURE, exc
         raise
     finally:
         close = getattr(source, "close", None)
@@ -317,7 +388,7 @@ def _body(
 
 def _spliced_body(
     boundary: str,
-    first: PendingPart | None,
+    first: PendingPart,
     pending: PendingRetrieval,
     parts: Iterator[PendingPart],
     writer: ChunkedSocketWriter,
@@ -331,10 +402,11 @@ def _spliced_body(
     # The server writes the status line and headers at the first piece yielded (empty here);
     # then each instance is one chunk the writer sends, the delimiter and headers before it.
     head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii")
-    outcome, error = Outcome.SUCCESS, None
+    outcome: Outcome = Outcome.SUCCESS
+    error: Exception | None = None
     try:
         yield b""
-        part = first
+        part: PendingPart | None = first
         while part is not None:
             writer.part(
                 head if not transfer.instances else b"\r\n" + head,
@@ -387,12 +459,13 @@ def gateway_metadata(
     series_uid: str | None,
     allowed: frozenset[str],
     now: dt.datetime,
+    sop_uid: str | None = None,
 ) -> list[dict[str, object]]:
     """WADO-RS metadata of what the manifest lists, from the source archive. Bulk data
     references to the archive are left out: they would name a host the viewer cannot, and
     should not, reach; a viewer reads pixels through the gateway's ``frames``."""
     with institution_archive(manifest.source_institution) as client:
-        items = client.metadata(manifest.study_instance_uid, series_uid)  # type: ignore[attr-defined]
+        items = client.metadata(manifest.study_instance_uid, series_uid, sop_uid)  # type: ignore[attr-defined]
     kept = []
     for item in items:
         sop = item.get(_SOP_INSTANCE_UID, {}).get("Value", [None])[0]
@@ -441,32 +514,78 @@ def gateway_instance_resource(
             f"the archive of {manifest.source_institution.name} offers no {resource} (DIMSE)"
         )
     patient = access.patient
-    try:
-        content_type, body = relay(
-            manifest.study_instance_uid, series_uid, sop_uid, resource, accept
-        )
-    except ArchiveError:
-        client.close()
-        raise
+    what = f"{sop_uid}/{resource}"
     _audit_transfer(
-        EventCode.TRANSFER_END,
+        EventCode.TRANSFER_BEGIN,
         access,
         manifest,
         patient,
         now,
         Outcome.SUCCESS,
         None,
-        resource=f"{sop_uid}/{resource}",
+        resource=what,
     )
-    return content_type, _closing(body, client)
-
-
-def _closing(body: Iterator[bytes], client: object) -> Iterator[bytes]:
     try:
-        yield from body
+        content_type, body = relay(
+            manifest.study_instance_uid, series_uid, sop_uid, resource, accept
+        )
+    except ArchiveError as exc:
+        client.close()
+        _audit_transfer(
+            EventCode.TRANSFER_END,
+            access,
+            manifest,
+            patient,
+            now,
+            _outcome(exc),
+            Transfer(),
+            exc,
+            resource=what,
+        )
+        raise
+    return content_type, _relayed(body, client, access, manifest, patient, what)
+
+
+def _relayed(
+    body: Iterator[bytes],
+    client: object,
+    access: GatewayAccess,
+    manifest: Manifest,
+    patient: PatientRef,
+    resource: str,
+) -> Iterator[bytes]:
+    """A frame, rendered image or thumbnail as the archive sends it; Instances Transferred
+    (bytes, outcome) once it is sent, or has failed, however it ends."""
+    transfer = Transfer(instances=1)
+    outcome: Outcome = Outcome.SUCCESS
+    error: Exception | None = None
+    try:
+        for piece in body:
+            transfer.bytes += len(piece)
+            yield piece
+    except GeneratorExit:  # the client went away
+        outcome = Outcome.MINOR_FAILURE
+        raise
+    except Exception as exc:  # the status is sent: the server breaks the connection
+        outcome, error = Outcome.SERIOUS_FAILURE, exc
+        logger.warning("%s of %s cut short: %s", resource, manifest.study_instance_uid, exc)
+        raise
     finally:
         getattr(body, "close", lambda: None)()
         getattr(client, "close", lambda: None)()
+        if outcome is not Outcome.SUCCESS:
+            transfer.instances = 0
+        _audit_transfer(
+            EventCode.TRANSFER_END,
+            access,
+            manifest,
+            patient,
+            timezone.now(),
+            outcome,
+            transfer,
+            error,
+            resource=resource,
+        )
 
 
 class GatewayUnsupported(Exception):
@@ -526,6 +645,18 @@ def _refused(
             },
         )
     return GatewayRefused(code, detail)
+
+
+def gateway_refuse_query(actor: Actor, what: str, now: dt.datetime) -> None:
+    """Audit a signed-in user's query for a study none of their tokens covers (answered 404)."""
+    with transaction.atomic():
+        audit_record(
+            code=EventCode.GATEWAY_REFUSE,
+            actor=actor,
+            now=now,
+            outcome=Outcome.MINOR_FAILURE,
+            details={"why": "gateway:scope", "asked": what, "jti": None},
+        )
 
 
 def gateway_refuse_scope(access: GatewayAccess, what: str, now: dt.datetime) -> None:

@@ -987,13 +987,21 @@ class DicomWebArchive:
         )
 
     def metadata(
-        self, study_instance_uid: str, series_instance_uid: str | None = None
+        self,
+        study_instance_uid: str,
+        series_instance_uid: str | None = None,
+        sop_instance_uid: str | None = None,
     ) -> list[dict[str, Any]]:
-        """WADO-RS metadata: one DICOM JSON object per instance (bulk data by reference)."""
-        study_uid, series_uid, _ = _retrieve_uids(study_instance_uid, series_instance_uid, None)
+        """WADO-RS metadata of a study, a series or an instance: one DICOM JSON object per
+        instance (bulk data by reference)."""
+        study_uid, series_uid, sop_uid = _retrieve_uids(
+            study_instance_uid, series_instance_uid, sop_instance_uid
+        )
         path = f"/studies/{study_uid}"
         if series_uid is not None:
             path += f"/series/{series_uid}"
+        if sop_uid is not None:
+            path += f"/instances/{sop_uid}"
         answer = self._get_json(f"{path}/metadata", [], "WADO-RS metadata")
         if not isinstance(answer, list) or not all(isinstance(item, dict) for item in answer):
             self._fail(ArchiveProtocolError, f"WADO-RS metadata of {path}: not a list of objects")
@@ -1658,14 +1666,17 @@ class DimseArchive:
         )
 
     def metadata(
-        self, study_instance_uid: str, series_instance_uid: str | None = None
+        self,
+        study_instance_uid: str,
+        series_instance_uid: str | None = None,
+        sop_instance_uid: str | None = None,
     ) -> list[dict[str, Any]]:
         """What WADO-RS metadata would say, from the instances fetched by C-GET (DIMSE has
-        no metadata-only retrieval): DICOM JSON without the bulk data (pixels, large binary
-        values), which a viewer fetches apart."""
+        no metadata-only retrieval; an instance's alone, not its series'): DICOM JSON without
+        the bulk data (pixels, large binary values), which a viewer fetches apart."""
         return [
             _json_without_bulk(dcmread(io.BytesIO(data), force=True))
-            for data in self.retrieve(study_instance_uid, series_instance_uid)
+            for data in self.retrieve(study_instance_uid, series_instance_uid, sop_instance_uid)
         ]
 
     def move(

@@ -27,6 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 from pynetdicom import AE, StoragePresentationContexts, evt
+from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
 from broker.dicom.archive import (
@@ -431,6 +432,36 @@ def test_move_to_an_unknown_destination_fails_with_its_status(
 def test_moving_a_study_the_archive_does_not_hold_is_not_found(chub: OrthancArchive) -> None:
     with DimseArchive(endpoint_of(chub)) as dimse, pytest.raises(ArchiveNotFound):
         dimse.move("1.2.826.0.1.3680043.8.498.404", BROKER_MODALITY)
+
+
+# --------------------------------------------------------------------------- TCP_NODELAY
+# With Nagle's algorithm on, each small PDU the broker sends waits ~40 ms for the archive's
+# delayed ACK: a C-FIND or a C-MOVE request at a time. The sockets are the client's own.
+
+
+def _nodelay(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_the_pynetdicom_associations_to_an_archive_turn_nagle_off(chub: OrthancArchive) -> None:
+    with DimseArchive(endpoint_of(chub)) as dimse:
+        # What C-ECHO and C-MOVE associate with (their association lasts one operation).
+        assoc, _watch = dimse._associate([build_context(Verification)], "C-ECHO")
+        try:
+            assert assoc.is_established
+            assert _nodelay(assoc.dul.socket.socket) == 1
+        finally:
+            assoc.release()
+
+
+def test_the_broker_s_own_associations_to_an_archive_turn_nagle_off(chub: OrthancArchive) -> None:
+    with DimseArchive(endpoint_of(chub)) as dimse:
+        dimse.find_studies()
+        session = dimse._finder  # the C-FIND association kept open (a StoreSession)
+        assert session is not None
+        assert session.is_established
+        assert session._socket is not None
+        assert _nodelay(session._socket) == 1
 
 
 # --------------------------------------------------------------------------- refusals

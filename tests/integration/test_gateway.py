@@ -7,10 +7,10 @@ import dataclasses
 import datetime as dt
 import io
 import logging
+import os
 import re
 import socket
 import struct
-import threading
 import time
 from typing import Any
 
@@ -56,6 +56,14 @@ def parts(response: Any) -> list[bytes]:
         assert b"Content-Type: application/dicom" in headers
         found.append(data[:-2])  # the part's closing CRLF
     return found
+
+
+def after_meta(data: bytes) -> bytes:
+    """A Part 10 file's data set: what follows its meta group ((0002,0000) gives its length)."""
+    assert data[128:132] == b"DICM"
+    assert data[132:136] == b"\x02\x00\x00\x00"
+    (group_length,) = struct.unpack("<I", data[140:144])
+    return data[144 + group_length :]
 
 
 def sop_uid(data: bytes) -> str:
@@ -204,6 +212,9 @@ def test_the_same_through_c_get_when_the_archive_has_no_dicomweb(shared, chu):
         original = pydicom.dcmread(io.BytesIO(uploaded[copy.SOPInstanceUID]))
         assert copy.PixelData == original.PixelData
         assert copy == original
+        # The file meta is the broker's (C-GET carries the data set alone); the data set is
+        # the archive's, byte for byte.
+        assert after_meta(data) == after_meta(uploaded[copy.SOPInstanceUID])
 
 
 def test_qido_answers_from_the_registry_within_the_token(shared, orthanc_region):
@@ -232,6 +243,49 @@ def test_qido_answers_from_the_registry_within_the_token(shared, orthanc_region)
         )
     )
     assert AuditEvent.objects.filter(code=EventCode.GATEWAY_QUERY).count() == 3
+
+
+def test_qido_for_a_signed_in_user_answers_within_the_tokens_they_hold(shared, orthanc_region, dpo):
+    study, manifest, doctor = shared["study"], shared["manifest"], shared["doctor"]
+    session = Client()
+    session.force_login(doctor)
+    (found,) = session.get("/dicomweb/studies").json()
+    assert found["0020000D"]["Value"] == [study.study_instance_uid]
+    series = session.get(f"/dicomweb/studies/{study.study_instance_uid}/series").json()
+    assert len(series) == manifest.series_count
+    first = series[0]["0020000E"]["Value"][0]
+    instances = session.get(
+        f"/dicomweb/studies/{study.study_instance_uid}/series/{first}/instances"
+    ).json()
+    assert len(instances) == manifest.series.get(series_instance_uid=first).instances.count()
+    queries = AuditEvent.objects.filter(code=EventCode.GATEWAY_QUERY).order_by("sequence")
+    assert [(q.actor_username, q.patient_id != "") for q in queries] == [
+        (doctor.username, True)
+    ] * 3
+    # Another study of the same archive: the same 404 as a missing one, audited.
+    other = orthanc_region.studies[CHUB_AE][1].study_instance_uid
+    assert session.get(f"/dicomweb/studies/{other}/series").status_code == 404
+    refused = AuditEvent.objects.get(code=EventCode.GATEWAY_REFUSE)
+    assert refused.actor_username == doctor.username
+    # The images themselves need the token.
+    assert session.get(f"/dicomweb/studies/{study.study_instance_uid}").status_code == 401
+    # Someone holding no token (a DPO) is shown nothing.
+    outsider = Client()
+    outsider.force_login(dpo)
+    assert outsider.get("/dicomweb/studies").json() == []
+    assert outsider.get(f"/dicomweb/studies/{study.study_instance_uid}/series").status_code == 404
+    # Once the ticket is revoked, its tokens show nothing either.
+    services.request_revoke(
+        user=make_user("admin.region3", region_admin=True),
+        ticket=shared["ticket"],
+        reason="erreur de patient",
+        actor=SYSTEM,
+        now=timezone.now(),
+    )
+    time.sleep(0.6)  # every process's copy of the revocations is at most 0.5 s old
+    assert session.get("/dicomweb/studies").json() == []
+    gone = session.get(f"/dicomweb/studies/{study.study_instance_uid}/series")
+    assert gone.status_code == 404
 
 
 def test_refusals(shared, orthanc_region, dpo):
@@ -297,6 +351,49 @@ def test_an_archive_that_is_down_is_a_503_with_a_retry_hint(shared, chu):
     assert "ArchiveUnreachable" in end.details["error"]
 
 
+def stall(seconds: float):  # type: ignore[no-untyped-def]
+    """An archive that takes the request and answers nothing for ``seconds``."""
+
+    def reply(handler) -> None:  # type: ignore[no-untyped-def]
+        time.sleep(seconds)
+        handler.close_connection = True
+
+    return reply
+
+
+@pytest.mark.parametrize(
+    ("archive", "status", "code", "retry_after"),
+    [
+        ("an HTTP 500", 502, "gateway:archive:error", "60"),
+        ("no answer in time", 504, "gateway:archive:timeout", "30"),
+    ],
+)
+def test_an_archive_that_fails_is_a_problem_with_a_retry_hint_and_the_rest_is_served(
+    shared, chu, settings, monkeypatch, archive, status, code, retry_after
+):
+    from broker.dicom import archive as archive_module
+    from tests.integration.test_archive import scripted_http
+    from tests.integration.test_archive import status as http_status
+
+    settings.RELAIS_DICOM_TIMEOUT = 1
+    monkeypatch.setattr(archive_module, "_BACKOFF_BASE_SECONDS", 0.01)
+    reply = http_status(500, b"boom") if status == 502 else stall(2.5)
+    client = viewer(shared["token"])
+    study = shared["study"].study_instance_uid
+    with scripted_http(reply) as (url, _asked):
+        chu.dicomweb_url = url
+        chu.save(update_fields=["dicomweb_url"])
+        answer = client.get(f"/dicomweb/studies/{study}")
+        # The registry's side is served meanwhile.
+        assert client.get(f"/dicomweb/studies/{study}/series").status_code == 200
+    assert answer.status_code == status
+    assert answer["Retry-After"] == retry_after
+    assert answer["Content-Type"] == "application/problem+json"
+    assert answer.json()["code"] == code
+    end = AuditEvent.objects.get(code=EventCode.TRANSFER_END)
+    assert end.outcome == 8
+
+
 def test_cors_for_a_viewer_on_another_origin(shared, settings):
     settings.CORS_ALLOWED_ORIGINS = ["https://viewer.example.org"]
     client = Client()
@@ -318,9 +415,31 @@ def test_cors_for_a_viewer_on_another_origin(shared, settings):
     assert "Access-Control-Allow-Origin" not in api  # only the gateway
 
 
-def test_a_client_that_goes_away_mid_stream_leaves_nothing_open(shared):
+def connections_to(port: int) -> int:
+    """This process's established TCP connections to 127.0.0.1:``port`` (/proc)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    with open("/proc/self/net/tcp") as table:
+        for line in list(table)[1:]:
+            fields = line.split()
+            remote_port = int(fields[2].split(":")[1], 16)
+            if remote_port == port and fields[3] == "01" and fields[9] in inodes:
+                count += 1
+    return count
+
+
+def test_a_client_that_goes_away_mid_stream_leaves_nothing_open(shared, chu):
     from sharing.gateway import gateway_access, gateway_instances, gateway_retrieve
 
+    archive_port = int(httpx.URL(chu.dicomweb_url).port or 80)
+    before = connections_to(archive_port)
     now = timezone.now()
     access = gateway_access(authorization=f"Bearer {shared['token']}", address="", now=now)
     manifest = shared["manifest"]
@@ -333,11 +452,12 @@ def test_a_client_that_goes_away_mid_stream_leaves_nothing_open(shared):
         now=now,
     )
     next(body), next(body)  # the first part's header and instance
+    assert connections_to(archive_port) == before + 1  # the retrieval's, from the archive
     body.close()  # what the server does when the client disconnects
     end = AuditEvent.objects.get(code=EventCode.TRANSFER_END)
     assert end.outcome == 4
     assert end.details["instances"] == 0
-    assert not [t for t in threading.enumerate() if t.name.startswith("relais-")]
+    assert connections_to(archive_port) == before
 
 
 @pytest.mark.parametrize("transport", ["dicomweb", "dimse"])
@@ -359,6 +479,36 @@ def test_metadata_of_what_the_manifest_lists_without_archive_urls(shared, chu, t
     assert AuditEvent.objects.filter(code=EventCode.GATEWAY_METADATA).count() == 1
 
 
+@pytest.mark.parametrize("transport", ["dicomweb", "dimse"])
+def test_an_instance_metadata_asks_the_archive_for_that_instance_alone(
+    shared, chu, transport, monkeypatch
+):
+    """Over DIMSE that is a C-GET of the instance, not of its series (pixels included)."""
+    from broker.dicom import archive
+
+    chu.archive_transport = transport
+    chu.save(update_fields=["archive_transport"])
+    asked: list[tuple[Any, ...]] = []
+    kind = archive.DimseArchive if transport == "dimse" else archive.DicomWebArchive
+    real = kind.metadata
+
+    def spied(self, *uids):  # type: ignore[no-untyped-def]
+        asked.append(uids)
+        return real(self, *uids)
+
+    monkeypatch.setattr(kind, "metadata", spied)
+    manifest = shared["manifest"]
+    series = manifest.series.order_by("id").first()
+    sop = series.instances.order_by("id").first().sop_instance_uid
+    answer = viewer(shared["token"]).get(
+        f"/dicomweb/studies/{manifest.study_instance_uid}/series/{series.series_instance_uid}"
+        f"/instances/{sop}/metadata"
+    )
+    assert answer.status_code == 200
+    assert [i["00080018"]["Value"][0] for i in answer.json()] == [sop]
+    assert asked == [(manifest.study_instance_uid, series.series_instance_uid, sop)]
+
+
 def test_frames_and_rendered_are_relayed_from_a_dicomweb_archive(shared, chu):
     manifest = shared["manifest"]
     series = manifest.series.order_by("id").first()
@@ -373,10 +523,33 @@ def test_frames_and_rendered_are_relayed_from_a_dicomweb_archive(shared, chu):
     )
     assert frame.status_code == 200
     assert frame["Content-Type"].startswith("multipart/related")
-    assert len(b"".join(frame.streaming_content)) > 1000
+    frame_bytes = b"".join(frame.streaming_content)
+    assert len(frame_bytes) > 1000
     rendered = client.get(f"{base}/rendered", HTTP_ACCEPT="image/jpeg")
     assert rendered.status_code == 200
-    assert b"".join(rendered.streaming_content)[:2] == b"\xff\xd8"  # a JPEG
+    rendered_bytes = b"".join(rendered.streaming_content)
+    assert rendered_bytes[:2] == b"\xff\xd8"  # a JPEG
+    # Each audited as a transfer: begun, then ended once sent, with what was sent.
+    begun = AuditEvent.objects.filter(code=EventCode.TRANSFER_BEGIN).order_by("sequence")
+    ended = AuditEvent.objects.filter(code=EventCode.TRANSFER_END).order_by("sequence")
+    assert [e.details["resource"] for e in begun] == [
+        f"{instance}/frames/1",
+        f"{instance}/rendered",
+    ]
+    assert [(e.details["resource"], e.details["bytes"], e.outcome) for e in ended] == [
+        (f"{instance}/frames/1", len(frame_bytes), 0),
+        (f"{instance}/rendered", len(rendered_bytes), 0),
+    ]
+    # A thumbnail where the archive offers one; Debian's Orthanc DICOMweb plugin (1.7) does
+    # not: its refusal is the viewer's problem answer, and the transfer is audited as failed.
+    thumbnail = client.get(f"{base}/thumbnail", HTTP_ACCEPT="image/jpeg")
+    if thumbnail.status_code == 200:
+        assert b"".join(thumbnail.streaming_content)[:2] == b"\xff\xd8"
+    else:
+        assert thumbnail["Content-Type"] == "application/problem+json"
+        assert thumbnail.json()["code"].startswith("gateway:archive:")
+        last = AuditEvent.objects.filter(code=EventCode.TRANSFER_END).order_by("sequence").last()
+        assert (last.details["resource"], last.outcome) == (f"{instance}/thumbnail", 8)
     outside = f"/dicomweb/studies/{manifest.study_instance_uid}/series/1.2.3/instances/1.2.3.4"
     assert client.get(f"{outside}/frames/1").status_code == 404
     chu.archive_transport = "dimse"
@@ -418,7 +591,13 @@ def big_study(region: Region, orthanc_factory):
     chu = harvested(region.chu, archive)
     manifest = Manifest.objects.get(status=ManifestStatus.APPROVED)
     token, _ticket, _doctor = radiologist_token(chu, manifest, "dr.big")
-    return {"chu": chu, "manifest": manifest, "token": token, "instances": instances}
+    return {
+        "chu": chu,
+        "manifest": manifest,
+        "token": token,
+        "instances": instances,
+        "archive": archive,
+    }
 
 
 @pytest.fixture
@@ -589,3 +768,88 @@ def test_under_gunicorn_an_archive_that_fails_mid_stream_breaks_the_transfer(
     if not whole:  # the first instance's chunk was begun, never ended
         size_line, _, data = received.partition(b"\r\n\r\n")[2].partition(b"\r\n")
         assert not data[int(size_line, 16) :].startswith(b"\r\n")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_without_splicing_an_archive_that_fails_mid_stream_breaks_the_transfer(
+    big_study, served, settings
+):
+    """The gateway's other path (a server that gives it no socket writer, a C-GET source): the
+    failure is raised on to the server, which breaks the connection, never a well-framed end."""
+    from broker.dicom.archive import ArchiveError
+    from tests.integration.test_archive import multipart
+
+    settings.RELAIS_GATEWAY_SPLICE = False
+    first, second = big_study["instances"][:2]
+    body = multipart(b"xyz", [first, second], lengths=True)[: -len(second) // 2]
+    server = archive_answering(big_study, body)
+    try:
+        fetch_broken(served, big_study)
+    finally:
+        server.__exit__(None, None, None)
+    assert not served.writers
+    end = transfer_end()
+    assert end.outcome == 8
+    assert end.details["instances"] == 1
+    assert "ArchiveProtocolError" in end.details["error"]
+    assert served.errors
+    assert all(isinstance(e, ArchiveError) for e in served.errors)
+    served.errors.clear()  # what gunicorn logs as "Error handling request"
+
+
+def other_instance(data: bytes) -> bytes:
+    """An instance of the same study that no manifest lists."""
+    dataset = pydicom.dcmread(io.BytesIO(data))
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.99.1"
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("splice", [True, False])
+def test_an_archive_holding_none_of_the_listed_instances_is_a_404(
+    big_study, served, settings, splice
+):
+    from tests.integration.test_archive import multipart
+
+    settings.RELAIS_GATEWAY_SPLICE = splice
+    unlisted = other_instance(big_study["instances"][0])
+    server = archive_answering(big_study, multipart(b"xyz", [unlisted], lengths=True))
+    manifest = big_study["manifest"]
+    try:
+        answer = httpx.get(
+            f"{served.url}/dicomweb/studies/{manifest.study_instance_uid}",
+            headers={"Authorization": f"Bearer {big_study['token']}", **ACCEPT_DICOM},
+            timeout=30,
+        )
+    finally:
+        server.__exit__(None, None, None)
+    assert answer.status_code == 404
+    assert answer.headers["Content-Type"] == "application/problem+json"
+    assert answer.json()["code"] == "gateway:archive:not-found"
+    end = transfer_end()
+    assert end.outcome == 8
+    assert (end.details["instances"], end.details["left_out"]) == (0, 1)
+
+
+def test_a_series_the_archive_holds_but_the_manifest_does_not_list_is_a_missing_one(big_study):
+    """A series added to the study at the archive after its manifest: the same 404, body for
+    body, as a series that exists nowhere."""
+    manifest = big_study["manifest"]
+    dataset = pydicom.dcmread(io.BytesIO(big_study["instances"][0]))
+    dataset.SeriesInstanceUID = "1.2.826.0.1.99.2"
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.99.2.1"
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    big_study["archive"].upload(buffer.getvalue())
+    client = viewer(big_study["token"])
+    study_url = f"/dicomweb/studies/{manifest.study_instance_uid}"
+    unlisted = client.get(f"{study_url}/series/1.2.826.0.1.99.2")
+    nowhere = client.get(f"{study_url}/series/1.2.826.0.1.99.3")
+    assert unlisted.status_code == nowhere.status_code == 404
+    assert unlisted.json() == nowhere.json()
+    for what in ("metadata", "instances/1.2.826.0.1.99.2.1"):
+        assert client.get(f"{study_url}/series/1.2.826.0.1.99.2/{what}").json() == nowhere.json()
+    listing = client.get(f"{study_url}/series").json()
+    assert "1.2.826.0.1.99.2" not in {s["0020000E"]["Value"][0] for s in listing}

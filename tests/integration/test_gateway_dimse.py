@@ -4,6 +4,7 @@ from a real Orthanc."""
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import socket
 import subprocess
@@ -21,7 +22,8 @@ from audit.models import AuditEvent
 from broker.dicom.scp import BrokerSCP, SCPConfig
 from broker.models import Institution, Manifest, ManifestStatus, Role
 from broker.services import institution_update
-from consent.services import directive_record
+from consent.models import Directive
+from consent.services import directive_amend, directive_record
 from sharing import services
 from tests.conftest import NOW, SYSTEM, Region, make_user
 from tests.integration.conftest import harvested
@@ -106,6 +108,8 @@ def world(region: Region, orthanc_region: OrthancRegion, store, referring_doctor
             "ticket": ticket,
             "other": orthanc_region.studies[CHUB_AE][1],
             "study_source": chu,
+            "portmael": portmael,
+            "clerk": clerk,
         }
     finally:
         scp.shutdown()
@@ -180,6 +184,43 @@ def test_c_move_refusals(world):
         "destination 'ELSEWHERE' is not registered",
         "no live ticket of this institution reaches it",
     }
+
+
+def test_a_study_whose_consent_has_lapsed_is_neither_listed_nor_moved(world):
+    """The patient's consent to Port-Maël ends while the ticket lives (an opt-in with an end
+    date: nothing revokes the ticket when it passes). What a C-MOVE would be refused, a C-FIND
+    does not list."""
+    uid = world["study"].study_instance_uid
+    directive = Directive.objects.get(kind="consent")
+    directive_amend(
+        directive=directive,
+        institution=world["study_source"],
+        recorder=world["clerk"],
+        scope="institution",
+        value=world["portmael"].finess,
+        valid_until=timezone.now() + dt.timedelta(seconds=2),
+        note="consentement jusqu'à la fin de la consultation",
+        actor=SYSTEM,
+        now=timezone.now(),
+    )
+    assert uid in find(world, "STUDY", "StudyInstanceUID")
+    time.sleep(2.2)
+    world["ticket"].refresh_from_db()
+    assert world["ticket"].state == "approved"
+    assert uid not in find(world, "STUDY", "StudyInstanceUID")
+    series = find(world, "SERIES", f"StudyInstanceUID={uid}", "SeriesInstanceUID")
+    assert "Final Find Response (Success)" in series
+    assert "(Pending)" not in series  # no match (the query itself is echoed, with the UID)
+    moved = run_tool(
+        "movescu",
+        [
+            "-S", "-aet", PACS_AE, "-aec", "RELAIS", "-aem", PACS_AE,
+            "127.0.0.1", world["port"],
+            "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={uid}",
+        ],
+    )  # fmt: skip
+    assert "Received Final Move Response (Failed" in moved.stdout + moved.stderr
+    assert not list(world["received"].iterdir())
 
 
 def find(world, level: str, *keys: str) -> str:
@@ -316,6 +357,29 @@ def test_a_move_missing_instances_at_the_source_is_not_a_success(world):
     output = moved.stdout + moved.stderr
     assert "Final Move Response (Warning: SubOperationsCompleteOneOrMoreFailures)" in output
     assert len(dicom_files(world["received"])) == len(study.instances)
+
+
+def test_a_move_whose_source_archive_is_down_fails_and_is_audited(world):
+    """The source archive cannot be reached: the move's final status is a failure (0xC000),
+    nothing reaches the destination, and the transfer is audited with its outcome."""
+    source = world["study_source"]
+    source.dicomweb_url = "http://127.0.0.1:9/dicom-web/"  # nothing listens there
+    source.save(update_fields=["dicomweb_url"])
+    uid = world["study"].study_instance_uid
+    moved = run_tool(
+        "movescu",
+        [
+            "-S", "-aet", PACS_AE, "-aec", "RELAIS", "-aem", PACS_AE, "127.0.0.1", world["port"],
+            "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={uid}",
+        ],
+        timeout=120,
+    )  # fmt: skip
+    output = moved.stdout + moved.stderr
+    assert "Received Final Move Response (Failed" in output, output
+    assert not list(world["received"].iterdir())
+    end = AuditEvent.objects.get(code=EventCode.TRANSFER_END)
+    assert end.outcome == 8
+    assert end.details["instances"] == 0
 
 
 def test_pending_responses_are_spaced_and_the_final_one_counts_everything(world, monkeypatch):

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from io import StringIO
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,10 @@ from django.conf import settings
 from django.core.management import CommandError, call_command
 from django.db import connection
 
-from audit.events import EventCode
+from audit.events import EventCode, Outcome
 from audit.models import AuditEvent
 from broker.archives import institution_archive
+from broker.dicom.archive import ArchiveTimeout, DicomWebArchive
 from broker.harvest import HarvestProgress, RateLimiter, harvest_run
 from broker.models import (
     HarvestCheckpoint,
@@ -129,12 +131,19 @@ def test_a_date_range_harvests_only_its_studies(region: Region, orthanc_region):
     assert {m.study_instance_uid for m in _manifests(chu)} == expected
 
 
-def _study(seed: str, *, series_count: int = 2, when: dt.date = dt.date(2025, 4, 1)):
+def _study(
+    seed: str,
+    *,
+    series_count: int = 2,
+    when: dt.date = dt.date(2025, 4, 1),
+    issuer: str = "CHU-BELLECOMBE",
+    issuer_oid: str = "1.2.250.1.999.350000014",
+):
     return synthetic_study(
         patient=PAUL_MARTIN,
         patient_id="CHU0007731",
-        issuer="CHU-BELLECOMBE",
-        issuer_oid="1.2.250.1.999.350000014",
+        issuer=issuer,
+        issuer_oid=issuer_oid,
         institution_name="CHU de Bellecombe",
         modality="CT",
         study_date=when,
@@ -196,8 +205,9 @@ def test_a_changed_study_is_replaced_and_a_gone_one_pruned(
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("transport", ["dicomweb", "dimse"])
 def test_an_interrupted_harvest_resumes_after_its_last_committed_study(
-    region: Region, orthanc_factory
+    region: Region, orthanc_factory, transport
 ):
     archive = orthanc_factory(CHUB_AE, modalities=BROKER)
     studies = [_study(f"s{n}", when=dt.date(2025, 1, 1) + dt.timedelta(days=n)) for n in range(7)]
@@ -210,8 +220,8 @@ def test_an_interrupted_harvest_resumes_after_its_last_committed_study(
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _harvest(chu, "dicomweb", batch=2, progress=interrupt)
-    checkpoint = HarvestCheckpoint.objects.get(institution=chu)
+        _harvest(chu, transport, batch=2, progress=interrupt)
+    checkpoint = HarvestCheckpoint.objects.get(institution=chu, transport=transport)
     assert checkpoint.status == HarvestStatus.RUNNING
     committed = _manifests(chu).count()
     assert committed == 4
@@ -223,11 +233,12 @@ def test_an_interrupted_harvest_resumes_after_its_last_committed_study(
     late = _study("late", when=dt.date(2024, 6, 1))
     archive.upload_many(late.instances)
 
-    summary = _harvest(chu, "dicomweb", batch=2)
+    summary = _harvest(chu, transport, batch=2)
     assert summary.resumed_after == 4
     assert summary.counts["new"] == 8
     assert _manifests(chu).count() == 8
-    assert HarvestCheckpoint.objects.get(institution=chu).status == HarvestStatus.COMPLETED
+    checkpoint = HarvestCheckpoint.objects.get(institution=chu)
+    assert (checkpoint.transport, checkpoint.status) == (transport, HarvestStatus.COMPLETED)
 
 
 @pytest.mark.django_db
@@ -281,6 +292,156 @@ def test_an_archive_that_goes_away_stops_the_harvest_resumably(region: Region, o
     assert "ArchiveUnreachable" in finished.details["error"]
 
 
+# A clinic merged into the CHU's archive: its studies stay filed under the clinic's own patient
+# ID domain, which is not the CHU's. The registry refuses such a manifest (kos:unknown-issuer).
+CLINIC_ISSUER = ("CLINIQUE-DES-LILAS", "1.2.250.1.999.777777777")
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("transport", ["dicomweb", "dimse"])
+def test_a_study_the_registry_refuses_fails_alone_and_a_rerun_registers_it_once_corrected(
+    region: Region, orthanc_factory, transport
+):
+    archive = orthanc_factory(CHUB_AE, modalities=BROKER)
+    good = [_study(f"g{n}", when=dt.date(2025, 2, 1) + dt.timedelta(days=2 * n)) for n in range(3)]
+    issuer, issuer_oid = CLINIC_ISSUER
+    merged = _study("merged", when=dt.date(2025, 2, 2), issuer=issuer, issuer_oid=issuer_oid)
+    for study in (*good, merged):
+        archive.upload_many(study.instances)
+    chu = pointed_at(region.chu, archive)
+    merged_uid = merged.study_instance_uid
+
+    summary = _harvest(chu, transport, batch=2)  # the refused study in the first batch
+
+    assert summary.counts["new"] == 3
+    assert summary.counts["failed"] == 1
+    ((failed_uid, reason),) = summary.failures
+    assert failed_uid == merged_uid
+    assert reason.startswith("kos:unknown-issuer: ")
+    assert issuer in reason
+    assert {m.study_instance_uid for m in _manifests(chu)} == {s.study_instance_uid for s in good}
+    checkpoint = HarvestCheckpoint.objects.get(institution=chu)
+    assert checkpoint.status == HarvestStatus.COMPLETED
+    finished = AuditEvent.objects.get(code=EventCode.HARVEST_FINISH)
+    assert finished.outcome == Outcome.MINOR_FAILURE
+    assert finished.details["counts"]["failed"] == 1
+    assert finished.details["failures"] == [{"study": merged_uid, "reason": reason}]
+
+    # The command names the study and the reason on stderr, and exits non-zero.
+    command = ("harvest", "--institution", chu.finess, "--transport", transport, "--no-progress")
+    out, err = StringIO(), StringIO()
+    with pytest.raises(CommandError, match=r"^1 studies failed$"):
+        call_command(*command, stdout=out, stderr=err)
+    assert f"failed {merged_uid}: kos:unknown-issuer: " in err.getvalue()
+    assert "  unchanged  3\n" in out.getvalue()
+    assert "  failed     1\n" in out.getvalue()
+
+    # The archive's study is filed again under the CHU's domain: the next run registers it.
+    archive.delete_study(merged_uid)
+    archive.upload_many(_study("merged", when=dt.date(2025, 2, 2)).instances)
+    out = StringIO()
+    call_command(*command, stdout=out)
+    assert "  new        1\n" in out.getvalue()
+    assert "  failed     0\n" in out.getvalue()
+    assert _manifests(chu).filter(study_instance_uid=merged_uid).count() == 1
+    assert _manifests(chu).count() == 4
+    last = AuditEvent.objects.filter(code=EventCode.HARVEST_FINISH).order_by("sequence").last()
+    assert last is not None
+    assert last.outcome == Outcome.SUCCESS
+
+
+def _time_out_on(monkeypatch, silent: set[str]) -> None:
+    """The DICOMweb archive does not answer for the studies in ``silent`` (changed at will)."""
+    describe_study = DicomWebArchive.describe_study
+
+    def describe_or_time_out(self, study_instance_uid, *, expected_instances=None):
+        if study_instance_uid in silent:
+            raise ArchiveTimeout(
+                f"QIDO-RS of study {study_instance_uid}: no answer within 5 s",
+                transport=self.transport,
+            )
+        return describe_study(self, study_instance_uid, expected_instances=expected_instances)
+
+    monkeypatch.setattr(DicomWebArchive, "describe_study", describe_or_time_out)
+
+
+@pytest.mark.django_db
+def test_studies_timing_out_fail_alone_but_three_in_a_row_stop_the_harvest_resumably(
+    region: Region, orthanc_factory, monkeypatch
+):
+    archive = orthanc_factory(CHUB_AE, modalities=BROKER)
+    studies = [_study(f"t{n}", when=dt.date(2022, 1, 1) + dt.timedelta(days=n)) for n in range(8)]
+    for study in studies:
+        archive.upload_many(study.instances)
+    chu = pointed_at(region.chu, archive)
+    uids = [s.study_instance_uid for s in studies]
+    # The archive does not answer for the 2nd study, then for the 5th, 6th and 7th in a row.
+    silent = {uids[1], uids[4], uids[5], uids[6]}
+    _time_out_on(monkeypatch, silent)
+
+    with pytest.raises(ArchiveTimeout):
+        _harvest(chu, "dicomweb", batch=2, workers=1)
+
+    # A study that times out on its own is that study's failure; three in a row stop the run
+    # at the third, before its batch: the batches before it stay committed, resumable.
+    assert {m.study_instance_uid for m in _manifests(chu)} == {uids[0], uids[2], uids[3]}
+    checkpoint = HarvestCheckpoint.objects.get(institution=chu)
+    assert checkpoint.status == HarvestStatus.RUNNING  # not "completed"
+    assert checkpoint.cursor_study_uid == uids[5]
+    assert checkpoint.counts["new"] == 3
+    assert checkpoint.counts["failed"] == 3
+    finished = AuditEvent.objects.get(code=EventCode.HARVEST_FINISH)
+    assert finished.outcome == Outcome.SERIOUS_FAILURE
+    assert "ArchiveTimeout" in finished.details["error"]
+
+    # The archive answers again: the rerun resumes, retries the studies that timed out and
+    # counts no failure.
+    silent.clear()
+    summary = _harvest(chu, "dicomweb", batch=2, workers=1)
+    assert summary.resumed_after == 3
+    assert summary.counts["new"] == 8
+    assert summary.counts["failed"] == 0, summary.counts
+    assert summary.failures == []
+    assert {m.study_instance_uid for m in _manifests(chu)} == set(uids)
+    assert HarvestCheckpoint.objects.get(institution=chu).status == HarvestStatus.COMPLETED
+    last = AuditEvent.objects.filter(code=EventCode.HARVEST_FINISH).order_by("sequence").last()
+    assert last is not None
+    assert last.outcome == Outcome.SUCCESS
+
+
+@pytest.mark.django_db
+def test_a_resumed_harvest_tries_again_the_registered_studies_the_interrupted_run_failed(
+    region: Region, orthanc_factory, monkeypatch
+):
+    archive = orthanc_factory(CHUB_AE, modalities=BROKER)
+    studies = [_study(f"r{n}", when=dt.date(2021, 1, 1) + dt.timedelta(days=n)) for n in range(6)]
+    for study in studies:
+        archive.upload_many(study.instances)
+    chu = pointed_at(region.chu, archive)
+    assert _harvest(chu, "dicomweb").counts["new"] == 6
+    uids = [s.study_instance_uid for s in studies]
+
+    # Harvested again: the archive does not answer for the 2nd study (it has a manifest
+    # already), and the run is interrupted after its second batch.
+    silent = {uids[1]}
+    _time_out_on(monkeypatch, silent)
+
+    def interrupt(state: HarvestProgress) -> None:
+        if state.done == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _harvest(chu, "dicomweb", batch=2, workers=1, progress=interrupt)
+    checkpoint = HarvestCheckpoint.objects.get(institution=chu)
+    assert (checkpoint.cursor_study_uid, checkpoint.counts["failed"]) == (uids[3], 1)
+
+    silent.clear()
+    summary = _harvest(chu, "dicomweb", batch=2, workers=1)
+    assert summary.resumed_after == 3  # the 2nd study is tried again
+    assert summary.counts["unchanged"] == 6
+    assert summary.counts["failed"] == 0, summary.counts
+
+
 def _database_url() -> str:
     db = connection.settings_dict
     if connection.vendor == "sqlite":
@@ -304,8 +465,9 @@ def _harvest_command(*arguments: str) -> subprocess.Popen[str]:
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("transport", ["dicomweb", "dimse"])
 def test_kill_9_mid_harvest_then_a_rerun_gives_exactly_one_manifest_per_study(
-    region: Region, orthanc_factory
+    region: Region, orthanc_factory, transport
 ):
     archive = orthanc_factory(CHUB_AE, modalities=BROKER)
     studies = [_study(f"k{n}", when=dt.date(2024, 1, 1) + dt.timedelta(days=n)) for n in range(30)]
@@ -313,7 +475,9 @@ def test_kill_9_mid_harvest_then_a_rerun_gives_exactly_one_manifest_per_study(
         archive.upload_many(study.instances)
     chu = pointed_at(region.chu, archive)
 
-    process = _harvest_command("--institution", chu.finess, "--max-rate", "20", "--no-progress")
+    process = _harvest_command(
+        "--institution", chu.finess, "--transport", transport, "--max-rate", "20", "--no-progress"
+    )
     deadline = time.monotonic() + 60
     while _manifests(chu).count() < 5:
         assert process.poll() is None, process.communicate()
@@ -323,9 +487,10 @@ def test_kill_9_mid_harvest_then_a_rerun_gives_exactly_one_manifest_per_study(
     process.communicate()
     interrupted = _manifests(chu).count()
     assert 5 <= interrupted < len(studies)
-    assert HarvestCheckpoint.objects.get(institution=chu).status == HarvestStatus.RUNNING
+    checkpoint = HarvestCheckpoint.objects.get(institution=chu)
+    assert (checkpoint.transport, checkpoint.status) == (transport, HarvestStatus.RUNNING)
 
-    rerun = _harvest_command("--institution", chu.finess)
+    rerun = _harvest_command("--institution", chu.finess, "--transport", transport)
     out, err = rerun.communicate(timeout=120)
     assert rerun.returncode == 0, err
     assert "done by the interrupted run" in out

@@ -1,0 +1,86 @@
+"""The broker's gunicorn configuration (broker/gunicorn_conf.py), under a real gunicorn: a
+response that streams for longer than the worker timeout is served whole, and the same worker
+answers another request meanwhile. gunicorn's sync worker fails both: it is killed as
+unresponsive mid-stream, and it serves one request at a time."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration import slow_stream_app
+
+ROOT = Path(__file__).resolve().parents[2]
+GUNICORN = Path(sys.executable).with_name("gunicorn")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def served() -> Iterator[str]:
+    """One worker configured as `make run` configures them, with a 2 s worker timeout: shorter
+    than the slow stream (4 s)."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            str(GUNICORN),
+            "-c",
+            "python:broker.gunicorn_conf",
+            "tests.integration.slow_stream_app:application",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "1",
+            "--timeout",
+            "2",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{base}/quick", timeout=1)
+                break
+            except httpx.TransportError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    detail = server.stderr.read() if server.stderr else b""
+                    raise RuntimeError(f"gunicorn did not start: {detail!r}") from None
+                time.sleep(0.1)
+        yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        if server.stderr is not None:
+            server.stderr.close()
+
+
+def test_a_stream_longer_than_the_worker_timeout_is_served_whole(served):
+    expected = slow_stream_app.PIECE * slow_stream_app.PIECES
+    assert slow_stream_app.PIECES * slow_stream_app.PAUSE_SECONDS > 2 * 1.5  # the timeout, and more
+
+    with httpx.Client(timeout=30) as client, client.stream("GET", f"{served}/slow") as response:
+        # Meanwhile the same (only) worker answers another request at once.
+        started = time.monotonic()
+        assert httpx.get(f"{served}/quick", timeout=10).content == b"quick"
+        assert time.monotonic() - started < 1.5
+        body = b"".join(response.iter_bytes())
+
+    assert response.status_code == 200
+    assert body == expected
