@@ -46,6 +46,7 @@ from audit.types import Actor
 from broker.dicom.archive import (
     ArchiveClient,
     ArchiveError,
+    ArchiveNotFound,
     ArchiveProtocolError,
     ArchiveTimeout,
     ArchiveUnreachable,
@@ -160,7 +161,6 @@ def harvest_run(
         details={"transport": transport, "range": key, "resumed": resumed, "prune": prune},
     )
     counts: Counter[str] = Counter({k: int(v) for k, v in checkpoint.counts.items()})
-    retried = set(checkpoint.failed_studies)  # failed before the interruption: tried again
     summary = HarvestSummary(
         institution=institution.finess,
         transport=transport,
@@ -178,6 +178,14 @@ def harvest_run(
         # failed or that has no manifest from this source yet (one that appeared in the
         # archive since, with an older date).
         known = _studies_with_manifests(institution) if resumed else set()
+        # The studies the interrupted run failed are tried again; one no longer listed (gone
+        # from the archive, or out of the range now) is no longer a failure.
+        listed = {s.study_instance_uid for s in studies}
+        retried = {uid for uid in checkpoint.failed_studies if uid in listed}
+        if len(retried) < len(checkpoint.failed_studies):
+            checkpoint.failed_studies = [u for u in checkpoint.failed_studies if u in retried]
+            counts["failed"] = len(checkpoint.failed_studies)
+            checkpoint.counts = dict(counts)
         todo = [
             s
             for s in studies
@@ -190,7 +198,7 @@ def harvest_run(
         summary.resumed_after = len(studies) - len(todo)
         done = summary.resumed_after
         checkpoint.total = len(studies)
-        checkpoint.save(update_fields=["total"])
+        checkpoint.save(update_fields=["total", "failed_studies", "counts"])
         chunk: list[tuple[StudySummary, StudyDescription | ArchiveError]] = []
         timeouts = 0
         described_ahead = _described(todo, client_factory, max_rate, workers, batch)
@@ -213,14 +221,16 @@ def harvest_run(
         if chunk:
             _harvest_chunk(institution, actor, correlation_id, chunk, checkpoint, summary)
         if prune:
-            counts["deprecated"] += _prune(
-                institution,
-                {s.study_instance_uid for s in studies},
-                since,
-                until,
-                actor,
-                listed_at=listed_at,
-            )
+            with client_factory() as confirming:
+                counts["deprecated"] += _prune(
+                    institution,
+                    {s.study_instance_uid for s in studies},
+                    since,
+                    until,
+                    actor,
+                    listed_at=listed_at,
+                    archive=confirming,
+                )
         checkpoint.status = HarvestStatus.COMPLETED
         checkpoint.finished_at = timezone.now()
         checkpoint.counts = dict(counts)
@@ -242,6 +252,9 @@ def harvest_run(
                     "transport": transport,
                     "range": key,
                     "counts": dict(checkpoint.counts),  # what committed
+                    "failures": [
+                        {"study": uid, "reason": why} for uid, why in summary.failures[:100]
+                    ],
                     "error": f"{type(exc).__name__}: {exc}"[:500],
                 },
             )
@@ -523,11 +536,15 @@ def _prune(
     actor: Actor,
     *,
     listed_at: datetime,
+    archive: ArchiveClient,
 ) -> int:
     """Deprecate the source's approved manifests of the range whose study has gone.
 
     Only manifests registered before the archive was listed: one registered meanwhile (a
-    study stored in the PACS during the harvest) is not in the listing, yet not gone.
+    study stored in the PACS during the harvest) is not in the listing, yet not gone. And
+    only a study the archive, asked for it alone, says it does not hold: a listing paged by
+    offset can miss a study that is still there when others are deleted while it is read,
+    and any other answer (the archive failing) deprecates nothing.
     """
     manifests = Manifest.objects.filter(
         source_institution=institution,
@@ -543,6 +560,24 @@ def _prune(
     ]
     deprecated = 0
     for manifest in gone:
+        try:
+            archive.describe_study(manifest.study_instance_uid)
+        except ArchiveNotFound:
+            pass  # gone indeed
+        except ArchiveError as exc:
+            logger.warning(
+                "harvest --prune: study %s left as it is, the archive could not confirm it is "
+                "gone: %s",
+                manifest.study_instance_uid,
+                exc,
+            )
+            continue
+        else:
+            logger.info(
+                "harvest --prune: study %s is still in the archive (missed by the listing)",
+                manifest.study_instance_uid,
+            )
+            continue
         try:
             manifest_deprecate(
                 manifest=manifest,

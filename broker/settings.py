@@ -254,7 +254,8 @@ SESSION_COOKIE_HTTPONLY = True
 X_FRAME_OPTIONS = "DENY"
 
 # CORS (django-cors-headers) for the gateway only: tokens travel in the Authorization header,
-# never in cookies, so no credentials are allowed.
+# never in cookies, so no credentials are allowed. (A signed-in user's session also answers
+# QIDO-RS, for the broker's own pages only: sharing/dicomweb.py checks Sec-Fetch-Site.)
 CORS_URLS_REGEX = r"^/dicomweb/.*$"
 CORS_ALLOWED_ORIGINS = RELAIS_GATEWAY_CORS_ORIGINS
 CORS_ALLOW_METHODS = ("GET", "OPTIONS")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
@@ -37,6 +38,7 @@ from sharing.gateway import (
     GatewayUnsupported,
     gateway_access,
     gateway_audit_query,
+    gateway_audit_query_empty,
     gateway_instance_resource,
     gateway_instances,
     gateway_manifest,
@@ -45,8 +47,9 @@ from sharing.gateway import (
     gateway_refuse_scope,
     gateway_retrieve,
     gateway_session_accesses,
+    gateway_session_actor,
 )
-from sharing.zero_copy import chunk_writer
+from sharing.zero_copy import bound_client_sends, chunk_writer
 
 DICOM_JSON = "application/dicom+json"
 TYPE_BASE = "https://relais.example/problems/"
@@ -101,27 +104,60 @@ def _guarded(
     return wrapper
 
 
+@dataclass(frozen=True)
+class QueryScope:
+    """Who asks a QIDO-RS query, and through what: one token's access, or the tokens a
+    signed-in user holds (none, for someone who holds none)."""
+
+    actor: Actor
+    accesses: list[GatewayAccess]
+    by_token: bool = False
+
+
+# Browsers say where a request comes from (Fetch Metadata); a session answers only a page of
+# the broker's own, or an address typed in: another site's link or form would otherwise write
+# audited queries under the user's name (the session cookie is SameSite=Lax).
+_SESSION_FETCH_SITES = frozenset({"same-origin", "none"})
+
+
 def _query_guarded(
-    view: Callable[[HttpRequest, list[GatewayAccess]], HttpResponse],
+    view: Callable[[HttpRequest, QueryScope], HttpResponse],
 ) -> Callable[..., HttpResponse]:
     """QIDO-RS: a token, as for a retrieval; or, without one, the signed-in user's session,
     answered within the tokens they hold (`gateway_session_accesses`)."""
-    token_view = _guarded(lambda request, access, **kwargs: view(request, [access], **kwargs))
+    token_view = _guarded(
+        lambda request, access, **kwargs: view(
+            request, QueryScope(access.actor, [access], by_token=True), **kwargs
+        )
+    )
 
     @require_GET
     def wrapper(request: HttpRequest, **kwargs: str) -> HttpResponse:
         user = getattr(request, "user", None)
-        if "Authorization" in request.headers or user is None or not user.is_authenticated:
+        if (
+            "Authorization" in request.headers
+            or user is None
+            or not user.is_authenticated
+            or request.headers.get("Sec-Fetch-Site", "same-origin") not in _SESSION_FETCH_SITES
+        ):
             return token_view(request, **kwargs)
         now = timezone.now()
         address = client_address(request)
-        accesses = gateway_session_accesses(user=user, address=address, now=now)
+        scope = QueryScope(
+            gateway_session_actor(user, address),
+            gateway_session_accesses(user=user, address=address, now=now),
+        )
         try:
-            return view(request, accesses, **kwargs)  # type: ignore[call-arg]
+            return view(request, scope, **kwargs)  # type: ignore[call-arg]
         except NotFound as missing:
-            gateway_refuse_query(
-                accesses[0].actor if accesses else Actor.anonymous(address), request.path, now
-            )
+            # The study one of their tokens covers (a series it does not list): refused
+            # for its patient, as through the token; otherwise for nobody's.
+            study = kwargs.get("study", "")
+            covering = [a for a in scope.accesses if study in a.claims.studies]
+            if covering:
+                gateway_refuse_scope(covering[0], request.path, now)
+            else:
+                gateway_refuse_query(scope.actor, request.path, now)
             return _problem(404, "Not found", missing.detail, missing.code)
 
     return wrapper
@@ -192,6 +228,9 @@ def _retrieve(
     now = timezone.now()
     manifest = gateway_manifest(access, study)
     allowed = gateway_instances(manifest, series, instance)
+    writer = chunk_writer(request.META)
+    if writer is None:
+        bound_client_sends(request.META)
     content_type, body = gateway_retrieve(
         access,
         manifest,
@@ -199,7 +238,7 @@ def _retrieve(
         sop_uid=instance,
         allowed=allowed,
         now=now,
-        writer=chunk_writer(request.META),
+        writer=writer,
     )
     response = StreamingHttpResponse(body, content_type=content_type)
     response["Cache-Control"] = "no-store"
@@ -283,6 +322,7 @@ def instance_resource(
         )
     except GatewayUnsupported as unsupported:
         return _problem(501, "Not Implemented", str(unsupported), "gateway:resource:unsupported")
+    bound_client_sends(request.META)
     response = StreamingHttpResponse(body, content_type=content_type)
     response["Cache-Control"] = "no-store"
     return response
@@ -330,14 +370,15 @@ def _base(request: HttpRequest) -> str:
 
 
 @_query_guarded
-def studies_query(request: HttpRequest, accesses: list[GatewayAccess]) -> HttpResponse:
+def studies_query(request: HttpRequest, scope: QueryScope) -> HttpResponse:
     """The studies of the token, or of the signed-in user's tokens (``StudyInstanceUID`` may
-    narrow them). Each token's share is audited for its patient."""
+    narrow them). Audited for each patient something was shown of; a query that showed
+    nothing, once, for nobody's."""
     wanted = request.GET.get("StudyInstanceUID") or request.GET.get("0020000D")
     results = []
     listed: set[str] = set()
     now = timezone.now()
-    for access in accesses:
+    for access in scope.accesses:
         found = 0
         for uid in access.claims.studies:
             if uid in listed or (wanted and uid not in wanted.split(",")):
@@ -349,13 +390,16 @@ def studies_query(request: HttpRequest, accesses: list[GatewayAccess]) -> HttpRe
             listed.add(uid)
             found += 1
             results.append(_study_json(manifest, _base(request)))
-        gateway_audit_query(access, request.get_full_path(), found, now)
+        if found or scope.by_token:
+            gateway_audit_query(access, request.get_full_path(), found, now)
+    if not results and not scope.by_token:
+        gateway_audit_query_empty(scope.actor, request.get_full_path(), now)
     return _json(results)
 
 
 @_query_guarded
-def series_query(request: HttpRequest, accesses: list[GatewayAccess], study: str) -> HttpResponse:
-    access, manifest = _covering(accesses, study)
+def series_query(request: HttpRequest, scope: QueryScope, study: str) -> HttpResponse:
+    access, manifest = _covering(scope.accesses, study)
     base = _base(request)
     results = [
         {
@@ -374,9 +418,9 @@ def series_query(request: HttpRequest, accesses: list[GatewayAccess], study: str
 
 @_query_guarded
 def instances_query(
-    request: HttpRequest, accesses: list[GatewayAccess], study: str, series: str
+    request: HttpRequest, scope: QueryScope, study: str, series: str
 ) -> HttpResponse:
-    access, manifest = _covering(accesses, study)
+    access, manifest = _covering(scope.accesses, study)
     gateway_instances(manifest, series)  # 404 for a series the manifest does not list
     base = _base(request)
     rows = manifest.series.get(series_instance_uid=series).instances.order_by("id")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -123,13 +123,17 @@ def gateway_access(*, authorization: str, address: str, now: dt.datetime) -> Gat
     return GatewayAccess(claims=claims, ticket=holder.ticket, actor=actor, patient=holder.patient)
 
 
+def gateway_session_actor(user: Any, address: str) -> Actor:
+    return Actor(kind="user", user_id=user.pk, username=user.get_username(), address=address)
+
+
 def gateway_session_accesses(*, user: Any, address: str, now: dt.datetime) -> list[GatewayAccess]:
     """What a signed-in user may query (QIDO-RS) without a token in hand: the scope of each
     retrieval token they hold that is valid now (issued, not expired, neither it nor its
     ticket revoked). Each was a permitted, audited access decision; a revocation or a consent
     change that revokes it closes the query side too. Images are never reached this way: a
     retrieval needs the token itself."""
-    actor = Actor(kind="user", user_id=user.pk, username=user.get_username(), address=address)
+    actor = gateway_session_actor(user, address)
     issued = (
         IssuedToken.objects.select_related("request__patient")
         .filter(
@@ -289,36 +293,51 @@ def gateway_retrieve(
                 first_part = _next_allowed_part(parts, allowed, transfer)
                 if first_part is None:
                     raise _none_held(client)
-            except ArchiveError:
+            except BaseException:
                 pending.close()
                 raise
-            return content_type, _spliced_body(
-                boundary,
-                first_part,
-                pending,
-                parts,
-                writer,
-                client,
-                allowed,
-                transfer,
-                access,
-                manifest,
-                patient,
+            return content_type, _primed(
+                _spliced_body(
+                    boundary,
+                    first_part,
+                    pending,
+                    parts,
+                    writer,
+                    client,
+                    allowed,
+                    transfer,
+                    access,
+                    manifest,
+                    patient,
+                )
             )
         source = client.retrieve(manifest.study_instance_uid, series_uid, sop_uid)
-        first = _next_allowed(source, allowed, transfer)
-        if first is None:
+        try:
+            first = _next_allowed(source, allowed, transfer)
+            if first is None:
+                raise _none_held(client)
+        except BaseException:
             getattr(source, "close", lambda: None)()
-            raise _none_held(client)
-    except ArchiveError as exc:
+            raise
+    except Exception as exc:  # an archive's failure, or anything else: before the first byte
         client.close()
         _audit_transfer(
             EventCode.TRANSFER_END, access, manifest, patient, now, _outcome(exc), transfer, exc
         )
         raise
-    return content_type, _body(
-        boundary, first, source, client, allowed, transfer, access, manifest, patient
+    return content_type, _primed(
+        _body(boundary, first, source, client, allowed, transfer, access, manifest, patient)
     )
+
+
+def _primed(body: Generator[bytes, None, None]) -> Generator[bytes, None, None]:
+    """``body`` stepped to its first ``yield`` (an empty piece, just inside its ``try``), so
+    that its ``finally`` (the archive's connection closed, Instances Transferred recorded)
+    runs however the body ends: a generator closed before its first step skips it, as when the
+    server drops a response whose client has already gone."""
+    if next(body) != b"":
+        raise RuntimeError("a primed body begins with an empty piece")
+    return body
 
 
 def _none_held(client: object) -> ArchiveNotFound:
@@ -340,13 +359,14 @@ def _body(
     access: GatewayAccess,
     manifest: Manifest,
     patient: PatientRef,
-) -> Iterator[bytes]:
+) -> Generator[bytes, None, None]:
     # Two chunks per instance: the delimiter with the part's headers (and the CRLF ending the
     # part before), then the instance's bytes as the archive client read them, never copied.
     head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii")
     outcome: Outcome = Outcome.SUCCESS
     error: Exception | None = None
     try:
+        yield b""  # taken by `_primed`
         data: bytes | None = first
         while data is not None:
             yield head if not transfer.instances else b"\r\n" + head
@@ -398,14 +418,15 @@ def _spliced_body(
     access: GatewayAccess,
     manifest: Manifest,
     patient: PatientRef,
-) -> Iterator[bytes]:
+) -> Generator[bytes, None, None]:
     # The server writes the status line and headers at the first piece yielded (empty here);
     # then each instance is one chunk the writer sends, the delimiter and headers before it.
     head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii")
     outcome: Outcome = Outcome.SUCCESS
     error: Exception | None = None
     try:
-        yield b""
+        yield b""  # taken by `_primed`
+        yield b""  # the server sends the status line and headers
         part: PendingPart | None = first
         while part is not None:
             writer.part(
@@ -529,7 +550,7 @@ def gateway_instance_resource(
         content_type, body = relay(
             manifest.study_instance_uid, series_uid, sop_uid, resource, accept
         )
-    except ArchiveError as exc:
+    except Exception as exc:
         client.close()
         _audit_transfer(
             EventCode.TRANSFER_END,
@@ -543,7 +564,7 @@ def gateway_instance_resource(
             resource=what,
         )
         raise
-    return content_type, _relayed(body, client, access, manifest, patient, what)
+    return content_type, _primed(_relayed(body, client, access, manifest, patient, what))
 
 
 def _relayed(
@@ -553,13 +574,14 @@ def _relayed(
     manifest: Manifest,
     patient: PatientRef,
     resource: str,
-) -> Iterator[bytes]:
+) -> Generator[bytes, None, None]:
     """A frame, rendered image or thumbnail as the archive sends it; Instances Transferred
     (bytes, outcome) once it is sent, or has failed, however it ends."""
     transfer = Transfer(instances=1)
     outcome: Outcome = Outcome.SUCCESS
     error: Exception | None = None
     try:
+        yield b""  # taken by `_primed`
         for piece in body:
             transfer.bytes += len(piece)
             yield piece
@@ -625,7 +647,7 @@ def media_storage_sop_instance_uid(data: bytes) -> str | None:
     return meta.sop_instance_uid if meta is not None else None
 
 
-def _outcome(exc: ArchiveError) -> Outcome:
+def _outcome(exc: Exception) -> Outcome:
     return Outcome.SERIOUS_FAILURE
 
 
@@ -686,6 +708,17 @@ def gateway_audit_query(access: GatewayAccess, what: str, count: int, now: dt.da
             purpose_of_use=access.ticket.purpose,
             correlation_id=access.ticket.public_id,
             details={"query": what, "results": count, "jti": access.claims.token_id},
+        )
+
+
+def gateway_audit_query_empty(actor: Actor, what: str, now: dt.datetime) -> None:
+    """A signed-in user's query that showed nothing (no token of theirs reaches a match)."""
+    with transaction.atomic():
+        audit_record(
+            code=EventCode.GATEWAY_QUERY,
+            actor=actor,
+            now=now,
+            details={"query": what, "results": 0, "jti": None},
         )
 
 

@@ -73,6 +73,17 @@ def server_frames_chunks(confirmed: bool) -> None:
     _server_frames_chunks = confirmed
 
 
+def bound_client_sends(environ: Mapping[str, object]) -> None:
+    """Under gunicorn, a send to a client that has stopped reading (but not closed) would block
+    the worker's thread for as long as the client stays connected: the gthread worker has no
+    request timeout. Give the client's socket the send timeout the splice writer keeps; a send
+    that times out fails the response, which gunicorn then closes. (gunicorn makes the socket
+    blocking again, without a timeout, for the connection's next request.)"""
+    sock = environ.get("gunicorn.socket")
+    if _server_frames_chunks and isinstance(sock, socket.socket):
+        sock.settimeout(CLIENT_SEND_TIMEOUT_SECONDS)
+
+
 def chunk_writer(environ: Mapping[str, object]) -> ChunkedSocketWriter | None:
     """A writer of chunks on the client's socket, when this request is served so that one is
     safe (module docstring); None otherwise."""

@@ -17,7 +17,8 @@ from typing import Any
 import httpx
 import pydicom
 import pytest
-from django.db import connection
+from django.core.signals import request_finished
+from django.db import close_old_connections, connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -68,6 +69,19 @@ def after_meta(data: bytes) -> bytes:
 
 def sop_uid(data: bytes) -> str:
     return str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID)
+
+
+def status_of(response: Any) -> int:
+    """An answer's status, its body (not read) closed, as a server closes it: the gateway then
+    closes the archive's connection and records the transfer at once, not when the garbage
+    collector gets to it. (As Django's test client closes a response it has read: without
+    closing the test's database connection.)"""
+    request_finished.disconnect(close_old_connections)
+    try:
+        response.close()
+    finally:
+        request_finished.connect(close_old_connections)
+    return int(response.status_code)
 
 
 def viewer(token: str | None) -> Client:
@@ -156,7 +170,7 @@ def test_a_token_revoked_while_its_holder_is_kept_is_refused_at_once(shared, set
     monkeypatch.setattr(revocation, "_revocations", revocation.RevocationList(poll_seconds=0))
     client = viewer(shared["token"])
     url = instance_url(shared["manifest"])
-    assert client.get(url).status_code == 200  # the holder is now kept
+    assert status_of(client.get(url)) == 200  # the holder is now kept
     services.request_revoke(
         user=make_user("admin.region3", region_admin=True),
         ticket=shared["ticket"],
@@ -195,7 +209,7 @@ def test_a_manifest_deprecated_during_a_viewing_is_refused_once_the_delay_has_pa
         status=ManifestStatus.DEPRECATED, deprecated_at=timezone.now()
     )
     deadline = time.monotonic() + 3
-    while (status := client.get(url).status_code) == 200 and time.monotonic() < deadline:
+    while (status := status_of(client.get(url))) == 200 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert status == 404
 
@@ -262,18 +276,44 @@ def test_qido_for_a_signed_in_user_answers_within_the_tokens_they_hold(shared, o
     assert [(q.actor_username, q.patient_id != "") for q in queries] == [
         (doctor.username, True)
     ] * 3
-    # Another study of the same archive: the same 404 as a missing one, audited.
+    # Another study of the same archive, held by another doctor's token: the same 404 as a
+    # missing one, refused for nobody's patient; and not listed.
     other = orthanc_region.studies[CHUB_AE][1].study_instance_uid
+    radiologist_token(
+        shared["manifest"].source_institution,
+        Manifest.objects.get(study_instance_uid=other, status=ManifestStatus.APPROVED),
+        "dr.other",
+    )
+    assert [s["0020000D"]["Value"][0] for s in session.get("/dicomweb/studies").json()] == [
+        study.study_instance_uid
+    ]
     assert session.get(f"/dicomweb/studies/{other}/series").status_code == 404
     refused = AuditEvent.objects.get(code=EventCode.GATEWAY_REFUSE)
-    assert refused.actor_username == doctor.username
+    assert (refused.actor_username, refused.patient_id) == (doctor.username, "")
+    # A series of their study the manifest does not list: refused for the study's patient.
+    assert (
+        session.get(
+            f"/dicomweb/studies/{study.study_instance_uid}/series/1.2.3/instances"
+        ).status_code
+        == 404
+    )
+    refused = AuditEvent.objects.filter(code=EventCode.GATEWAY_REFUSE).order_by("sequence").last()
+    assert refused.patient_id != ""
     # The images themselves need the token.
     assert session.get(f"/dicomweb/studies/{study.study_instance_uid}").status_code == 401
-    # Someone holding no token (a DPO) is shown nothing.
+    # Another site's link or form: the session does not answer (Fetch Metadata).
+    cross = session.get("/dicomweb/studies", HTTP_SEC_FETCH_SITE="cross-site")
+    assert cross.status_code == 401
+    # Someone holding no token (a DPO) is shown nothing, audited under their name.
     outsider = Client()
     outsider.force_login(dpo)
     assert outsider.get("/dicomweb/studies").json() == []
     assert outsider.get(f"/dicomweb/studies/{study.study_instance_uid}/series").status_code == 404
+    theirs = AuditEvent.objects.filter(actor_username=dpo.username).order_by("sequence")
+    assert [(e.code, e.patient_id) for e in theirs] == [
+        (EventCode.GATEWAY_QUERY, ""),
+        (EventCode.GATEWAY_REFUSE, ""),
+    ]
     # Once the ticket is revoked, its tokens show nothing either.
     services.request_revoke(
         user=make_user("admin.region3", region_admin=True),
@@ -282,7 +322,6 @@ def test_qido_for_a_signed_in_user_answers_within_the_tokens_they_hold(shared, o
         actor=SYSTEM,
         now=timezone.now(),
     )
-    time.sleep(0.6)  # every process's copy of the revocations is at most 0.5 s old
     assert session.get("/dicomweb/studies").json() == []
     gone = session.get(f"/dicomweb/studies/{study.study_instance_uid}/series")
     assert gone.status_code == 404
@@ -415,8 +454,9 @@ def test_cors_for_a_viewer_on_another_origin(shared, settings):
     assert "Access-Control-Allow-Origin" not in api  # only the gateway
 
 
-def connections_to(port: int) -> int:
-    """This process's established TCP connections to 127.0.0.1:``port`` (/proc)."""
+def connections_to(port: int) -> set[str]:
+    """This process's established TCP connections to 127.0.0.1:``port``, by socket inode
+    (/proc)."""
     inodes = set()
     for fd in os.listdir("/proc/self/fd"):
         try:
@@ -425,14 +465,14 @@ def connections_to(port: int) -> int:
             continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
-    count = 0
+    found = set()
     with open("/proc/self/net/tcp") as table:
         for line in list(table)[1:]:
             fields = line.split()
             remote_port = int(fields[2].split(":")[1], 16)
             if remote_port == port and fields[3] == "01" and fields[9] in inodes:
-                count += 1
-    return count
+                found.add(fields[9])
+    return found
 
 
 def test_a_client_that_goes_away_mid_stream_leaves_nothing_open(shared, chu):
@@ -452,12 +492,39 @@ def test_a_client_that_goes_away_mid_stream_leaves_nothing_open(shared, chu):
         now=now,
     )
     next(body), next(body)  # the first part's header and instance
-    assert connections_to(archive_port) == before + 1  # the retrieval's, from the archive
+    retrieval = connections_to(archive_port) - before  # the retrieval's, from the archive
+    assert retrieval
     body.close()  # what the server does when the client disconnects
     end = AuditEvent.objects.get(code=EventCode.TRANSFER_END)
     assert end.outcome == 4
     assert end.details["instances"] == 0
-    assert connections_to(archive_port) == before
+    assert not retrieval & connections_to(archive_port)
+
+
+def test_a_body_closed_before_its_first_piece_still_closes_and_audits(shared, chu):
+    """A server drops a response whose client has gone before the body was asked for: the
+    archive's connection is closed and Instances Transferred recorded all the same."""
+    from sharing.gateway import gateway_access, gateway_instances, gateway_retrieve
+
+    archive_port = int(httpx.URL(chu.dicomweb_url).port or 80)
+    before = connections_to(archive_port)
+    now = timezone.now()
+    access = gateway_access(authorization=f"Bearer {shared['token']}", address="", now=now)
+    manifest = shared["manifest"]
+    _, body = gateway_retrieve(
+        access,
+        manifest,
+        series_uid=None,
+        sop_uid=None,
+        allowed=gateway_instances(manifest),
+        now=now,
+    )
+    retrieval = connections_to(archive_port) - before
+    assert retrieval  # the first instance is fetched before the answer begins
+    body.close()  # never iterated
+    end = AuditEvent.objects.get(code=EventCode.TRANSFER_END)
+    assert (end.outcome, end.details["instances"]) == (4, 0)
+    assert not retrieval & connections_to(archive_port)
 
 
 @pytest.mark.parametrize("transport", ["dicomweb", "dimse"])
@@ -853,3 +920,28 @@ def test_a_series_the_archive_holds_but_the_manifest_does_not_list_is_a_missing_
         assert client.get(f"{study_url}/series/1.2.826.0.1.99.2/{what}").json() == nowhere.json()
     listing = client.get(f"{study_url}/series").json()
     assert "1.2.826.0.1.99.2" not in {s["0020000E"]["Value"][0] for s in listing}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_without_splicing_a_client_that_stops_reading_is_given_up(
+    big_study, served, settings, monkeypatch
+):
+    """gthread has no request timeout: the client's socket gets the send timeout, so a client
+    that stays connected without reading does not hold a thread for ever."""
+    from sharing import zero_copy
+
+    settings.RELAIS_GATEWAY_SPLICE = False
+    monkeypatch.setattr(zero_copy, "CLIENT_SEND_TIMEOUT_SECONDS", 1.0)
+    manifest = big_study["manifest"]
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", served.port))
+        sock.sendall(
+            f"GET /dicomweb/studies/{manifest.study_instance_uid} HTTP/1.1\r\n"
+            f"Host: 127.0.0.1\r\nAuthorization: Bearer {big_study['token']}\r\n\r\n".encode()
+        )
+        assert sock.recv(1024).startswith(b"HTTP/1.1 200 OK")
+        end = transfer_end()  # while the client is still connected, reading nothing
+        assert end.outcome == 4
+        assert end.details["instances"] < 8
+    assert not served.writers

@@ -198,13 +198,13 @@ def test_a_study_whose_consent_has_lapsed_is_neither_listed_nor_moved(world):
         recorder=world["clerk"],
         scope="institution",
         value=world["portmael"].finess,
-        valid_until=timezone.now() + dt.timedelta(seconds=2),
+        valid_until=timezone.now() + dt.timedelta(seconds=4),
         note="consentement jusqu'à la fin de la consultation",
         actor=SYSTEM,
         now=timezone.now(),
     )
     assert uid in find(world, "STUDY", "StudyInstanceUID")
-    time.sleep(2.2)
+    time.sleep(4.2)
     world["ticket"].refresh_from_db()
     assert world["ticket"].state == "approved"
     assert uid not in find(world, "STUDY", "StudyInstanceUID")

@@ -206,6 +206,40 @@ def test_a_changed_study_is_replaced_and_a_gone_one_pruned(
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("transport", ["dicomweb", "dimse"])
+def test_prune_deprecates_only_what_the_archive_confirms_gone(
+    region: Region, orthanc_factory, monkeypatch, transport
+):
+    """A listing paged by offset can miss a study that is still there (others deleted while it
+    is read): asked for alone, the archive says it holds it, and it is not deprecated."""
+    from broker.dicom.archive import DimseArchive
+
+    archive = orthanc_factory(CHUB_AE, modalities=BROKER)
+    missed, gone = _study("missed"), _study("gone")
+    for study in (missed, gone):
+        archive.upload_many(study.instances)
+    chu = pointed_at(region.chu, archive)
+    assert _harvest(chu, transport).counts["new"] == 2
+    archive.delete_study(gone.study_instance_uid)
+    kind = DimseArchive if transport == "dimse" else DicomWebArchive
+    listing = kind.find_studies
+
+    def missing_one(self, **kwargs):  # type: ignore[no-untyped-def]
+        return [
+            s for s in listing(self, **kwargs) if s.study_instance_uid != missed.study_instance_uid
+        ]
+
+    monkeypatch.setattr(kind, "find_studies", missing_one)
+    summary = _harvest(chu, transport, prune=True)
+    assert summary.counts["deprecated"] == 1
+    statuses = dict(Manifest.objects.values_list("study_instance_uid", "status"))
+    assert statuses == {
+        missed.study_instance_uid: ManifestStatus.APPROVED,
+        gone.study_instance_uid: ManifestStatus.DEPRECATED,
+    }
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("transport", ["dicomweb", "dimse"])
 def test_an_interrupted_harvest_resumes_after_its_last_committed_study(
     region: Region, orthanc_factory, transport
 ):
@@ -440,6 +474,34 @@ def test_a_resumed_harvest_tries_again_the_registered_studies_the_interrupted_ru
     assert summary.resumed_after == 3  # the 2nd study is tried again
     assert summary.counts["unchanged"] == 6
     assert summary.counts["failed"] == 0, summary.counts
+
+
+@pytest.mark.django_db
+def test_a_failed_study_gone_from_the_archive_before_the_resume_is_no_longer_a_failure(
+    region: Region, orthanc_factory, monkeypatch
+):
+    archive = orthanc_factory(CHUB_AE, modalities=BROKER)
+    studies = [_study(f"g{n}", when=dt.date(2021, 2, 1) + dt.timedelta(days=n)) for n in range(5)]
+    for study in studies:
+        archive.upload_many(study.instances)
+    chu = pointed_at(region.chu, archive)
+    uids = [s.study_instance_uid for s in studies]
+    _time_out_on(monkeypatch, {uids[1]})
+
+    def interrupt(state: HarvestProgress) -> None:
+        if state.done == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _harvest(chu, "dicomweb", batch=2, workers=1, progress=interrupt)
+    interrupted = AuditEvent.objects.filter(code=EventCode.HARVEST_FINISH).get()
+    assert [f["study"] for f in interrupted.details["failures"]] == [uids[1]]
+    archive.delete_study(uids[1])  # deleted at the source before the resume
+
+    summary = _harvest(chu, "dicomweb", batch=2, workers=1)
+    assert summary.counts["new"] == 4
+    assert summary.counts["failed"] == 0, (summary.counts, summary.failures)
+    assert HarvestCheckpoint.objects.get(institution=chu).failed_studies == []
 
 
 def _database_url() -> str:
