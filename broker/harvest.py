@@ -564,6 +564,11 @@ def _prune(
             archive.describe_study(manifest.study_instance_uid)
         except ArchiveNotFound:
             pass  # gone indeed
+        except (ArchiveUnreachable, ArchiveTimeout) as exc:
+            logger.warning(
+                "harvest --prune: stopped, the archive cannot confirm what is gone: %s", exc
+            )
+            break
         except ArchiveError as exc:
             logger.warning(
                 "harvest --prune: study %s left as it is, the archive could not confirm it is "

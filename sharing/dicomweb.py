@@ -228,9 +228,8 @@ def _retrieve(
     now = timezone.now()
     manifest = gateway_manifest(access, study)
     allowed = gateway_instances(manifest, series, instance)
+    bound_client_sends(request.META)
     writer = chunk_writer(request.META)
-    if writer is None:
-        bound_client_sends(request.META)
     content_type, body = gateway_retrieve(
         access,
         manifest,
@@ -372,8 +371,8 @@ def _base(request: HttpRequest) -> str:
 @_query_guarded
 def studies_query(request: HttpRequest, scope: QueryScope) -> HttpResponse:
     """The studies of the token, or of the signed-in user's tokens (``StudyInstanceUID`` may
-    narrow them). Audited for each patient something was shown of; a query that showed
-    nothing, once, for nobody's."""
+    narrow them). Through a session: audited for each token that showed something (under
+    its ticket's patient); a query that showed nothing, once, for nobody's."""
     wanted = request.GET.get("StudyInstanceUID") or request.GET.get("0020000D")
     results = []
     listed: set[str] = set()

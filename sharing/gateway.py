@@ -336,6 +336,7 @@ def _primed(body: Generator[bytes, None, None]) -> Generator[bytes, None, None]:
     runs however the body ends: a generator closed before its first step skips it, as when the
     server drops a response whose client has already gone."""
     if next(body) != b"":
+        body.close()
         raise RuntimeError("a primed body begins with an empty piece")
     return body
 

@@ -38,6 +38,7 @@ import os
 import select
 import socket
 import ssl
+import struct
 from collections.abc import Mapping
 from typing import Final
 
@@ -76,12 +77,16 @@ def server_frames_chunks(confirmed: bool) -> None:
 def bound_client_sends(environ: Mapping[str, object]) -> None:
     """Under gunicorn, a send to a client that has stopped reading (but not closed) would block
     the worker's thread for as long as the client stays connected: the gthread worker has no
-    request timeout. Give the client's socket the send timeout the splice writer keeps; a send
-    that times out fails the response, which gunicorn then closes. (gunicorn makes the socket
-    blocking again, without a timeout, for the connection's next request.)"""
+    request timeout. The client's socket gets a send timeout of the kernel's (SO_SNDTIMEO):
+    a send that moves nothing for `CLIENT_SEND_TIMEOUT_SECONDS` fails, and gunicorn closes
+    the connection; a slow client that keeps reading is never cut (a timeout of Python's
+    would bound each whole `sendall`, an instance of hundreds of MB). It leaves the socket's
+    blocking mode alone (gunicorn's, and the splice writer's, which has its own timeout)."""
     sock = environ.get("gunicorn.socket")
     if _server_frames_chunks and isinstance(sock, socket.socket):
-        sock.settimeout(CLIENT_SEND_TIMEOUT_SECONDS)
+        seconds = CLIENT_SEND_TIMEOUT_SECONDS
+        timeval = struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
 def chunk_writer(environ: Mapping[str, object]) -> ChunkedSocketWriter | None:

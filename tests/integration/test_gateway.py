@@ -33,6 +33,7 @@ from sharing.gateway import gateway_access, gateway_manifest, media_storage_sop_
 from tests.conftest import SYSTEM, Region, make_user
 from tests.integration.conftest import harvested, radiologist_token
 from tests.integration.gunicorn_harness import gunicorn_serving
+from tests.peers.fixtures import BROKER_MODALITY
 from tests.peers.studies import (
     CHUB_AE,
     CHUB_ISSUER,
@@ -301,9 +302,17 @@ def test_qido_for_a_signed_in_user_answers_within_the_tokens_they_hold(shared, o
     assert refused.patient_id != ""
     # The images themselves need the token.
     assert session.get(f"/dicomweb/studies/{study.study_instance_uid}").status_code == 401
-    # Another site's link or form: the session does not answer (Fetch Metadata).
-    cross = session.get("/dicomweb/studies", HTTP_SEC_FETCH_SITE="cross-site")
-    assert cross.status_code == 401
+    # A query naming a study none of their tokens reaches: audited for nobody's patient.
+    assert session.get(f"/dicomweb/studies?StudyInstanceUID={other}").json() == []
+    last = AuditEvent.objects.filter(code=EventCode.GATEWAY_QUERY).order_by("sequence").last()
+    assert (last.actor_username, last.patient_id, last.details["results"]) == (
+        doctor.username,
+        "",
+        0,
+    )
+    # Another site's link or form, even a sibling's: the session does not answer.
+    for site in ("cross-site", "same-site"):
+        assert session.get("/dicomweb/studies", HTTP_SEC_FETCH_SITE=site).status_code == 401
     # Someone holding no token (a DPO) is shown nothing, audited under their name.
     outsider = Client()
     outsider.force_login(dpo)
@@ -637,7 +646,9 @@ ACCEPT_DICOM = {"Accept": 'multipart/related; type="application/dicom"'}
 def big_study(region: Region, orthanc_factory):
     """A CHU archive of its own holding a study of 0.5 MiB instances, harvested, and a CHU
     radiologist's token for it."""
-    archive = orthanc_factory("CHUB_BIG")
+    archive = orthanc_factory(
+        "CHUB_BIG", modalities={BROKER_MODALITY: (BROKER_MODALITY, "127.0.0.1", 11112)}
+    )  # the broker known to it: its C-GET is answered too
     instances = make_study(
         patient=MARIE_DUPONT,
         patient_id=DUPONT_CHUB_IPP,
@@ -923,14 +934,18 @@ def test_a_series_the_archive_holds_but_the_manifest_does_not_list_is_a_missing_
 
 
 @pytest.mark.django_db(transaction=True)
-def test_without_splicing_a_client_that_stops_reading_is_given_up(
-    big_study, served, settings, monkeypatch
-):
-    """gthread has no request timeout: the client's socket gets the send timeout, so a client
-    that stays connected without reading does not hold a thread for ever."""
+@pytest.mark.parametrize("source", ["dicomweb, no splicing", "dimse"])
+def test_a_client_that_stops_reading_is_given_up(big_study, served, settings, monkeypatch, source):
+    """gthread has no request timeout: the client's socket gets a send timeout, so a client
+    that stays connected without reading does not hold a thread for ever. (A C-GET source is
+    sent the same way as an archive's answer without splicing.)"""
     from sharing import zero_copy
 
-    settings.RELAIS_GATEWAY_SPLICE = False
+    if source == "dimse":
+        big_study["chu"].archive_transport = "dimse"
+        big_study["chu"].save(update_fields=["archive_transport"])
+    else:
+        settings.RELAIS_GATEWAY_SPLICE = False
     monkeypatch.setattr(zero_copy, "CLIENT_SEND_TIMEOUT_SECONDS", 1.0)
     manifest = big_study["manifest"]
     with socket.socket() as sock:
@@ -944,4 +959,3 @@ def test_without_splicing_a_client_that_stops_reading_is_given_up(
         end = transfer_end()  # while the client is still connected, reading nothing
         assert end.outcome == 4
         assert end.details["instances"] < 8
-    assert not served.writers

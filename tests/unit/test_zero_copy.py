@@ -7,6 +7,7 @@ import io
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 
@@ -175,3 +176,51 @@ def test_an_archive_that_stalls_or_ends_inside_an_instance_fails_the_source(
         received += chunk
     assert received.startswith(b"186A0\r\n")  # the chunk begun, then the connection shut
     assert len(received) < 100_000
+
+
+# ---------------------------------------------------------------- the client's send timeout
+
+
+def _bounded(sock: socket.socket, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    monkeypatch.setattr(zero_copy, "_server_frames_chunks", True)
+    monkeypatch.setattr(zero_copy, "CLIENT_SEND_TIMEOUT_SECONDS", seconds)
+    zero_copy.bound_client_sends({"gunicorn.socket": sock})
+
+
+def test_a_send_that_moves_nothing_fails_and_the_socket_stays_blocking(pair, monkeypatch):
+    near, _far = pair  # the far end never reads
+    near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    _bounded(near, monkeypatch, 0.3)
+    assert near.gettimeout() is None  # gunicorn's blocking socket, as it was
+    with pytest.raises(BlockingIOError):  # EAGAIN, once SO_SNDTIMEO has passed
+        near.sendall(b"x" * (8 << 20))
+
+
+def test_a_slow_reader_is_not_cut_however_long_the_whole_send(pair, monkeypatch):
+    """The timeout is for a send that moves nothing for that long (SO_SNDTIMEO), not for a
+    whole `sendall`: gunicorn sends an instance of hundreds of MB in one."""
+    near, far = pair
+    _bounded(near, monkeypatch, 0.3)
+    payload = b"y" * (32 << 20)  # more than the loopback buffers hold
+    received = bytearray()
+
+    def read_slowly() -> None:  # about 20 MB/s
+        while len(received) < len(payload):
+            received.extend(far.recv(1 << 20))
+            threading.Event().wait(0.05)
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    started = time.monotonic()
+    near.sendall(payload)  # longer in all than the 0.3 s timeout
+    elapsed = time.monotonic() - started
+    reader.join(timeout=30)
+    assert elapsed > 0.3
+    assert len(received) == len(payload)
+
+
+def test_the_send_timeout_only_under_the_broker_s_gunicorn(pair, monkeypatch):
+    near, _far = pair
+    monkeypatch.setattr(zero_copy, "_server_frames_chunks", False)
+    zero_copy.bound_client_sends({"gunicorn.socket": near})
+    assert near.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, 16) == bytes(16)
