@@ -131,6 +131,16 @@ def test_a_date_range_harvests_only_its_studies(region: Region, orthanc_region):
     assert {m.study_instance_uid for m in _manifests(chu)} == expected
 
 
+def _archive_of(region: Region, orthanc_factory, prefix: str, *, count: int, first_day: dt.date):  # type: ignore[no-untyped-def]
+    """A CHU archive of its own holding ``count`` studies a day apart from ``first_day``, and
+    the CHU pointed at it."""
+    archive = orthanc_factory(CHUB_AE, modalities=BROKER)
+    studies = [_study(f"{prefix}{n}", when=first_day + dt.timedelta(days=n)) for n in range(count)]
+    for study in studies:
+        archive.upload_many(study.instances)
+    return archive, pointed_at(region.chu, archive), studies
+
+
 def _study(
     seed: str,
     *,
@@ -243,11 +253,9 @@ def test_prune_deprecates_only_what_the_archive_confirms_gone(
 def test_an_interrupted_harvest_resumes_after_its_last_committed_study(
     region: Region, orthanc_factory, transport
 ):
-    archive = orthanc_factory(CHUB_AE, modalities=BROKER)
-    studies = [_study(f"s{n}", when=dt.date(2025, 1, 1) + dt.timedelta(days=n)) for n in range(7)]
-    for study in studies:
-        archive.upload_many(study.instances)
-    chu = pointed_at(region.chu, archive)
+    archive, chu, _studies = _archive_of(
+        region, orthanc_factory, "s", count=7, first_day=dt.date(2025, 1, 1)
+    )
 
     def interrupt(state: HarvestProgress) -> None:
         if state.done == 4:  # after the second batch of two has committed
@@ -303,11 +311,9 @@ def test_two_harvests_of_one_archive_never_run_at_once(region: Region, orthanc_r
 def test_an_archive_that_goes_away_stops_the_harvest_resumably(region: Region, orthanc_factory):
     from broker.dicom.archive import ArchiveUnreachable
 
-    archive = orthanc_factory(CHUB_AE, modalities=BROKER)
-    studies = [_study(f"o{n}", when=dt.date(2023, 1, 1) + dt.timedelta(days=n)) for n in range(12)]
-    for study in studies:
-        archive.upload_many(study.instances)
-    chu = pointed_at(region.chu, archive)
+    archive, chu, studies = _archive_of(
+        region, orthanc_factory, "o", count=12, first_day=dt.date(2023, 1, 1)
+    )
 
     def pull_the_plug(state: HarvestProgress) -> None:
         if state.done == 2:
@@ -403,11 +409,9 @@ def _time_out_on(monkeypatch, silent: set[str]) -> None:
 def test_studies_timing_out_fail_alone_but_three_in_a_row_stop_the_harvest_resumably(
     region: Region, orthanc_factory, monkeypatch
 ):
-    archive = orthanc_factory(CHUB_AE, modalities=BROKER)
-    studies = [_study(f"t{n}", when=dt.date(2022, 1, 1) + dt.timedelta(days=n)) for n in range(8)]
-    for study in studies:
-        archive.upload_many(study.instances)
-    chu = pointed_at(region.chu, archive)
+    _archive, chu, studies = _archive_of(
+        region, orthanc_factory, "t", count=8, first_day=dt.date(2022, 1, 1)
+    )
     uids = [s.study_instance_uid for s in studies]
     # The archive does not answer for the 2nd study, then for the 5th, 6th and 7th in a row.
     silent = {uids[1], uids[4], uids[5], uids[6]}
@@ -447,11 +451,9 @@ def test_studies_timing_out_fail_alone_but_three_in_a_row_stop_the_harvest_resum
 def test_a_resumed_harvest_tries_again_the_registered_studies_the_interrupted_run_failed(
     region: Region, orthanc_factory, monkeypatch
 ):
-    archive = orthanc_factory(CHUB_AE, modalities=BROKER)
-    studies = [_study(f"r{n}", when=dt.date(2021, 1, 1) + dt.timedelta(days=n)) for n in range(6)]
-    for study in studies:
-        archive.upload_many(study.instances)
-    chu = pointed_at(region.chu, archive)
+    _archive, chu, studies = _archive_of(
+        region, orthanc_factory, "r", count=6, first_day=dt.date(2021, 1, 1)
+    )
     assert _harvest(chu, "dicomweb").counts["new"] == 6
     uids = [s.study_instance_uid for s in studies]
 
@@ -480,11 +482,9 @@ def test_a_resumed_harvest_tries_again_the_registered_studies_the_interrupted_ru
 def test_a_failed_study_gone_from_the_archive_before_the_resume_is_no_longer_a_failure(
     region: Region, orthanc_factory, monkeypatch
 ):
-    archive = orthanc_factory(CHUB_AE, modalities=BROKER)
-    studies = [_study(f"g{n}", when=dt.date(2021, 2, 1) + dt.timedelta(days=n)) for n in range(5)]
-    for study in studies:
-        archive.upload_many(study.instances)
-    chu = pointed_at(region.chu, archive)
+    archive, chu, studies = _archive_of(
+        region, orthanc_factory, "g", count=5, first_day=dt.date(2021, 2, 1)
+    )
     uids = [s.study_instance_uid for s in studies]
     _time_out_on(monkeypatch, {uids[1]})
 
@@ -531,11 +531,9 @@ def _harvest_command(*arguments: str) -> subprocess.Popen[str]:
 def test_kill_9_mid_harvest_then_a_rerun_gives_exactly_one_manifest_per_study(
     region: Region, orthanc_factory, transport
 ):
-    archive = orthanc_factory(CHUB_AE, modalities=BROKER)
-    studies = [_study(f"k{n}", when=dt.date(2024, 1, 1) + dt.timedelta(days=n)) for n in range(30)]
-    for study in studies:
-        archive.upload_many(study.instances)
-    chu = pointed_at(region.chu, archive)
+    _archive, chu, studies = _archive_of(
+        region, orthanc_factory, "k", count=30, first_day=dt.date(2024, 1, 1)
+    )
 
     process = _harvest_command(
         "--institution", chu.finess, "--transport", transport, "--max-rate", "20", "--no-progress"
