@@ -311,9 +311,9 @@ def _checkpoint(
     with transaction.atomic():
         checkpoint, created = HarvestCheckpoint.objects.select_for_update().get_or_create(
             institution=institution,
-            transport=transport,
             date_range=key,
             defaults={
+                "transport": transport,
                 "status": HarvestStatus.RUNNING,
                 "started_at": now,
                 "updated_at": now,
@@ -328,7 +328,8 @@ def _checkpoint(
             and _owner_alive(checkpoint.owner, checkpoint.updated_at, now)
         ):
             raise HarvestBusy(
-                f"another harvest of {institution.finess} ({transport}, {key}) is running: "
+                f"another harvest of {institution.finess} ({checkpoint.transport}, {key}) "
+                "is running: "
                 f"{checkpoint.owner}, last progress at {checkpoint.updated_at:%Y-%m-%d %H:%M:%S}"
             )
         if restart or checkpoint.status != HarvestStatus.RUNNING:
@@ -339,6 +340,7 @@ def _checkpoint(
             checkpoint.started_at = now
             checkpoint.finished_at = None
         checkpoint.status = HarvestStatus.RUNNING
+        checkpoint.transport = transport  # a resumed run may take the other one
         checkpoint.owner = me
         checkpoint.updated_at = now
         checkpoint.save()

@@ -558,15 +558,16 @@ class HarvestStatus(models.TextChoices):
 
 
 class HarvestCheckpoint(models.Model):
-    """Where the harvest of one archive, over one date range and transport, has got to.
+    """Where the harvest of one archive, over one date range, has got to.
 
     Studies are harvested in (study date, study UID) order; the cursor is the last study
     whose manifest is committed. A run that finds its checkpoint ``running`` (interrupted)
-    resumes after the cursor; one that finds it ``completed`` starts again from the top.
+    resumes after the cursor, over either transport (the archive's studies, and their order,
+    are the same over both); one that finds it ``completed`` starts again from the top.
     """
 
     institution = models.ForeignKey(Institution, on_delete=models.PROTECT, related_name="+")
-    transport = models.CharField(max_length=8)
+    transport = models.CharField(max_length=8, help_text=_("the last run's"))
     date_range = models.CharField(max_length=32, help_text=_("since..until, empty for open"))
     status = models.CharField(max_length=16, choices=HarvestStatus.choices)
     cursor_study_date = models.DateField(null=True, blank=True)
@@ -591,8 +592,8 @@ class HarvestCheckpoint(models.Model):
     class Meta:
         constraints = [
             models.UniqueConstraint(
-                fields=["institution", "transport", "date_range"],
-                name="broker_harvest_checkpoint_unique",
+                fields=["institution", "date_range"],
+                name="broker_harvest_checkpoint_one_per_range",
             ),
             models.CheckConstraint(
                 name="broker_harvest_status_valid",

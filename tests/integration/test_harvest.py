@@ -249,10 +249,14 @@ def test_prune_deprecates_only_what_the_archive_confirms_gone(
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("transport", ["dicomweb", "dimse"])
+@pytest.mark.parametrize(
+    ("transport", "resumed_over"),
+    [("dicomweb", "dicomweb"), ("dimse", "dimse"), ("dicomweb", "dimse")],
+)
 def test_an_interrupted_harvest_resumes_after_its_last_committed_study(
-    region: Region, orthanc_factory, transport
+    region: Region, orthanc_factory, transport, resumed_over
 ):
+    """Resumed over either transport: one checkpoint per archive and date range."""
     archive, chu, _studies = _archive_of(
         region, orthanc_factory, "s", count=7, first_day=dt.date(2025, 1, 1)
     )
@@ -275,12 +279,12 @@ def test_an_interrupted_harvest_resumes_after_its_last_committed_study(
     late = _study("late", when=dt.date(2024, 6, 1))
     archive.upload_many(late.instances)
 
-    summary = _harvest(chu, transport, batch=2)
+    summary = _harvest(chu, resumed_over, batch=2)
     assert summary.resumed_after == 4
     assert summary.counts["new"] == 8
     assert _manifests(chu).count() == 8
     checkpoint = HarvestCheckpoint.objects.get(institution=chu)
-    assert (checkpoint.transport, checkpoint.status) == (transport, HarvestStatus.COMPLETED)
+    assert (checkpoint.transport, checkpoint.status) == (resumed_over, HarvestStatus.COMPLETED)
 
 
 @pytest.mark.django_db
@@ -633,3 +637,31 @@ def test_an_institution_chooses_only_a_transport_it_has(region: Region):
         now=NOW,
     )
     assert chu.transport == "dimse"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_migration_to_one_checkpoint_per_range_keeps_the_last_updated(region: Region):
+    """Migration 0007: checkpoints were per transport too; of one archive's checkpoints of a
+    date range, the one last updated is kept."""
+    from django.db.migrations.executor import MigrationExecutor
+    from django.utils import timezone
+
+    executor = MigrationExecutor(connection)
+    executor.migrate([("broker", "0006_harvest_failed_studies")])
+    old = executor.loader.project_state([("broker", "0006_harvest_failed_studies")]).apps
+    checkpoints = old.get_model("broker", "HarvestCheckpoint")
+    now = timezone.now()
+    for transport, age in (("dicomweb", 2), ("dimse", 1)):
+        checkpoints.objects.create(
+            institution_id=region.chu.pk,
+            transport=transport,
+            date_range="..",
+            status="running",
+            started_at=now,
+            updated_at=now - dt.timedelta(hours=age),
+        )
+    executor = MigrationExecutor(connection)
+    executor.loader.build_graph()
+    executor.migrate(executor.loader.graph.leaf_nodes())
+    (kept,) = HarvestCheckpoint.objects.all()
+    assert kept.transport == "dimse"

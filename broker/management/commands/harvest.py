@@ -32,8 +32,8 @@ def _rate(text: str) -> float:
 class Command(BaseCommand):
     help = (
         "Harvest an institution's archive: query it study by study, build a KOS manifest for "
-        "each study and register it. Idempotent and resumable (a checkpoint per institution, "
-        "transport and date range). Exits non-zero if any study failed."
+        "each study and register it. Idempotent and resumable (a checkpoint per institution "
+        "and date range, resumed over either transport). Exits non-zero if any study failed."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
