@@ -484,7 +484,9 @@ def connections_to(port: int) -> set[str]:
     return found
 
 
-def test_a_client_that_goes_away_mid_stream_leaves_nothing_open(shared, chu):
+def started_retrieval(shared, chu):  # type: ignore[no-untyped-def]
+    """A whole-study retrieval of the shared study, as the gateway returns it (its first
+    instance fetched), with the archive port and this process's connections to it before."""
     from sharing.gateway import gateway_access, gateway_instances, gateway_retrieve
 
     archive_port = int(httpx.URL(chu.dicomweb_url).port or 80)
@@ -500,6 +502,11 @@ def test_a_client_that_goes_away_mid_stream_leaves_nothing_open(shared, chu):
         allowed=gateway_instances(manifest),
         now=now,
     )
+    return body, archive_port, before
+
+
+def test_a_client_that_goes_away_mid_stream_leaves_nothing_open(shared, chu):
+    body, archive_port, before = started_retrieval(shared, chu)
     next(body), next(body)  # the first part's header and instance
     retrieval = connections_to(archive_port) - before  # the retrieval's, from the archive
     assert retrieval
@@ -513,21 +520,7 @@ def test_a_client_that_goes_away_mid_stream_leaves_nothing_open(shared, chu):
 def test_a_body_closed_before_its_first_piece_still_closes_and_audits(shared, chu):
     """A server drops a response whose client has gone before the body was asked for: the
     archive's connection is closed and Instances Transferred recorded all the same."""
-    from sharing.gateway import gateway_access, gateway_instances, gateway_retrieve
-
-    archive_port = int(httpx.URL(chu.dicomweb_url).port or 80)
-    before = connections_to(archive_port)
-    now = timezone.now()
-    access = gateway_access(authorization=f"Bearer {shared['token']}", address="", now=now)
-    manifest = shared["manifest"]
-    _, body = gateway_retrieve(
-        access,
-        manifest,
-        series_uid=None,
-        sop_uid=None,
-        allowed=gateway_instances(manifest),
-        now=now,
-    )
+    body, archive_port, before = started_retrieval(shared, chu)
     retrieval = connections_to(archive_port) - before
     assert retrieval  # the first instance is fetched before the answer begins
     body.close()  # never iterated
